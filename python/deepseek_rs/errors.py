@@ -1,0 +1,29 @@
+"""The exceptions of deepseek_rs.
+
+Every error the package raises on bad input is a `DeepseekError`, and also the builtin that a
+torch user would catch for it: shape and value problems are `ValueError`, dtype problems are
+`TypeError`. The Rust bindings raise these same classes.
+"""
+
+
+class DeepseekError(Exception):
+    """Base class of every error raised by deepseek_rs."""
+
+
+class ShapeError(DeepseekError, ValueError):
+    """A tensor has the wrong number of dimensions or sizes that disagree."""
+
+
+class DTypeError(DeepseekError, TypeError):
+    """A tensor has a dtype the operation does not accept."""
+
+
+class DeviceError(DeepseekError, ValueError):
+    """A tensor is on a device the operation does not run on, or tensors are on different devices."""
+
+
+class InvalidValueError(DeepseekError, ValueError):
+    """A value is out of range: a NaN or infinite logit, a top-k larger than the expert count, ..."""
+
+
+__all__ = ["DTypeError", "DeepseekError", "DeviceError", "InvalidValueError", "ShapeError"]

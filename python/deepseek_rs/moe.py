@@ -1,0 +1,196 @@
+"""The Progressive Expert Activation Mixture-of-Experts layer.
+
+``PEAMoE`` = a :class:`~deepseek_rs.router.Router` + SwiGLU experts stored as stacked weights
+(the Hugging Face transformers >= 5 layout) + optional shared experts. The forward pass is
+dropless: route (Rust) -> counting sort by expert (Rust) -> gather token rows into one
+expert-contiguous buffer (Rust) -> two GEMMs per expert segment -> weighted combine back to
+token order in a fixed per-token order (Rust). Every step has a backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .errors import DeviceError, DTypeError, InvalidValueError, ShapeError
+from .router import Router, RouterAuxLosses, RouterOutput
+
+
+class SwiGLUExperts(nn.Module):
+    """``num_experts`` SwiGLU FFNs as two stacked weights.
+
+    ``gate_up_proj`` [E, 2F, H] holds each expert's gate rows then its up rows; ``down_proj``
+    [E, H, F]. Expert ``e`` maps ``x`` to ``down_e(silu(gate_e x) * up_e x)``.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, device=None, dtype=None):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        kw = dict(device=device, dtype=dtype)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default initialisation, per expert.
+        nn.init.uniform_(self.gate_up_proj, -1 / math.sqrt(self.hidden_size), 1 / math.sqrt(self.hidden_size))
+        bound = 1 / math.sqrt(self.intermediate_size)
+        nn.init.uniform_(self.down_proj, -bound, bound)
+
+    def forward(self, hidden_states: Tensor, routing: RouterOutput) -> Tensor:
+        """Run every token [T, H] through its routed experts and combine with the routing weights."""
+        t = hidden_states.shape[0]
+        perm = ops.sort_by_expert(routing.token_offsets, routing.expert_ids, self.num_experts)
+        sorted_pair, sorted_token, pair_position, expert_offsets = perm
+        x = hidden_states.to(self.gate_up_proj.dtype).contiguous()
+        buf = ops.dispatch(x, sorted_token, pair_position, routing.token_offsets)
+        out, _ = ops.expert_ffn(buf, self.gate_up_proj, self.down_proj, expert_offsets)
+        y = ops.combine(out, routing.weights, sorted_pair, sorted_token, pair_position, routing.token_offsets)
+        return y.view(t, self.hidden_size)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}"
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU FFN (``gate_proj``, ``up_proj``, ``down_proj``): the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PEAMoE(nn.Module):
+    """Mixture-of-Experts layer with Progressive Expert Activation.
+
+    Args:
+        hidden_size: model width H.
+        intermediate_size: width F of each routed expert's SwiGLU FFN.
+        num_experts: number of routed experts E.
+        router: ``"top_p"`` (progressive: as many experts as the token needs to reach ``top_p``
+            probability mass, between ``min_k`` and ``max_k``), ``"top_k"``, or
+            ``"group_limited"`` (DeepSeek-V3). See :mod:`deepseek_rs.router`.
+        top_k, top_p, min_k, max_k, renormalize, n_group, topk_group, routed_scaling_factor,
+        bias_update_rate: the router's parameters (see :class:`~deepseek_rs.router.Router`).
+        shared_intermediate_size: width of an always-on shared SwiGLU expert (0: none).
+        shared_expert_gate: scale the shared expert by ``sigmoid(linear(x))`` (Qwen2-MoE).
+        shared_experts_name: attribute name of the shared expert (``"shared_experts"`` as in
+            DeepSeek-V3, ``"shared_expert"`` as in Qwen2-MoE), so state dicts keep their keys.
+
+    ``forward(x)`` takes ``[..., H]`` and returns the same shape. In training (with grad
+    enabled) the router's auxiliary losses of the last call are in ``self.aux_losses``;
+    ``forward(x, return_aux=True)`` returns ``(y, aux_losses)`` in any mode. The last routing
+    is kept in ``self.last_routing`` (detached) for load statistics and
+    :meth:`Router.update_bias`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        *,
+        router: str = "top_p",
+        top_k: int = 2,
+        top_p: float = 0.5,
+        min_k: int = 1,
+        max_k: Optional[int] = None,
+        renormalize: bool = False,
+        n_group: int = 1,
+        topk_group: int = 1,
+        routed_scaling_factor: float = 1.0,
+        bias_update_rate: float = 1e-3,
+        shared_intermediate_size: int = 0,
+        shared_expert_gate: bool = False,
+        shared_experts_name: str = "shared_experts",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if min(hidden_size, intermediate_size, num_experts) < 1:
+            raise InvalidValueError(
+                "hidden_size, intermediate_size and num_experts must be positive, got "
+                f"{hidden_size}, {intermediate_size}, {num_experts}"
+            )
+        self.hidden_size, self.intermediate_size, self.num_experts = hidden_size, intermediate_size, num_experts
+        self.gate = Router(
+            hidden_size,
+            num_experts,
+            router,
+            top_k=top_k,
+            top_p=top_p,
+            min_k=min_k,
+            max_k=max_k,
+            renormalize=renormalize,
+            n_group=n_group,
+            topk_group=topk_group,
+            routed_scaling_factor=routed_scaling_factor,
+            bias_update_rate=bias_update_rate,
+            device=device,
+            dtype=dtype,
+        )
+        self.experts = SwiGLUExperts(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
+        self.shared_experts_name = shared_experts_name
+        if shared_intermediate_size > 0:
+            self.add_module(shared_experts_name, SwiGLU(hidden_size, shared_intermediate_size, device, dtype))
+            self.shared_expert_gate = (
+                nn.Linear(hidden_size, 1, bias=False, device=device, dtype=dtype) if shared_expert_gate else None
+            )
+        elif shared_expert_gate:
+            raise InvalidValueError("shared_expert_gate needs a shared expert (shared_intermediate_size > 0)")
+        else:
+            self.shared_expert_gate = None
+        self.aux_losses: Optional[RouterAuxLosses] = None
+        self.last_routing: Optional[RouterOutput] = None
+
+    @property
+    def shared_experts(self) -> Optional[nn.Module]:
+        return self._modules.get(self.shared_experts_name)
+
+    def _check_input(self, hidden_states: Tensor) -> None:
+        if not isinstance(hidden_states, Tensor):
+            raise DTypeError(f"PEAMoE input must be a torch.Tensor, got {type(hidden_states).__name__}")
+        if hidden_states.dim() == 0 or hidden_states.shape[-1] != self.hidden_size:
+            raise ShapeError(f"PEAMoE input must be [..., {self.hidden_size}], got {tuple(hidden_states.shape)}")
+        if not hidden_states.dtype.is_floating_point:
+            raise DTypeError(f"PEAMoE input must be floating point, got {hidden_states.dtype}")
+        if hidden_states.device != self.experts.gate_up_proj.device:
+            raise DeviceError(
+                f"PEAMoE input is on {hidden_states.device} but its weights are on {self.experts.gate_up_proj.device}"
+            )
+
+    def forward(self, hidden_states: Tensor, return_aux: bool = False) -> Union[Tensor, Tuple[Tensor, RouterAuxLosses]]:
+        self._check_input(hidden_states)
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)
+        routing = self.gate(x)
+        y = self.experts(x, routing)
+        shared = self.shared_experts
+        if shared is not None:
+            s = shared(x.to(y.dtype))
+            if self.shared_expert_gate is not None:
+                s = torch.sigmoid(self.shared_expert_gate(x.to(y.dtype))) * s
+            y = y + s
+        y = y.to(hidden_states.dtype).view(shape)
+        self.last_routing = RouterOutput(*(t.detach() for t in routing))
+        aux = None
+        if return_aux or (self.training and torch.is_grad_enabled()):
+            aux = self.gate.aux_losses(routing)
+        self.aux_losses = aux
+        return (y, aux) if return_aux else y
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, num_experts={self.num_experts}"
+
+
+__all__ = ["PEAMoE", "SwiGLU", "SwiGLUExperts"]

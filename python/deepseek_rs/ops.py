@@ -1,0 +1,284 @@
+"""Torch custom ops over the Rust engines (`torch.ops.deepseek_rs.*`).
+
+Each op is a `torch.library.custom_op` with a fake (meta) implementation, so `torch.compile`
+traces around it, and a registered backward where it has one. Arguments are assumed checked
+by the callers in `router.py` and `moe.py`; the Rust side checks again and raises the
+exceptions of `deepseek_rs.errors`.
+
+Data crosses into Rust as zero-copy numpy views of contiguous CPU tensors; large outputs are
+allocated here by torch and filled in place.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _core
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _np(t: Tensor):
+    """Zero-copy numpy view; 16-bit floats are viewed as int16 (numpy has no bfloat16)."""
+    t = t.detach()
+    if t.dtype in _HALF:
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Router
+# --------------------------------------------------------------------------------------------
+
+_RULES = ("top_k", "top_p", "group_limited")
+
+
+@torch.library.custom_op("deepseek_rs::route", mutates_args=())
+def route(
+    logits: Tensor,
+    bias: Optional[Tensor],
+    rule: str,
+    top_k: int,
+    top_p: float,
+    min_k: int,
+    max_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scale: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Route `logits` [T, E] (float32/float64, contiguous) by `rule`.
+
+    Returns (token_offsets [T+1], expert_ids [N], weights [N], expert_counts [E]); the
+    weights are multiplied by `scale`.
+    """
+    z = _np(logits)
+    if rule == "top_k":
+        out = _core.route_top_k(z, top_k, renormalize)
+    elif rule == "top_p":
+        out = _core.route_top_p(z, top_p, min_k, max_k, renormalize)
+    else:
+        b = None if bias is None else _np(bias)
+        out = _core.route_group_limited(z, b, top_k, n_group, topk_group, renormalize)
+    offsets, ids, weights, counts = (torch.from_numpy(a) for a in out)
+    if scale != 1.0:
+        weights.mul_(scale)
+    return offsets, ids, weights, counts
+
+
+@route.register_fake
+def _(logits, bias, rule, top_k, top_p, min_k, max_k, n_group, topk_group, renormalize, scale):
+    t, e = logits.shape
+    pairs = torch.library.get_ctx().new_dynamic_size() if rule == "top_p" else t * top_k
+    i64 = dict(dtype=torch.int64, device=logits.device)
+    return (
+        logits.new_empty(t + 1, **i64),
+        logits.new_empty(pairs, **i64),
+        logits.new_empty(pairs),
+        logits.new_empty(e, **i64),
+    )
+
+
+def _route_setup(ctx, inputs, output):
+    logits, _, rule, *_, renormalize, scale = inputs
+    offsets, ids, _, _ = output
+    ctx.save_for_backward(logits, offsets, ids)
+    ctx.scoring = "sigmoid" if rule == "group_limited" else "softmax"
+    ctx.renormalize = renormalize
+    ctx.scale = scale
+
+
+def _route_backward(ctx, _g_offsets, _g_ids, g_weights, _g_counts):
+    logits, offsets, ids = ctx.saved_tensors
+    if g_weights is None:
+        return (None,) * 11
+    g = _core.route_backward(
+        _np(logits), _np(offsets), _np(ids), _np(g_weights.contiguous()), ctx.scoring, ctx.renormalize, ctx.scale
+    )
+    return (torch.from_numpy(g).view_as(logits),) + (None,) * 10
+
+
+route.register_autograd(_route_backward, setup_context=_route_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch: sort by expert, gather into the expert buffer, weighted combine back
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("deepseek_rs::sort_by_expert", mutates_args=())
+def sort_by_expert(token_offsets: Tensor, expert_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Stable counting sort of the routed pairs by expert.
+
+    Returns (sorted_pair, sorted_token, pair_position, expert_offsets [E+1]).
+    """
+    out = _core.sort_by_expert(_np(token_offsets), _np(expert_ids), num_experts)
+    return tuple(torch.from_numpy(a) for a in out)
+
+
+@sort_by_expert.register_fake
+def _(token_offsets, expert_ids, num_experts):
+    n = expert_ids.shape[0]
+    return (expert_ids.new_empty(n), expert_ids.new_empty(n), expert_ids.new_empty(n), expert_ids.new_empty(num_experts + 1))
+
+
+def _combine_rows(buf: Tensor, pair_position: Tensor, token_offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """out[t] = sum_j weights[j] * buf[pair_position[j]] over token t's pairs, in CSR order.
+
+    16-bit buffers are summed in float32 (the engine has no 16-bit arithmetic) and cast back.
+    """
+    dtype = buf.dtype
+    if dtype in _HALF:
+        buf = buf.float()
+    if weights is not None:
+        weights = weights.to(buf.dtype).contiguous()
+    out = buf.new_empty(token_offsets.shape[0] - 1, buf.shape[1])
+    _core.combine(_np(buf), _np(pair_position), _np(token_offsets), None if weights is None else _np(weights), _np(out))
+    return out.to(dtype)
+
+
+def _gather_rows(src: Tensor, index: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+    """out[r] = scale[r] * src[index[r]] (scale 1 when None)."""
+    if scale is not None and src.dtype in _HALF:
+        return _gather_rows(src.float(), index, scale).to(src.dtype)
+    out = src.new_empty(index.shape[0], src.shape[1])
+    if scale is None:
+        _core.gather(_np(src), _np(index), _np(out))
+    else:
+        _core.gather_scaled(_np(src), _np(index), _np(scale.to(src.dtype).contiguous()), _np(out))
+    return out
+
+
+@torch.library.custom_op("deepseek_rs::dispatch", mutates_args=())
+def dispatch(x: Tensor, sorted_token: Tensor, pair_position: Tensor, token_offsets: Tensor) -> Tensor:
+    """Gather token rows `x` [T, H] into the expert-sorted buffer [N, H]."""
+    return _gather_rows(x, sorted_token)
+
+
+@dispatch.register_fake
+def _(x, sorted_token, pair_position, token_offsets):
+    return x.new_empty(sorted_token.shape[0], x.shape[1])
+
+
+def _dispatch_setup(ctx, inputs, output):
+    _, _, pair_position, token_offsets = inputs
+    ctx.save_for_backward(pair_position, token_offsets)
+
+
+def _dispatch_backward(ctx, grad_buf):
+    pair_position, token_offsets = ctx.saved_tensors
+    # The adjoint of a gather is an unweighted combine.
+    return _combine_rows(grad_buf.contiguous(), pair_position, token_offsets, None), None, None, None
+
+
+dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+
+
+@torch.library.custom_op("deepseek_rs::combine", mutates_args=())
+def combine(
+    buf: Tensor, weights: Tensor, sorted_pair: Tensor, sorted_token: Tensor, pair_position: Tensor, token_offsets: Tensor
+) -> Tensor:
+    """Weighted sum of expert output rows `buf` [N, H] back into token order [T, H]."""
+    return _combine_rows(buf, pair_position, token_offsets, weights)
+
+
+@combine.register_fake
+def _(buf, weights, sorted_pair, sorted_token, pair_position, token_offsets):
+    return buf.new_empty(token_offsets.shape[0] - 1, buf.shape[1])
+
+
+def _combine_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _combine_backward(ctx, grad_out):
+    buf, weights, sorted_pair, sorted_token, pair_position, token_offsets = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    grad_buf = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_buf = _gather_rows(grad_out, sorted_token, weights[sorted_pair])
+    if ctx.needs_input_grad[1]:
+        dtype = grad_out.dtype
+        g, b = (grad_out.float(), buf.float()) if dtype in _HALF else (grad_out, buf.to(dtype))
+        grad_w = torch.from_numpy(_core.combine_weight_grad(_np(g), _np(b), _np(pair_position), _np(token_offsets)))
+        grad_w = grad_w.to(weights.dtype)
+    return grad_buf, grad_w, None, None, None, None
+
+
+combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Expert FFN over the expert-sorted buffer
+# --------------------------------------------------------------------------------------------
+# Each expert's rows are one contiguous segment, so every expert is two dense GEMMs into
+# slices of preallocated outputs. The GEMMs are torch's (MKL/oneDNN); the loop is over active
+# experts, never tokens. torch._grouped_mm was measured slower than this loop on the CPU with
+# torch 2.15 and its weight gradient fails there, so it is not used on the CPU.
+
+
+def _active_segments(expert_offsets: Tensor):
+    offs = expert_offsets.tolist()
+    return [(e, offs[e], offs[e + 1]) for e in range(len(offs) - 1) if offs[e + 1] > offs[e]]
+
+
+@torch.library.custom_op("deepseek_rs::expert_ffn", mutates_args=())
+def expert_ffn(buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor, expert_offsets: Tensor) -> Tuple[Tensor, Tensor]:
+    """SwiGLU experts over the expert-sorted buffer `buf` [N, H].
+
+    `gate_up_proj` [E, 2F, H] (gate rows first), `down_proj` [E, H, F]. Returns the expert
+    outputs [N, H] and the gate/up pre-activations [N, 2F] (kept for the backward).
+    """
+    f = down_proj.shape[2]
+    h = buf.new_empty(buf.shape[0], 2 * f)
+    out = buf.new_empty(buf.shape[0], down_proj.shape[1])
+    segments = _active_segments(expert_offsets)
+    for e, s, t in segments:
+        torch.mm(buf[s:t], gate_up_proj[e].t(), out=h[s:t])
+    act = torch.nn.functional.silu(h[:, :f]) * h[:, f:]
+    for e, s, t in segments:
+        torch.mm(act[s:t], down_proj[e].t(), out=out[s:t])
+    return out, h
+
+
+@expert_ffn.register_fake
+def _(buf, gate_up_proj, down_proj, expert_offsets):
+    return buf.new_empty(buf.shape[0], down_proj.shape[1]), buf.new_empty(buf.shape[0], 2 * down_proj.shape[2])
+
+
+def _expert_ffn_setup(ctx, inputs, output):
+    buf, gate_up_proj, down_proj, expert_offsets = inputs
+    ctx.save_for_backward(buf, gate_up_proj, down_proj, expert_offsets, output[1])
+
+
+def _expert_ffn_backward(ctx, grad_out, _grad_h):
+    buf, gate_up_proj, down_proj, expert_offsets, h = ctx.saved_tensors
+    f = down_proj.shape[2]
+    segments = _active_segments(expert_offsets)
+    grad_out = grad_out.contiguous()
+    gate, up = h[:, :f], h[:, f:]
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    act = silu * up
+    grad_act = torch.empty_like(act)
+    grad_down = torch.zeros_like(down_proj) if ctx.needs_input_grad[2] else None
+    for e, s, t in segments:
+        torch.mm(grad_out[s:t], down_proj[e], out=grad_act[s:t])
+        if grad_down is not None:
+            torch.mm(grad_out[s:t].t(), act[s:t], out=grad_down[e])
+    # d silu(g)/dg = sig * (1 + g * (1 - sig))
+    grad_h = torch.cat((grad_act * up * sig * (1 + gate * (1 - sig)), grad_act * silu), dim=1)
+    grad_buf = torch.empty_like(buf) if ctx.needs_input_grad[0] else None
+    grad_gate_up = torch.zeros_like(gate_up_proj) if ctx.needs_input_grad[1] else None
+    for e, s, t in segments:
+        if grad_buf is not None:
+            torch.mm(grad_h[s:t], gate_up_proj[e], out=grad_buf[s:t])
+        if grad_gate_up is not None:
+            torch.mm(grad_h[s:t].t(), buf[s:t], out=grad_gate_up[e])
+    return grad_buf, grad_gate_up, grad_down, None
+
+
+expert_ffn.register_autograd(_expert_ffn_backward, setup_context=_expert_ffn_setup)
+
+__all__ = ["combine", "dispatch", "expert_ffn", "route", "sort_by_expert"]
