@@ -29,7 +29,11 @@ class SwiGLUExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, device=None, dtype=None):
         super().__init__()
-        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.num_experts, self.hidden_size, self.intermediate_size = (
+            num_experts,
+            hidden_size,
+            intermediate_size,
+        )
         kw = dict(device=device, dtype=dtype)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
@@ -53,7 +57,8 @@ class SwiGLUExperts(nn.Module):
         return y.view(t, self.hidden_size)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}"
+        e, h, f = self.num_experts, self.hidden_size, self.intermediate_size
+        return f"num_experts={e}, hidden_size={h}, intermediate_size={f}"
 
 
 class SwiGLU(nn.Module):
@@ -122,7 +127,11 @@ class PEAMoE(nn.Module):
                 "hidden_size, intermediate_size and num_experts must be positive, got "
                 f"{hidden_size}, {intermediate_size}, {num_experts}"
             )
-        self.hidden_size, self.intermediate_size, self.num_experts = hidden_size, intermediate_size, num_experts
+        self.hidden_size, self.intermediate_size, self.num_experts = (
+            hidden_size,
+            intermediate_size,
+            num_experts,
+        )
         self.gate = Router(
             hidden_size,
             num_experts,
@@ -144,7 +153,9 @@ class PEAMoE(nn.Module):
         if shared_intermediate_size > 0:
             self.add_module(shared_experts_name, SwiGLU(hidden_size, shared_intermediate_size, device, dtype))
             self.shared_expert_gate = (
-                nn.Linear(hidden_size, 1, bias=False, device=device, dtype=dtype) if shared_expert_gate else None
+                nn.Linear(hidden_size, 1, bias=False, device=device, dtype=dtype)
+                if shared_expert_gate
+                else None
             )
         elif shared_expert_gate:
             raise InvalidValueError("shared_expert_gate needs a shared expert (shared_intermediate_size > 0)")
@@ -153,29 +164,28 @@ class PEAMoE(nn.Module):
         self.aux_losses: Optional[RouterAuxLosses] = None
         self.last_routing: Optional[RouterOutput] = None
 
-    @property
-    def shared_experts(self) -> Optional[nn.Module]:
-        return self._modules.get(self.shared_experts_name)
-
     def _check_input(self, hidden_states: Tensor) -> None:
         if not isinstance(hidden_states, Tensor):
             raise DTypeError(f"PEAMoE input must be a torch.Tensor, got {type(hidden_states).__name__}")
         if hidden_states.dim() == 0 or hidden_states.shape[-1] != self.hidden_size:
-            raise ShapeError(f"PEAMoE input must be [..., {self.hidden_size}], got {tuple(hidden_states.shape)}")
+            raise ShapeError(
+                f"PEAMoE input must be [..., {self.hidden_size}], got {tuple(hidden_states.shape)}"
+            )
         if not hidden_states.dtype.is_floating_point:
             raise DTypeError(f"PEAMoE input must be floating point, got {hidden_states.dtype}")
         if hidden_states.device != self.experts.gate_up_proj.device:
-            raise DeviceError(
-                f"PEAMoE input is on {hidden_states.device} but its weights are on {self.experts.gate_up_proj.device}"
-            )
+            weights = self.experts.gate_up_proj.device
+            raise DeviceError(f"PEAMoE input is on {hidden_states.device} but its weights are on {weights}")
 
-    def forward(self, hidden_states: Tensor, return_aux: bool = False) -> Union[Tensor, Tuple[Tensor, RouterAuxLosses]]:
+    def forward(
+        self, hidden_states: Tensor, return_aux: bool = False
+    ) -> Union[Tensor, Tuple[Tensor, RouterAuxLosses]]:
         self._check_input(hidden_states)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         routing = self.gate(x)
         y = self.experts(x, routing)
-        shared = self.shared_experts
+        shared = self._modules.get(self.shared_experts_name)
         if shared is not None:
             s = shared(x.to(y.dtype))
             if self.shared_expert_gate is not None:
@@ -190,7 +200,8 @@ class PEAMoE(nn.Module):
         return (y, aux) if return_aux else y
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, num_experts={self.num_experts}"
+        h, f, e = self.hidden_size, self.intermediate_size, self.num_experts
+        return f"hidden_size={h}, intermediate_size={f}, num_experts={e}"
 
 
 __all__ = ["PEAMoE", "SwiGLU", "SwiGLUExperts"]

@@ -89,14 +89,40 @@ def _route_setup(ctx, inputs, output):
     ctx.scale = scale
 
 
+@torch.library.custom_op("deepseek_rs::route_backward", mutates_args=())
+def route_backward(
+    logits: Tensor,
+    token_offsets: Tensor,
+    expert_ids: Tensor,
+    grad_weights: Tensor,
+    scoring: str,
+    renormalize: bool,
+    scale: float,
+) -> Tensor:
+    """Gradient of the logits from the gradient of the (scaled) routing weights."""
+    g = _core.route_backward(
+        _np(logits),
+        _np(token_offsets),
+        _np(expert_ids),
+        _np(grad_weights.contiguous()),
+        scoring,
+        renormalize,
+        scale,
+    )
+    return torch.from_numpy(g).view_as(logits)
+
+
+@route_backward.register_fake
+def _(logits, token_offsets, expert_ids, grad_weights, scoring, renormalize, scale):
+    return torch.empty_like(logits)
+
+
 def _route_backward(ctx, _g_offsets, _g_ids, g_weights, _g_counts):
     logits, offsets, ids = ctx.saved_tensors
     if g_weights is None:
         return (None,) * 11
-    g = _core.route_backward(
-        _np(logits), _np(offsets), _np(ids), _np(g_weights.contiguous()), ctx.scoring, ctx.renormalize, ctx.scale
-    )
-    return (torch.from_numpy(g).view_as(logits),) + (None,) * 10
+    grad = route_backward(logits, offsets, ids, g_weights, ctx.scoring, ctx.renormalize, ctx.scale)
+    return (grad,) + (None,) * 10
 
 
 route.register_autograd(_route_backward, setup_context=_route_setup)
@@ -108,7 +134,9 @@ route.register_autograd(_route_backward, setup_context=_route_setup)
 
 
 @torch.library.custom_op("deepseek_rs::sort_by_expert", mutates_args=())
-def sort_by_expert(token_offsets: Tensor, expert_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def sort_by_expert(
+    token_offsets: Tensor, expert_ids: Tensor, num_experts: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Stable counting sort of the routed pairs by expert.
 
     Returns (sorted_pair, sorted_token, pair_position, expert_offsets [E+1]).
@@ -120,10 +148,18 @@ def sort_by_expert(token_offsets: Tensor, expert_ids: Tensor, num_experts: int) 
 @sort_by_expert.register_fake
 def _(token_offsets, expert_ids, num_experts):
     n = expert_ids.shape[0]
-    return (expert_ids.new_empty(n), expert_ids.new_empty(n), expert_ids.new_empty(n), expert_ids.new_empty(num_experts + 1))
+    return (
+        expert_ids.new_empty(n),
+        expert_ids.new_empty(n),
+        expert_ids.new_empty(n),
+        expert_ids.new_empty(num_experts + 1),
+    )
 
 
-def _combine_rows(buf: Tensor, pair_position: Tensor, token_offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
+@torch.library.custom_op("deepseek_rs::combine_rows", mutates_args=())
+def combine_rows(
+    buf: Tensor, pair_position: Tensor, token_offsets: Tensor, weights: Optional[Tensor]
+) -> Tensor:
     """out[t] = sum_j weights[j] * buf[pair_position[j]] over token t's pairs, in CSR order.
 
     16-bit buffers are summed in float32 (the engine has no 16-bit arithmetic) and cast back.
@@ -134,14 +170,22 @@ def _combine_rows(buf: Tensor, pair_position: Tensor, token_offsets: Tensor, wei
     if weights is not None:
         weights = weights.to(buf.dtype).contiguous()
     out = buf.new_empty(token_offsets.shape[0] - 1, buf.shape[1])
-    _core.combine(_np(buf), _np(pair_position), _np(token_offsets), None if weights is None else _np(weights), _np(out))
+    _core.combine(
+        _np(buf), _np(pair_position), _np(token_offsets), None if weights is None else _np(weights), _np(out)
+    )
     return out.to(dtype)
 
 
-def _gather_rows(src: Tensor, index: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+@combine_rows.register_fake
+def _(buf, pair_position, token_offsets, weights):
+    return buf.new_empty(token_offsets.shape[0] - 1, buf.shape[1])
+
+
+@torch.library.custom_op("deepseek_rs::gather_rows", mutates_args=())
+def gather_rows(src: Tensor, index: Tensor, scale: Optional[Tensor]) -> Tensor:
     """out[r] = scale[r] * src[index[r]] (scale 1 when None)."""
     if scale is not None and src.dtype in _HALF:
-        return _gather_rows(src.float(), index, scale).to(src.dtype)
+        return gather_rows(src.float(), index, scale).to(src.dtype)
     out = src.new_empty(index.shape[0], src.shape[1])
     if scale is None:
         _core.gather(_np(src), _np(index), _np(out))
@@ -150,10 +194,34 @@ def _gather_rows(src: Tensor, index: Tensor, scale: Optional[Tensor] = None) -> 
     return out
 
 
+@gather_rows.register_fake
+def _(src, index, scale):
+    return src.new_empty(index.shape[0], src.shape[1])
+
+
+@torch.library.custom_op("deepseek_rs::combine_weight_grad", mutates_args=())
+def combine_weight_grad(
+    grad_out: Tensor, buf: Tensor, pair_position: Tensor, token_offsets: Tensor
+) -> Tensor:
+    """grad_weights[j] = dot(grad_out[token of j], buf[pair_position[j]]), in float32 for 16-bit input."""
+    if grad_out.dtype in _HALF:
+        grad_out, buf = grad_out.float(), buf.float()
+    g = _core.combine_weight_grad(
+        _np(grad_out.contiguous()), _np(buf.to(grad_out.dtype)), _np(pair_position), _np(token_offsets)
+    )
+    return torch.from_numpy(g)
+
+
+@combine_weight_grad.register_fake
+def _(grad_out, buf, pair_position, token_offsets):
+    dtype = torch.float32 if grad_out.dtype in _HALF else grad_out.dtype
+    return grad_out.new_empty(pair_position.shape[0], dtype=dtype)
+
+
 @torch.library.custom_op("deepseek_rs::dispatch", mutates_args=())
 def dispatch(x: Tensor, sorted_token: Tensor, pair_position: Tensor, token_offsets: Tensor) -> Tensor:
     """Gather token rows `x` [T, H] into the expert-sorted buffer [N, H]."""
-    return _gather_rows(x, sorted_token)
+    return gather_rows(x, sorted_token, None)
 
 
 @dispatch.register_fake
@@ -169,7 +237,7 @@ def _dispatch_setup(ctx, inputs, output):
 def _dispatch_backward(ctx, grad_buf):
     pair_position, token_offsets = ctx.saved_tensors
     # The adjoint of a gather is an unweighted combine.
-    return _combine_rows(grad_buf.contiguous(), pair_position, token_offsets, None), None, None, None
+    return combine_rows(grad_buf.contiguous(), pair_position, token_offsets, None), None, None, None
 
 
 dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
@@ -177,10 +245,15 @@ dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
 
 @torch.library.custom_op("deepseek_rs::combine", mutates_args=())
 def combine(
-    buf: Tensor, weights: Tensor, sorted_pair: Tensor, sorted_token: Tensor, pair_position: Tensor, token_offsets: Tensor
+    buf: Tensor,
+    weights: Tensor,
+    sorted_pair: Tensor,
+    sorted_token: Tensor,
+    pair_position: Tensor,
+    token_offsets: Tensor,
 ) -> Tensor:
     """Weighted sum of expert output rows `buf` [N, H] back into token order [T, H]."""
-    return _combine_rows(buf, pair_position, token_offsets, weights)
+    return combine_rows(buf, pair_position, token_offsets, weights)
 
 
 @combine.register_fake
@@ -197,12 +270,9 @@ def _combine_backward(ctx, grad_out):
     grad_out = grad_out.contiguous()
     grad_buf = grad_w = None
     if ctx.needs_input_grad[0]:
-        grad_buf = _gather_rows(grad_out, sorted_token, weights[sorted_pair])
+        grad_buf = gather_rows(grad_out, sorted_token, weights[sorted_pair])
     if ctx.needs_input_grad[1]:
-        dtype = grad_out.dtype
-        g, b = (grad_out.float(), buf.float()) if dtype in _HALF else (grad_out, buf.to(dtype))
-        grad_w = torch.from_numpy(_core.combine_weight_grad(_np(g), _np(b), _np(pair_position), _np(token_offsets)))
-        grad_w = grad_w.to(weights.dtype)
+        grad_w = combine_weight_grad(grad_out, buf, pair_position, token_offsets).to(weights.dtype)
     return grad_buf, grad_w, None, None, None, None
 
 
@@ -224,7 +294,9 @@ def _active_segments(expert_offsets: Tensor):
 
 
 @torch.library.custom_op("deepseek_rs::expert_ffn", mutates_args=())
-def expert_ffn(buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor, expert_offsets: Tensor) -> Tuple[Tensor, Tensor]:
+def expert_ffn(
+    buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor, expert_offsets: Tensor
+) -> Tuple[Tensor, Tensor]:
     """SwiGLU experts over the expert-sorted buffer `buf` [N, H].
 
     `gate_up_proj` [E, 2F, H] (gate rows first), `down_proj` [E, H, F]. Returns the expert
@@ -244,7 +316,9 @@ def expert_ffn(buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor, expert_offs
 
 @expert_ffn.register_fake
 def _(buf, gate_up_proj, down_proj, expert_offsets):
-    return buf.new_empty(buf.shape[0], down_proj.shape[1]), buf.new_empty(buf.shape[0], 2 * down_proj.shape[2])
+    return buf.new_empty(buf.shape[0], down_proj.shape[1]), buf.new_empty(
+        buf.shape[0], 2 * down_proj.shape[2]
+    )
 
 
 def _expert_ffn_setup(ctx, inputs, output):
@@ -252,8 +326,11 @@ def _expert_ffn_setup(ctx, inputs, output):
     ctx.save_for_backward(buf, gate_up_proj, down_proj, expert_offsets, output[1])
 
 
-def _expert_ffn_backward(ctx, grad_out, _grad_h):
-    buf, gate_up_proj, down_proj, expert_offsets, h = ctx.saved_tensors
+@torch.library.custom_op("deepseek_rs::expert_ffn_backward", mutates_args=())
+def expert_ffn_backward(
+    grad_out: Tensor, buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor, expert_offsets: Tensor, h: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `expert_ffn` for (buf, gate_up_proj, down_proj)."""
     f = down_proj.shape[2]
     segments = _active_segments(expert_offsets)
     grad_out = grad_out.contiguous()
@@ -262,23 +339,44 @@ def _expert_ffn_backward(ctx, grad_out, _grad_h):
     silu = gate * sig
     act = silu * up
     grad_act = torch.empty_like(act)
-    grad_down = torch.zeros_like(down_proj) if ctx.needs_input_grad[2] else None
+    grad_down = torch.zeros_like(down_proj)
     for e, s, t in segments:
         torch.mm(grad_out[s:t], down_proj[e], out=grad_act[s:t])
-        if grad_down is not None:
-            torch.mm(grad_out[s:t].t(), act[s:t], out=grad_down[e])
+        torch.mm(grad_out[s:t].t(), act[s:t], out=grad_down[e])
     # d silu(g)/dg = sig * (1 + g * (1 - sig))
     grad_h = torch.cat((grad_act * up * sig * (1 + gate * (1 - sig)), grad_act * silu), dim=1)
-    grad_buf = torch.empty_like(buf) if ctx.needs_input_grad[0] else None
-    grad_gate_up = torch.zeros_like(gate_up_proj) if ctx.needs_input_grad[1] else None
+    grad_buf = torch.empty_like(buf)
+    grad_gate_up = torch.zeros_like(gate_up_proj)
     for e, s, t in segments:
-        if grad_buf is not None:
-            torch.mm(grad_h[s:t], gate_up_proj[e], out=grad_buf[s:t])
-        if grad_gate_up is not None:
-            torch.mm(grad_h[s:t].t(), buf[s:t], out=grad_gate_up[e])
+        torch.mm(grad_h[s:t], gate_up_proj[e], out=grad_buf[s:t])
+        torch.mm(grad_h[s:t].t(), buf[s:t], out=grad_gate_up[e])
+    return grad_buf, grad_gate_up, grad_down
+
+
+@expert_ffn_backward.register_fake
+def _(grad_out, buf, gate_up_proj, down_proj, expert_offsets, h):
+    return torch.empty_like(buf), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
+
+
+def _expert_ffn_backward(ctx, grad_out, _grad_h):
+    buf, gate_up_proj, down_proj, expert_offsets, h = ctx.saved_tensors
+    grad_buf, grad_gate_up, grad_down = expert_ffn_backward(
+        grad_out, buf, gate_up_proj, down_proj, expert_offsets, h
+    )
     return grad_buf, grad_gate_up, grad_down, None
 
 
 expert_ffn.register_autograd(_expert_ffn_backward, setup_context=_expert_ffn_setup)
 
-__all__ = ["combine", "dispatch", "expert_ffn", "route", "sort_by_expert"]
+__all__ = [
+    "combine",
+    "combine_rows",
+    "combine_weight_grad",
+    "dispatch",
+    "expert_ffn",
+    "expert_ffn_backward",
+    "gather_rows",
+    "route",
+    "route_backward",
+    "sort_by_expert",
+]

@@ -48,7 +48,9 @@ class RouterOutput(NamedTuple):
 class RouterAuxLosses(NamedTuple):
     """The auxiliary losses of a routing, each a scalar tensor. Weight and add them yourself."""
 
-    load_balancing: Tensor  # Switch Transformer: E * sum_e (share of pairs_e) * (mean prob_e); 1 when balanced
+    load_balancing: (
+        Tensor  # Switch Transformer: E * sum_e (share of pairs_e) * (mean prob_e); 1 when balanced
+    )
     z_loss: Tensor  # ST-MoE: mean over tokens of logsumexp(logits)^2
     entropy: Tensor  # mean entropy of the token distributions; minimising it keeps top-p sparse
 
@@ -103,12 +105,16 @@ def route(
         if not 0.0 < top_p <= 1.0:
             raise InvalidValueError(f"top_p must be in (0, 1], got {top_p}")
         if not 1 <= min_k <= max_k <= e:
-            raise InvalidValueError(f"need 1 <= min_k <= max_k <= {e} (experts), got min_k={min_k}, max_k={max_k}")
+            raise InvalidValueError(
+                f"need 1 <= min_k <= max_k <= {e} (experts), got min_k={min_k}, max_k={max_k}"
+            )
     if not math.isfinite(scale):
         raise InvalidValueError(f"scale must be finite, got {scale}")
     if bias is not None:
         if rule != "group_limited":
-            raise InvalidValueError(f"a selection bias is only used by the 'group_limited' rule, not {rule!r}")
+            raise InvalidValueError(
+                f"a selection bias is only used by the 'group_limited' rule, not {rule!r}"
+            )
         if bias.shape != (e,):
             raise ShapeError(f"selection bias must have shape [{e}], got {tuple(bias.shape)}")
         bias = bias.detach().to(device="cpu", dtype=logits.dtype).contiguous()
@@ -230,9 +236,13 @@ class Router(nn.Module):
         micro-batches and ranks if you have them).
         """
         if self.e_score_correction_bias is None:
-            raise InvalidValueError(f"update_bias needs the 'group_limited' rule; this router uses {self.rule!r}")
+            raise InvalidValueError(
+                f"update_bias needs the 'group_limited' rule; this router uses {self.rule!r}"
+            )
         if expert_counts.shape != (self.num_experts,):
-            raise ShapeError(f"expert_counts must have shape [{self.num_experts}], got {tuple(expert_counts.shape)}")
+            raise ShapeError(
+                f"expert_counts must have shape [{self.num_experts}], got {tuple(expert_counts.shape)}"
+            )
         load = expert_counts.to(self.e_score_correction_bias)
         rate = self.bias_update_rate if rate is None else rate
         self.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load))
