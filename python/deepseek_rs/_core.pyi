@@ -10,6 +10,18 @@ _Rows = npt.NDArray[np.float32] | npt.NDArray[np.float64] | npt.NDArray[np.int16
 _I64 = npt.NDArray[np.int64]
 _Routing = Tuple[_I64, _I64, _Floats, _I64]
 
+__all__ = [
+    "combine",
+    "combine_weight_grad",
+    "gather",
+    "gather_scaled",
+    "route_backward",
+    "route_group_limited",
+    "route_top_k",
+    "route_top_p",
+    "sort_by_expert",
+]
+
 def route_top_k(logits: _Floats, k: int, renormalize: bool) -> _Routing: ...
 def route_top_p(logits: _Floats, top_p: float, min_k: int, max_k: int, renormalize: bool) -> _Routing: ...
 def route_group_limited(

@@ -62,7 +62,7 @@ fn check_offsets(token_offsets: &[i64], pairs: usize) -> Result<usize> {
 fn check_rows(what: &str, index: &[i64], rows: usize) -> Result<()> {
     match index.iter().find(|&&i| i < 0 || i as usize >= rows) {
         None => Ok(()),
-        Some(i) => Err(DispatchError::Index(format!("{what} holds row {i}, outside 0..{rows}"))),
+        Some(i) => Err(DispatchError::Index(format!("{what} holds {i}, outside 0..{rows}"))),
     }
 }
 

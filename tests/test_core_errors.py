@@ -1,0 +1,53 @@
+"""The Rust bindings never panic on bad arguments: every mistake is a deepseek_rs exception."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from deepseek_rs import DeepseekError, DTypeError, InvalidValueError, ShapeError, _core
+
+i64 = st.integers(-3, 12)
+
+
+@given(
+    offsets=hnp.arrays(np.int64, st.integers(0, 6), elements=i64),
+    ids=hnp.arrays(np.int64, st.integers(0, 8), elements=i64),
+    num_experts=st.integers(0, 5),
+    cols=st.integers(0, 3),
+)
+def test_random_csr_never_panics(offsets, ids, num_experts, cols):
+    calls = [
+        lambda: _core.sort_by_expert(offsets, ids, num_experts),
+        lambda: _core.combine(
+            np.ones((4, cols)), ids, offsets, None, np.zeros((max(len(offsets) - 1, 0), cols))
+        ),
+        lambda: _core.combine_weight_grad(
+            np.ones((max(len(offsets) - 1, 0), cols)), np.ones((4, cols)), ids, offsets
+        ),
+        lambda: _core.gather(np.ones((3, cols)), ids, np.zeros((len(ids), cols))),
+        lambda: _core.route_backward(
+            np.zeros((max(len(offsets) - 1, 0), 4)), offsets, ids, np.ones(len(ids)), "softmax", False, 1.0
+        ),
+    ]
+    for call in calls:
+        try:
+            call()
+        except DeepseekError:
+            pass
+
+
+def test_messages_name_the_problem():
+    with pytest.raises(InvalidValueError, match="expert_ids holds 7, outside 0..4"):
+        _core.sort_by_expert(np.array([0, 1]), np.array([7]), 4)
+    with pytest.raises(ShapeError, match="token_offsets"):
+        _core.sort_by_expert(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 4)
+    with pytest.raises(DTypeError, match="same dtype"):
+        _core.gather(np.ones((2, 2), np.float32), np.array([0]), np.zeros((1, 2), np.float64))
+    with pytest.raises(ShapeError, match="C-contiguous"):
+        _core.route_top_k(np.ones((4, 6))[:, ::2], 1, False)
+    with pytest.raises(InvalidValueError, match="scoring"):
+        _core.route_backward(np.ones((1, 2)), np.array([0, 1]), np.array([0]), np.ones(1), "relu", False, 1.0)
+    with pytest.raises(TypeError):
+        _core.route_top_k(np.ones((2, 2), np.int32), 1, False)
