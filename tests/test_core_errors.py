@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
+from deepseek_rs import DeepseekError, DTypeError, InvalidValueError, ShapeError, _core
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-from deepseek_rs import DeepseekError, DTypeError, InvalidValueError, ShapeError, _core
 
 i64 = st.integers(-3, 12)
 
