@@ -37,12 +37,12 @@ from .moe import PEAMoE
 class _Spec(NamedTuple):
     module: str  # transformers.models.<module>.modeling_<module>
     cls: str
-    router: Callable[[nn.Module], Dict[str, Any]]  # the block -> PEAMoE's router arguments
+    router: Callable[[Any], Dict[str, Any]]  # the block -> PEAMoE's router arguments
     shared: Optional[str] = None  # attribute name of the shared expert
     shared_gate: bool = False  # the shared expert is scaled by sigmoid(shared_expert_gate(x))
 
 
-def _mixtral(block: nn.Module) -> Dict[str, Any]:
+def _mixtral(block: Any) -> Dict[str, Any]:
     if block.jitter_noise > 0:
         raise InvalidValueError(
             f"MixtralSparseMoeBlock has router jitter_noise={block.jitter_noise}, which PEAMoE does not "
@@ -51,11 +51,11 @@ def _mixtral(block: nn.Module) -> Dict[str, Any]:
     return dict(router="top_k", top_k=block.gate.top_k, renormalize=True)
 
 
-def _qwen(block: nn.Module) -> Dict[str, Any]:
+def _qwen(block: Any) -> Dict[str, Any]:
     return dict(router="top_k", top_k=block.gate.top_k, renormalize=bool(block.gate.norm_topk_prob))
 
 
-def _deepseek_v3(block: nn.Module) -> Dict[str, Any]:
+def _deepseek_v3(block: Any) -> Dict[str, Any]:
     g = block.gate
     return dict(
         router="group_limited",
@@ -97,7 +97,7 @@ def _silu_classes() -> Tuple[type, ...]:
     return (nn.SiLU, SiLUActivation)
 
 
-def _replacement(block: nn.Module, spec: _Spec) -> PEAMoE:
+def _replacement(block: Any, spec: _Spec) -> PEAMoE:
     """A PEAMoE computing ``block``'s function with ``block``'s own tensors."""
     name = type(block).__name__
     silu = _silu_classes()
@@ -131,7 +131,8 @@ def _replacement(block: nn.Module, spec: _Spec) -> PEAMoE:
     for key, t in old_sd.items():
         if t.shape != new_sd[key].shape:
             raise InvalidValueError(
-                f"cannot patch {name}: {key} has shape {tuple(t.shape)}, PEAMoE expects {tuple(new_sd[key].shape)}"
+                f"cannot patch {name}: {key} has shape {tuple(t.shape)}, "
+                f"PEAMoE expects {tuple(new_sd[key].shape)}"
             )
     for key, t in old_sd.items():  # a Parameter stays a Parameter, a buffer a buffer: the same objects
         owner, _, attr = key.rpartition(".")
@@ -167,7 +168,7 @@ def patch(model: nn.Module) -> nn.Module:
         raise InvalidValueError(f"{type(model).__name__} contains no supported MoE block ({names})")
     for parent, attr, new in swaps:
         setattr(parent, attr, new)
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     if getattr(config, "output_router_logits", False):
         config.output_router_logits = False
         warnings.warn(
