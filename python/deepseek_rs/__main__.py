@@ -1,0 +1,7 @@
+"""``python -m deepseek_rs ...``: the ``deepseek-rs`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
