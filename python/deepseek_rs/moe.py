@@ -52,7 +52,9 @@ class SwiGLUExperts(nn.Module):
         sorted_pair, sorted_token, pair_position, expert_offsets = perm
         x = hidden_states.to(self.gate_up_proj.dtype).contiguous()
         buf = ops.dispatch(x, sorted_token, pair_position, routing.token_offsets)
-        out, _ = ops.expert_ffn(buf, self.gate_up_proj, self.down_proj, expert_offsets)
+        # The pre-activations are kept only when a backward pass may follow.
+        save_h = torch.is_grad_enabled()
+        out, _ = ops.expert_ffn(buf, self.gate_up_proj, self.down_proj, expert_offsets, save_h)
         y = ops.combine(out, routing.weights, sorted_pair, sorted_token, pair_position, routing.token_offsets)
         return y.view(t, self.hidden_size)
 

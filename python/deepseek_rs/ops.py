@@ -282,10 +282,12 @@ combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 # --------------------------------------------------------------------------------------------
 # Expert FFN over the expert-sorted buffer
 # --------------------------------------------------------------------------------------------
-# Each expert's rows are one contiguous segment, so every expert is two dense GEMMs into
-# slices of preallocated outputs. The GEMMs are torch's (MKL/oneDNN); the loop is over active
-# experts, never tokens. torch._grouped_mm was measured slower than this loop on the CPU with
-# torch 2.15 and its weight gradient fails there, so it is not used on the CPU.
+# Each expert's rows are one contiguous segment, so every expert is dense GEMMs into slices of
+# preallocated outputs. The GEMMs are torch's (MKL/oneDNN); the loop is over active experts,
+# never tokens. The SwiGLU elementwise work is done per segment in small reused scratch
+# buffers that stay in cache, instead of over [N, F] temporaries that would each be a fresh,
+# page-faulting allocation. torch._grouped_mm was measured slower than this loop on the CPU
+# with torch 2.15, and its weight gradient fails there, so it is not used on the CPU.
 
 
 def _active_segments(expert_offsets: Tensor):
@@ -293,36 +295,48 @@ def _active_segments(expert_offsets: Tensor):
     return [(e, offs[e], offs[e + 1]) for e in range(len(offs) - 1) if offs[e + 1] > offs[e]]
 
 
+def _longest(segments) -> int:
+    return max((t - s for _, s, t in segments), default=0)
+
+
 @torch.library.custom_op("deepseek_rs::expert_ffn", mutates_args=())
 def expert_ffn(
-    buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor, expert_offsets: Tensor
+    buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor, expert_offsets: Tensor, save_h: bool
 ) -> Tuple[Tensor, Tensor]:
     """SwiGLU experts over the expert-sorted buffer `buf` [N, H].
 
     `gate_up_proj` [E, 2F, H] (gate rows first), `down_proj` [E, H, F]. Returns the expert
-    outputs [N, H] and the gate/up pre-activations [N, 2F] (kept for the backward).
+    outputs [N, H] and, when `save_h` (needed for the backward), the gate/up
+    pre-activations [N, 2F]; otherwise an empty [0, 2F] tensor.
     """
     f = down_proj.shape[2]
-    h = buf.new_empty(buf.shape[0], 2 * f)
-    out = buf.new_empty(buf.shape[0], down_proj.shape[1])
     segments = _active_segments(expert_offsets)
+    longest = _longest(segments)
+    out = buf.new_empty(buf.shape[0], down_proj.shape[1])
+    h = buf.new_empty(buf.shape[0] if save_h else 0, 2 * f)
+    h_scratch = None if save_h else buf.new_empty(longest, 2 * f)
+    act = buf.new_empty(longest, f)
+    # Transposed views once per call: the per-expert Python overhead is what small batches pay.
+    gate_up_t, down_t = gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2)
     for e, s, t in segments:
-        torch.mm(buf[s:t], gate_up_proj[e].t(), out=h[s:t])
-    act = torch.nn.functional.silu(h[:, :f]) * h[:, f:]
-    for e, s, t in segments:
-        torch.mm(act[s:t], down_proj[e].t(), out=out[s:t])
+        n = t - s
+        he = h[s:t] if save_h else h_scratch[:n]
+        torch.mm(buf[s:t], gate_up_t[e], out=he)
+        torch.mul(torch.nn.functional.silu(he[:, :f]), he[:, f:], out=act[:n])
+        torch.mm(act[:n], down_t[e], out=out[s:t])
     return out, h
 
 
 @expert_ffn.register_fake
-def _(buf, gate_up_proj, down_proj, expert_offsets):
+def _(buf, gate_up_proj, down_proj, expert_offsets, save_h):
+    f = down_proj.shape[2]
     return buf.new_empty(buf.shape[0], down_proj.shape[1]), buf.new_empty(
-        buf.shape[0], 2 * down_proj.shape[2]
+        buf.shape[0] if save_h else 0, 2 * f
     )
 
 
 def _expert_ffn_setup(ctx, inputs, output):
-    buf, gate_up_proj, down_proj, expert_offsets = inputs
+    buf, gate_up_proj, down_proj, expert_offsets, _ = inputs
     ctx.save_for_backward(buf, gate_up_proj, down_proj, expert_offsets, output[1])
 
 
@@ -330,26 +344,36 @@ def _expert_ffn_setup(ctx, inputs, output):
 def expert_ffn_backward(
     grad_out: Tensor, buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor, expert_offsets: Tensor, h: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of `expert_ffn` for (buf, gate_up_proj, down_proj)."""
+    """Gradients of `expert_ffn` for (buf, gate_up_proj, down_proj), one expert segment at a time."""
+    if h.shape[0] != buf.shape[0]:
+        raise RuntimeError("expert_ffn ran with save_h=False, so it has no backward; run it with save_h=True")
     f = down_proj.shape[2]
     segments = _active_segments(expert_offsets)
+    longest = _longest(segments)
     grad_out = grad_out.contiguous()
-    gate, up = h[:, :f], h[:, f:]
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    act = silu * up
-    grad_act = torch.empty_like(act)
-    grad_down = torch.zeros_like(down_proj)
-    for e, s, t in segments:
-        torch.mm(grad_out[s:t], down_proj[e], out=grad_act[s:t])
-        torch.mm(grad_out[s:t].t(), act[s:t], out=grad_down[e])
-    # d silu(g)/dg = sig * (1 + g * (1 - sig))
-    grad_h = torch.cat((grad_act * up * sig * (1 + gate * (1 - sig)), grad_act * silu), dim=1)
     grad_buf = torch.empty_like(buf)
-    grad_gate_up = torch.zeros_like(gate_up_proj)
+    grad_gate_up = torch.empty_like(gate_up_proj)
+    grad_down = torch.empty_like(down_proj)
+    active = torch.zeros(gate_up_proj.shape[0], dtype=torch.bool)
+    active[[e for e, _, _ in segments]] = True
+    grad_gate_up[~active] = 0
+    grad_down[~active] = 0
+    act, grad_act = buf.new_empty(longest, f), buf.new_empty(longest, f)
+    grad_h = buf.new_empty(longest, 2 * f)
     for e, s, t in segments:
-        torch.mm(grad_h[s:t], gate_up_proj[e], out=grad_buf[s:t])
-        torch.mm(grad_h[s:t].t(), buf[s:t], out=grad_gate_up[e])
+        n = t - s
+        gate, up = h[s:t, :f], h[s:t, f:]
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        torch.mul(silu, up, out=act[:n])
+        torch.mm(grad_out[s:t], down_proj[e], out=grad_act[:n])
+        torch.mm(grad_out[s:t].t(), act[:n], out=grad_down[e])
+        torch.mul(grad_act[:n], silu, out=grad_h[:n, f:])
+        # d silu(g)/dg = sig * (1 + g * (1 - sig)), computed in place in `gate_grad`.
+        gate_grad = torch.mul(gate, 1 - sig, out=grad_h[:n, :f])
+        gate_grad.add_(1).mul_(sig).mul_(up).mul_(grad_act[:n])
+        torch.mm(grad_h[:n], gate_up_proj[e], out=grad_buf[s:t])
+        torch.mm(grad_h[:n].t(), buf[s:t], out=grad_gate_up[e])
     return grad_buf, grad_gate_up, grad_down
 
 
@@ -363,7 +387,7 @@ def _expert_ffn_backward(ctx, grad_out, _grad_h):
     grad_buf, grad_gate_up, grad_down = expert_ffn_backward(
         grad_out, buf, gate_up_proj, down_proj, expert_offsets, h
     )
-    return grad_buf, grad_gate_up, grad_down, None
+    return grad_buf, grad_gate_up, grad_down, None, None
 
 
 expert_ffn.register_autograd(_expert_ffn_backward, setup_context=_expert_ffn_setup)
