@@ -22,9 +22,49 @@ use rayon::prelude::*;
 const TOKENS_PER_TASK: usize = 256;
 
 /// Floating-point element types the router works on.
-pub trait Real: Float + Send + Sync + std::fmt::Debug + 'static {}
-impl Real for f32 {}
+pub trait Real: Float + Send + Sync + std::fmt::Debug + 'static {
+    /// `exp(x)` for `x <= 0`, the only range softmax needs. The default is the exact `exp`.
+    #[inline(always)]
+    fn exp_nonpositive(x: Self) -> Self {
+        x.exp()
+    }
+
+    /// Whether every element is finite.
+    fn all_finite(row: &[Self]) -> bool {
+        row.iter().all(|v| v.is_finite())
+    }
+}
+
 impl Real for f64 {}
+
+impl Real for f32 {
+    /// Cephes' `expf` (range reduction by ln 2, degree-6 polynomial; about 1 ulp) written with
+    /// no branches or libm calls so the softmax loops vectorise. Inputs below -87.3 (where
+    /// `exp` underflows) give about 1e-38 instead of 0.
+    #[inline(always)]
+    fn exp_nonpositive(x: f32) -> f32 {
+        const SHIFTER: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+        let x = x.max(-87.3);
+        let t = x * std::f32::consts::LOG2_E + SHIFTER;
+        let n = t - SHIFTER;
+        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+            + 1.666_666_5e-1)
+            * r
+            + 0.5;
+        let y = p * r * r + r + 1.0;
+        // n is in -126..=0 here, so the exponent field n + 127 stays normal.
+        let scale = f32::from_bits(((t.to_bits() as i32 - SHIFTER.to_bits() as i32 + 127) as u32) << 23);
+        y * scale
+    }
+
+    fn all_finite(row: &[f32]) -> bool {
+        // Exponent bits all set means inf or NaN; an OR over the row vectorises.
+        row.iter()
+            .fold(0u32, |acc, v| acc | ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32)
+            == 0
+    }
+}
 
 /// Why routing could not be done.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -99,6 +139,9 @@ fn check_logits<F: Real>(logits: &[F], num_experts: usize) -> Result<usize> {
 }
 
 fn check_finite<F: Real>(row: &[F], token: usize) -> Result<()> {
+    if F::all_finite(row) {
+        return Ok(());
+    }
     match row.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(expert) => Err(RouterError::NonFinite {
@@ -110,30 +153,56 @@ fn check_finite<F: Real>(row: &[F], token: usize) -> Result<()> {
 }
 
 /// Indices of the `k` largest `scores` (only where `allowed`), in descending order, ties to
-/// the lower index. Insertion keeps it O(E k) with no allocation beyond `out`.
+/// the lower index. Insertion keeps it O(E k) with no allocation beyond `out`; the k-th best
+/// score is kept in a local so most experts cost one comparison.
 fn top_indices<F: Real>(scores: &[F], k: usize, allowed: impl Fn(usize) -> bool, out: &mut Vec<usize>) {
     out.clear();
+    let mut threshold = F::neg_infinity();
     for (e, &v) in scores.iter().enumerate() {
-        if !allowed(e) {
+        if (out.len() == k && v <= threshold) || !allowed(e) {
             continue;
         }
-        if out.len() == k && v <= scores[out[k - 1]] {
-            continue;
-        }
-        // First slot holding a strictly smaller score: equal scores stay ahead (lower index).
-        let pos = out.partition_point(|&i| scores[i] >= v);
         if out.len() == k {
             out.pop();
         }
+        // Shift smaller scores right; equal scores stay ahead (lower index).
+        let mut pos = out.len();
+        while pos > 0 && scores[out[pos - 1]] < v {
+            pos -= 1;
+        }
         out.insert(pos, e);
+        if out.len() == k {
+            threshold = scores[out[k - 1]];
+        }
     }
 }
 
+/// Eight fixed partial accumulators: lets the loops vectorise, and the order never changes.
+const LANES: usize = 8;
+
 /// Softmax of one row: returns `(max, sum of exp(z - max))` so `p_e = exp(z_e - max) / sum`.
 fn softmax_stats<F: Real>(row: &[F]) -> (F, F) {
-    let max = row.iter().copied().fold(F::neg_infinity(), F::max);
-    let sum = row.iter().fold(F::zero(), |s, &z| s + (z - max).exp());
-    (max, sum)
+    let mut lanes = [F::neg_infinity(); LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+        }
+    }
+    let max = tail
+        .iter()
+        .chain(&lanes)
+        .fold(F::neg_infinity(), |m, &v| if v > m { v } else { m });
+    let mut sums = [F::zero(); LANES];
+    let chunks = row.chunks_exact(LANES);
+    for c in chunks {
+        for i in 0..LANES {
+            sums[i] = sums[i] + F::exp_nonpositive(c[i] - max);
+        }
+    }
+    let sum = tail.iter().fold(F::zero(), |s, &z| s + F::exp_nonpositive(z - max));
+    (max, sums.iter().fold(sum, |s, &v| s + v))
 }
 
 fn sigmoid<F: Real>(z: F) -> F {
@@ -221,7 +290,7 @@ pub fn softmax_top_k<F: Real>(logits: &[F], num_experts: usize, k: usize, renorm
         // Softmax is monotone, so selecting on the logits is exact and skips E divisions.
         top_indices(row, k, |_| true, ids);
         let (max, sum) = softmax_stats(row);
-        ws.extend(ids.iter().map(|&e| (row[e] - max).exp() / sum));
+        ws.extend(ids.iter().map(|&e| F::exp_nonpositive(row[e] - max) / sum));
         if renormalize {
             renormalize_in_place(ws, F::zero());
         }
@@ -257,7 +326,7 @@ pub fn softmax_top_p<F: Real>(
             if keep >= min_k && mass >= p {
                 break;
             }
-            let prob = (row[e] - max).exp() / sum;
+            let prob = F::exp_nonpositive(row[e] - max) / sum;
             mass += prob.to_f64().unwrap_or(0.0);
             ws.push(prob);
             keep += 1;
@@ -379,7 +448,7 @@ pub fn route_backward<F: Real>(
             match scoring {
                 Scoring::Softmax => {
                     let (max, sum) = softmax_stats(row);
-                    let prob = |e: usize| (row[e] - max).exp() / sum;
+                    let prob = |e: usize| F::exp_nonpositive(row[e] - max) / sum;
                     if renormalize {
                         // The renormalised weights are a softmax over the selected logits only.
                         let sel = ids.iter().fold(F::zero(), |s, &e| s + prob(e as usize));

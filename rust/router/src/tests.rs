@@ -261,3 +261,18 @@ fn result_does_not_depend_on_thread_count() {
     let b = four.install(|| softmax_top_p(&logits, 64, 0.5, 1, 8, true).unwrap());
     assert_eq!(a, b);
 }
+
+#[test]
+fn f32_exp_is_accurate_to_a_few_ulp() {
+    let mut worst = 0.0f64;
+    for i in 0..=870_000 {
+        let x = -(i as f32) * 1e-4;
+        let got = <f32 as Real>::exp_nonpositive(x) as f64;
+        let want = (x as f64).exp();
+        worst = worst.max(((got - want) / want).abs());
+    }
+    assert!(worst < 3.0 * f32::EPSILON as f64, "worst relative error {worst}");
+    assert!(<f32 as Real>::exp_nonpositive(-1000.0) < 1e-37);
+    assert!(!<f32 as Real>::all_finite(&[0.0, f32::NAN]) && !<f32 as Real>::all_finite(&[f32::NEG_INFINITY]));
+    assert!(<f32 as Real>::all_finite(&[0.0, -1e30, f32::MIN_POSITIVE]));
+}
