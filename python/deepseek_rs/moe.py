@@ -189,9 +189,10 @@ class PEAMoE(nn.Module):
         y = self.experts(x, routing)
         shared = self._modules.get(self.shared_experts_name)
         if shared is not None:
-            s = shared(x.to(y.dtype))
+            xs = x.to(y.dtype)
+            s = shared(xs)
             if self.shared_expert_gate is not None:
-                s = torch.sigmoid(self.shared_expert_gate(x.to(y.dtype))) * s
+                s = torch.sigmoid(self.shared_expert_gate(xs)) * s
             y = y + s
         y = y.to(hidden_states.dtype).view(shape)
         self.last_routing = RouterOutput(*(t.detach() for t in routing))

@@ -31,8 +31,6 @@ def _np(t: Tensor):
 # Router
 # --------------------------------------------------------------------------------------------
 
-_RULES = ("top_k", "top_p", "group_limited")
-
 
 @torch.library.custom_op("deepseek_rs::route", mutates_args=())
 def route(
