@@ -70,7 +70,7 @@ fn check_matrix(what: &str, len: usize, cols: usize) -> Result<usize> {
     if cols == 0 {
         return Ok(0);
     }
-    if len % cols != 0 {
+    if !len.is_multiple_of(cols) {
         return Err(DispatchError::Shape(format!(
             "{what} of length {len} is not a whole number of rows of {cols}"
         )));

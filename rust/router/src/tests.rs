@@ -104,6 +104,49 @@ proptest! {
     }
 }
 
+/// f32 logits with frequent exact ties, signed zeros, subnormals and extremes.
+fn f32_logits_strategy() -> impl Strategy<Value = (usize, Vec<f32>)> {
+    let value = prop_oneof![
+        8 => (-8i32..8).prop_map(|v| v as f32 * 0.5),
+        1 => Just(-0.0f32),
+        1 => prop::sample::select(vec![f32::MAX, -f32::MAX, f32::MIN_POSITIVE / 4.0, -1e-40, 88.0, -100.0]),
+        2 => -50.0f32..50.0,
+    ];
+    (1usize..80, 0usize..6).prop_flat_map(move |(e, t)| (Just(e), prop::collection::vec(value.clone(), e * t)))
+}
+
+proptest! {
+    #[test]
+    fn f32_top_k_matches_sorted_reference((e, logits) in f32_logits_strategy(), k in 1usize..80) {
+        let k = k.min(e);
+        let r = softmax_top_k(&logits, e, k, false).unwrap();
+        for (t, row) in logits.chunks(e).enumerate() {
+            let wide: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+            let want: Vec<i64> = ranked(&wide)[..k].iter().map(|&i| i as i64).collect();
+            prop_assert_eq!(&r.expert_ids[t * k..(t + 1) * k], &want[..]);
+            let p = softmax(&wide);
+            for (&i, &w) in want.iter().zip(&r.weights[t * k..(t + 1) * k]) {
+                prop_assert!((w as f64 - p[i as usize]).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn key_passes_agree_with_portable_form(keys in prop::collection::hash_set(any::<i64>(), 1..70), k in 1usize..70) {
+        let keys: Vec<i64> = keys.into_iter().map(|k| k & !0xffff_ffff).enumerate().map(|(i, k)| k | i as i64).collect();
+        let k = k.min(keys.len());
+        let last = 100;
+        let (mut fast, mut portable) = (vec![0; k], vec![0; k]);
+        best_keys(&keys, last, &mut fast);
+        best_keys_portable(&keys, last, &mut portable);
+        prop_assert_eq!(&fast, &portable);
+        let mut sorted = keys.clone();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let want: Vec<i64> = sorted[..k].iter().map(|&key| last - (key & 0xffff_ffff)).collect();
+        prop_assert_eq!(&fast, &want);
+    }
+}
+
 #[test]
 fn ties_choose_lower_index() {
     let r = softmax_top_k(&[1.0f32, 1.0, 1.0, 1.0], 4, 2, false).unwrap();
