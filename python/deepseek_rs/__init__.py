@@ -6,9 +6,11 @@ custom ops (``torch.ops.deepseek_rs.*``).
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .config import OptimizedModel, optimize
 from .errors import DeepseekError, DeviceError, DTypeError, InvalidValueError, ShapeError
 from .moe import PEAMoE, SwiGLU, SwiGLUExperts
 from .patch import patch
+from .quant import convert_int8, prepare_qat
 from .router import Router, RouterAuxLosses, RouterOutput, aux_losses, route
 
 try:
@@ -21,6 +23,7 @@ __all__ = [
     "DeepseekError",
     "DeviceError",
     "InvalidValueError",
+    "OptimizedModel",
     "PEAMoE",
     "Router",
     "RouterAuxLosses",
@@ -30,6 +33,9 @@ __all__ = [
     "SwiGLUExperts",
     "__version__",
     "aux_losses",
+    "convert_int8",
+    "optimize",
     "patch",
+    "prepare_qat",
     "route",
 ]

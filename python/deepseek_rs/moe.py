@@ -175,8 +175,9 @@ class PEAMoE(nn.Module):
             )
         if not hidden_states.dtype.is_floating_point:
             raise DTypeError(f"PEAMoE input must be floating point, got {hidden_states.dtype}")
-        if hidden_states.device != self.experts.gate_up_proj.device:
-            weights = self.experts.gate_up_proj.device
+        # The router's weight: the experts may have been swapped for int8 ones (deepseek_rs.quant).
+        weights = self.gate.weight.device
+        if hidden_states.device != weights:
             raise DeviceError(f"PEAMoE input is on {hidden_states.device} but its weights are on {weights}")
 
     def forward(

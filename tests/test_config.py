@@ -1,0 +1,112 @@
+import pytest
+import torch
+from deepseek_rs import DeviceError, InvalidValueError, PEAMoE
+from deepseek_rs.config import (
+    BatchingConfig,
+    HardwareConfig,
+    OptimizationConfig,
+    QuantizationConfig,
+    optimize,
+    parse_config,
+    sample_config_path,
+)
+from deepseek_rs.quant import Int8Linear, QATLinear
+from torch import nn
+
+ARTICLE = """
+optimization:
+  quantization:
+    method: QAT
+    bit_width: 8
+    activation_range: dynamic
+  batching:
+    strategy: dynamic
+    min_size: 4
+    max_size: 32
+  hardware:
+    target: nvidia_tesla_t4
+    precision: mixed
+"""
+
+
+def test_the_articles_block_parses_and_equals_the_shipped_sample():
+    want = OptimizationConfig(
+        QuantizationConfig("QAT", 8, "dynamic"),
+        BatchingConfig("dynamic", 4, 32, 5.0),
+        HardwareConfig("nvidia_tesla_t4", "mixed"),
+    )
+    assert parse_config(ARTICLE) == want
+    assert parse_config(sample_config_path()) == want
+    assert parse_config(str(sample_config_path())) == want
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("optimization: {quantisation: {}}", r"unknown key optimization\.quantisation"),
+        ("optimization: {quantization: {method: AWQ}}", r"method must be one of \['QAT', 'PTQ'\]"),
+        ("optimization: {quantization: {bit_width: 4}}", r"bit_width must be one of \[8\]"),
+        ("optimization: {quantization: {activation_range: static}}", r"activation_range must be one of"),
+        ("optimization: {batching: {min_size: 0}}", r"batching\.min_size must be an integer >= 1"),
+        ("optimization: {batching: {min_size: 8, max_size: 4}}", r"min_size \(8\) must not exceed"),
+        ("optimization: {batching: {strategy: greedy}}", r"batching\.strategy must be one of"),
+        ("optimization: {batching: {max_queue_delay_ms: -1}}", r"max_queue_delay_ms must be a number"),
+        ("optimization: {hardware: {target: tpu}}", r"hardware\.target must be one of \['cpu'"),
+        ("optimization: {hardware: {precision: int4}}", r"hardware\.precision must be one of"),
+        ("optimization: {hardware: {target: cpu, cores: 2}}", r"unknown key optimization\.hardware\.cores"),
+        ("optimization: [1, 2]", r"optimization must be a mapping"),
+        ("optimization: {batching: {max_size: 3.5}}", r"max_size must be an integer"),
+        ("optimization: {quantization: {method: [}", r"not valid YAML"),
+    ],
+)
+def test_every_bad_field_is_named(text, match):
+    with pytest.raises(InvalidValueError, match=match):
+        parse_config(text)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(InvalidValueError, match="does not exist"):
+        parse_config(tmp_path / "nope.yaml")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), PEAMoE(16, 8, 4, router="top_k", top_k=2), nn.Linear(16, 2))
+
+
+def test_qat_config_trains_then_deploys_int8():
+    cfg = {"quantization": {"method": "QAT"}, "hardware": {"target": "cpu", "precision": "fp32"}}
+    model = _model()
+    trained = optimize(model, cfg, stage="train")
+    assert isinstance(model[0], QATLinear) and trained.module is model
+    x = torch.randn(10, 8)
+    trained(x).sum().backward()
+    with torch.no_grad():
+        ref = trained(x)
+    deployed = optimize(model, cfg, stage="deploy")
+    assert isinstance(model[0], Int8Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_qat_deploy_without_training_is_refused_and_ptq_is_not():
+    with pytest.raises(InvalidValueError, match="stage='train'"):
+        optimize(_model(), {"quantization": {"method": "QAT"}})
+    model = _model()
+    optimize(model, {"quantization": {"method": "PTQ"}})
+    assert isinstance(model[2], Int8Linear)
+
+
+def test_mixed_precision_on_the_cpu_is_bfloat16():
+    opt = optimize(_model(), {"hardware": {"target": "cpu", "precision": "mixed"}})
+    assert opt.autocast_dtype == torch.bfloat16
+    with torch.no_grad():
+        assert opt(torch.randn(4, 8)).shape == (4, 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a CUDA device")
+def test_a_gpu_target_without_a_gpu_is_a_clear_error_unless_overridden():
+    with pytest.raises(DeviceError, match="nvidia_tesla_t4.*device='cpu'"):
+        optimize(_model(), sample_config_path(), stage="train")
+    opt = optimize(_model(), sample_config_path(), stage="train", device="cpu")
+    assert opt.device.type == "cpu" and opt.autocast_dtype == torch.bfloat16
