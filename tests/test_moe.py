@@ -257,3 +257,22 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(
         torch.ops.deepseek_rs.combine.default, (buf, w, perm[0], perm[1], perm[2], r.token_offsets)
     )
+
+
+def test_a_trained_layer_can_be_copied_and_pickled():
+    import copy
+    import io
+
+    layer = PEAMoE(8, 4, 4, router="top_p", top_p=0.6).train()
+    x = torch.randn(6, 8)
+    layer(x).sum().backward()
+    assert layer.aux_losses is not None and layer.aux_losses.load_balancing.requires_grad
+    twin = copy.deepcopy(layer)
+    assert twin.aux_losses is None
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(twin.eval()(x), layer.eval()(x))
+        torch.testing.assert_close(loaded.eval()(x), layer(x))

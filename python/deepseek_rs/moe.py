@@ -166,6 +166,13 @@ class PEAMoE(nn.Module):
         self.aux_losses: Optional[RouterAuxLosses] = None
         self.last_routing: Optional[RouterOutput] = None
 
+    def __getstate__(self):
+        # The aux losses of the last forward carry its autograd graph, which cannot be
+        # copied or pickled; a copy starts without them, like a fresh module.
+        state = self.__dict__.copy()
+        state["aux_losses"] = None
+        return state
+
     def _check_input(self, hidden_states: Tensor) -> None:
         if not isinstance(hidden_states, Tensor):
             raise DTypeError(f"PEAMoE input must be a torch.Tensor, got {type(hidden_states).__name__}")
