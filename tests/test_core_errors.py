@@ -50,3 +50,38 @@ def test_messages_name_the_problem():
         _core.route_backward(np.ones((1, 2)), np.array([0, 1]), np.array([0]), np.ones(1), "relu", False, 1.0)
     with pytest.raises(TypeError):
         _core.route_top_k(np.ones((2, 2), np.int32), 1, False)
+
+
+@given(
+    offsets=hnp.arrays(np.int64, st.integers(0, 5), elements=i64),
+    rows=st.integers(0, 6),
+    h=st.integers(0, 3),
+    f=st.integers(0, 3),
+    e=st.integers(0, 4),
+    max_rows=st.integers(0, 8),
+    with_h=st.booleans(),
+)
+def test_swiglu_experts_never_panics(offsets, rows, h, f, e, max_rows, with_h):
+    f32 = np.float32
+    args = (np.ones((rows, h), f32), np.ones((e, 2 * f, h), f32), np.ones((e, h, f), f32), offsets, max_rows)
+    pre = np.zeros((rows, 2 * f), f32) if with_h else None
+    try:
+        ran = _core.swiglu_experts_forward(*args, np.zeros((rows, h), f32), pre)
+    except DeepseekError:
+        return
+    assert 0 <= ran <= e
+
+
+def test_swiglu_experts_bad_arguments():
+    f32 = np.float32
+    buf, out = np.ones((3, 4), f32), np.zeros((3, 4), f32)
+    gu, dn = np.ones((2, 6, 4), f32), np.ones((2, 4, 3), f32)
+    with pytest.raises(ShapeError, match="gate_up"):
+        _core.swiglu_experts_forward(buf, np.ones((2, 5, 4), f32), dn, np.array([0, 1, 3]), 4, out)
+    with pytest.raises(InvalidValueError, match="rise from 0"):
+        _core.swiglu_experts_forward(buf, gu, dn, np.array([0, 2, 1]), 4, out)
+    with pytest.raises(ShapeError, match="out"):
+        _core.swiglu_experts_forward(buf, gu, dn, np.array([0, 1, 3]), 4, np.zeros((2, 4), f32))
+    with pytest.raises(TypeError):
+        _core.swiglu_experts_forward(buf.astype(np.float64), gu, dn, np.array([0, 1, 3]), 4, out)
+    assert _core.swiglu_experts_forward(buf, gu, dn, np.array([0, 1, 3]), 4, out) == 2

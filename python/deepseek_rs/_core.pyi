@@ -44,6 +44,15 @@ def gather_scaled(src: _Floats, index: _I64, scale: _Floats, out: _Floats) -> No
 def combine(
     buf: _Floats, pair_position: _I64, token_offsets: _I64, weights: Optional[_Floats], out: _Floats
 ) -> None: ...
+def swiglu_experts_forward(
+    buf: _Floats,
+    gate_up: _Floats,
+    down: _Floats,
+    expert_offsets: _I64,
+    max_rows: int,
+    out: _Floats,
+    h: Optional[_Floats] = None,
+) -> int: ...
 def combine_weight_grad(
     grad_out: _Floats, buf: _Floats, pair_position: _I64, token_offsets: _I64
 ) -> _Floats: ...

@@ -281,20 +281,38 @@ combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 # Expert FFN over the expert-sorted buffer
 # --------------------------------------------------------------------------------------------
 # Each expert's rows are one contiguous segment, so every expert is dense GEMMs into slices of
-# preallocated outputs. The GEMMs are torch's (MKL/oneDNN); the loop is over active experts,
-# never tokens. The SwiGLU elementwise work is done per segment in small reused scratch
-# buffers that stay in cache, instead of over [N, F] temporaries that would each be a fresh,
-# page-faulting allocation. torch._grouped_mm was measured slower than this loop on the CPU
-# with torch 2.15, and its weight gradient fails there, so it is not used on the CPU.
+# preallocated outputs, never a loop over tokens. Small segments (serving batches: a few tokens
+# per expert) run in Rust (`deepseek-experts`): one task per expert streams its weights once
+# and applies SwiGLU between the two products, where BLAS runs well below the weight-read floor.
+# Larger segments are torch's GEMMs (MKL/oneDNN), with the SwiGLU elementwise work done per
+# segment in small reused scratch buffers that stay in cache, instead of over [N, F]
+# temporaries that would each be a fresh, page-faulting allocation. torch._grouped_mm was
+# measured slower than this on the CPU with torch 2.15, and its weight gradient fails there.
+
+# Segments of up to this many rows take the Rust path; measured crossover against torch.mm
+# on a 2-core AVX-512 Xeon with H=1024, F=512 (benches/bench_moe.py, T=16 and T=256 rows).
+SMALL_SEGMENT_ROWS = 32
 
 
-def _active_segments(expert_offsets: Tensor):
+def _active_segments(expert_offsets: Tensor, above: int = 0):
     offs = expert_offsets.tolist()
-    return [(e, offs[e], offs[e + 1]) for e in range(len(offs) - 1) if offs[e + 1] > offs[e]]
+    return [(e, offs[e], offs[e + 1]) for e in range(len(offs) - 1) if offs[e + 1] - offs[e] > above]
 
 
 def _longest(segments) -> int:
     return max((t - s for _, s, t in segments), default=0)
+
+
+def _small_segment_rows(buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> int:
+    """How many rows a segment may have to run in Rust: 0 where the Rust path does not apply."""
+    rust_ok = (
+        buf.dtype == torch.float32
+        and gate_up_proj.dtype == down_proj.dtype == torch.float32
+        and buf.is_contiguous()
+        and gate_up_proj.is_contiguous()
+        and down_proj.is_contiguous()
+    )
+    return SMALL_SEGMENT_ROWS if rust_ok else 0
 
 
 @torch.library.custom_op("deepseek_rs::expert_ffn", mutates_args=())
@@ -308,10 +326,16 @@ def expert_ffn(
     pre-activations [N, 2F]; otherwise an empty [0, 2F] tensor.
     """
     f = down_proj.shape[2]
-    segments = _active_segments(expert_offsets)
-    longest = _longest(segments)
     out = buf.new_empty(buf.shape[0], down_proj.shape[1])
     h = buf.new_empty(buf.shape[0] if save_h else 0, 2 * f)
+    small = _small_segment_rows(buf, gate_up_proj, down_proj)
+    if small:
+        _core.swiglu_experts_forward(
+            _np(buf), _np(gate_up_proj), _np(down_proj), _np(expert_offsets), small, _np(out),
+            _np(h) if save_h else None,
+        )
+    segments = _active_segments(expert_offsets, above=small)
+    longest = _longest(segments)
     h_scratch = None if save_h else buf.new_empty(longest, 2 * f)
     act = buf.new_empty(longest, f)
     # Transposed views once per call: the per-expert Python overhead is what small batches pay.

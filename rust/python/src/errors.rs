@@ -11,6 +11,7 @@ use pyo3::types::PyType;
 pub enum EngineError {
     Router(deepseek_router::RouterError),
     Dispatch(deepseek_dispatch::DispatchError),
+    Experts(deepseek_experts::ExpertsError),
 }
 
 impl From<deepseek_router::RouterError> for EngineError {
@@ -25,6 +26,12 @@ impl From<deepseek_dispatch::DispatchError> for EngineError {
     }
 }
 
+impl From<deepseek_experts::ExpertsError> for EngineError {
+    fn from(e: deepseek_experts::ExpertsError) -> Self {
+        EngineError::Experts(e)
+    }
+}
+
 impl From<EngineError> for PyErr {
     fn from(e: EngineError) -> PyErr {
         use deepseek_dispatch::DispatchError as D;
@@ -32,7 +39,9 @@ impl From<EngineError> for PyErr {
         match e {
             EngineError::Router(e @ R::Shape(_)) => shape_error(e.to_string()),
             EngineError::Dispatch(e @ D::Shape(_)) => shape_error(e.to_string()),
+            EngineError::Experts(e @ deepseek_experts::ExpertsError::Shape(_)) => shape_error(e.to_string()),
             EngineError::Router(e) => value_error(e.to_string()),
+            EngineError::Experts(e) => value_error(e.to_string()),
             EngineError::Dispatch(e) => value_error(e.to_string()),
         }
     }

@@ -9,6 +9,7 @@ use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadwri
 use pyo3::prelude::*;
 
 mod errors;
+mod experts;
 use errors::{EngineError, shape_error};
 
 /// A 1-D float array of either supported precision.
@@ -48,7 +49,7 @@ enum RowsMut2<'py> {
     Bits16(PyReadwriteArray2<'py, i16>),
 }
 
-fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+pub(crate) fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a: &'a numpy::PyReadonlyArray<'_, T, D>,
     what: &str,
 ) -> PyResult<&'a [T]> {
@@ -56,7 +57,7 @@ fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
         .map_err(|_| shape_error(format!("{what} must be C-contiguous")))
 }
 
-fn slice_mut<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+pub(crate) fn slice_mut<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a: &'a mut numpy::PyReadwriteArray<'_, T, D>,
     what: &str,
 ) -> PyResult<&'a mut [T]> {
@@ -165,6 +166,9 @@ fn route<'py>(
 #[pymodule]
 mod _core {
     use super::*;
+
+    #[pymodule_export]
+    use crate::experts::swiglu_experts_forward;
 
     /// Softmax top-k routing of `logits` [tokens, experts].
     #[pyfunction]
