@@ -20,6 +20,7 @@ __all__ = [
     "route_top_k",
     "route_top_p",
     "sort_by_expert",
+    "swiglu_experts_forward",
 ]
 
 def route_top_k(logits: _Floats, k: int, renormalize: bool) -> _Routing: ...
