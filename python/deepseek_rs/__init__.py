@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .config import OptimizedModel, optimize
 from .errors import DeepseekError, DeviceError, DTypeError, InvalidValueError, ShapeError
+from .gvrt import GVRT, GVRTStats
 from .moe import PEAMoE, SwiGLU, SwiGLUExperts
 from .patch import patch
 from .quant import convert_int8, prepare_qat
@@ -22,6 +23,8 @@ __all__ = [
     "DTypeError",
     "DeepseekError",
     "DeviceError",
+    "GVRT",
+    "GVRTStats",
     "InvalidValueError",
     "OptimizedModel",
     "PEAMoE",
