@@ -13,6 +13,7 @@ from .moe import PEAMoE, SwiGLU, SwiGLUExperts
 from .patch import patch
 from .quant import convert_int8, prepare_qat
 from .router import Router, RouterAuxLosses, RouterOutput, aux_losses, route
+from .uss import UnifiedSemanticSpace, USSLoss
 
 try:
     __version__ = version("deepseek-rs")
@@ -34,6 +35,8 @@ __all__ = [
     "ShapeError",
     "SwiGLU",
     "SwiGLUExperts",
+    "USSLoss",
+    "UnifiedSemanticSpace",
     "__version__",
     "aux_losses",
     "convert_int8",
