@@ -5,8 +5,9 @@
 1. measures the global gradient norm (``torch.nn.utils.clip_grad_norm_`` semantics: one norm over
    every gradient of every parameter group, DTensor gradients of FSDP2 reduced over their mesh,
    and, with ``process_group``, plain sharded gradients (FSDP1, ZeRO) summed across ranks);
-2. keeps running statistics of that norm: a warm-up (Welford mean and variance of the first
-   ``warmup_steps`` norms), then exponential moving averages with decay ``alpha``;
+2. keeps running statistics of that norm: after a warm-up of ``warmup_steps`` steps the mean and
+   variance start from the warm-up norms' median and scaled median absolute deviation (robust to
+   a spike during the warm-up), then follow exponential moving averages with decay ``alpha``;
 3. clips outliers as ZClip does (Kumar et al. 2025, arXiv:2504.02507): a norm whose z-score
    ``z = (g - mean) / std`` exceeds ``z_threshold`` is scaled down to ``mean + z_threshold * std``
    (``clip="zscore"``), to ZClip's ``mean + z_threshold**2 * std / z`` which pulls larger outliers
@@ -45,6 +46,7 @@ NONFINITE_MODES = ("skip", "raise")
 # Each step adds at most (LR_Z_CAP * z_threshold)**2 slow variances to the fast variance: a lone
 # outlier (already clipped) lowers the rate for a few steps only, a sustained rise keeps it low.
 LR_Z_CAP = 2.0
+MAD_TO_STD = 1.4826  # the standard deviation of a normal distribution is 1.4826 times its MAD
 
 
 @dataclass
@@ -202,8 +204,9 @@ class GVRT(Optimizer):
         return {
             "step": 0,  # steps taken
             "count": 0,  # norms seen (warm-up ends at warmup_steps)
+            "warmup_norms": [],  # the norms seen during the warm-up
             "mean": 0.0,
-            "var": 0.0,  # Welford M2 during warm-up, the moving variance after
+            "var": 0.0,
             "mean_fast": 0.0,  # fast moving mean and variance (decay lr_beta) of the capped raw norm
             "var_fast": 0.0,
             "clipped_steps": 0,
@@ -249,13 +252,17 @@ class GVRT(Optimizer):
         """Fold one step's raw and clipped norms into the statistics."""
         s = self._stats
         s["count"] += 1
-        if s["count"] <= self.warmup_steps:  # Welford: exact mean and M2 of the warm-up norms
-            delta = effective - s["mean"]
-            s["mean"] += delta / s["count"]
-            s["var"] += delta * (effective - s["mean"])
+        if s["count"] <= self.warmup_steps:
+            s["warmup_norms"].append(effective)
             if s["count"] == self.warmup_steps:
-                s["var"] /= s["count"]
+                # Robust start: the median and the scaled median absolute deviation, so that a
+                # spike during the warm-up does not inflate the first thresholds.
+                norms = torch.tensor(s.pop("warmup_norms"), dtype=torch.float64)
+                median = norms.quantile(0.5).item()
+                mad = (norms - median).abs().quantile(0.5).item()
+                s["mean"], s["var"] = median, (MAD_TO_STD * mad) ** 2
                 s["mean_fast"], s["var_fast"] = s["mean"], s["var"]
+                s["warmup_norms"] = []
             return
         # The fast statistics see the raw norm (capped): a short-window variance around its own
         # mean, so a slow drift of the norm (it shrinks as training converges) is not a spike.
@@ -374,7 +381,7 @@ class GVRT(Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """The wrapped optimizer's state dict plus a ``"gvrt"`` entry holding the statistics."""
         state = self.optimizer.state_dict()
-        state["gvrt"] = dict(self._stats)
+        state["gvrt"] = {**self._stats, "warmup_norms": list(self._stats["warmup_norms"])}
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -386,7 +393,9 @@ class GVRT(Optimizer):
             if missing:
                 raise InvalidValueError(f"the 'gvrt' state lacks {sorted(missing)}")
         self.optimizer.load_state_dict(state_dict)
-        self._stats = self._initial_stats() if stats is None else dict(stats)
+        self._stats = (
+            self._initial_stats() if stats is None else {**stats, "warmup_norms": list(stats["warmup_norms"])}
+        )
 
     def __getstate__(self) -> Dict[str, Any]:
         return self.__dict__.copy()
