@@ -8,10 +8,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .config import OptimizedModel, optimize
 from .errors import DeepseekError, DeviceError, DTypeError, InvalidValueError, ShapeError
+from .gvrt import GVRT, GVRTStats
 from .moe import PEAMoE, SwiGLU, SwiGLUExperts
 from .patch import patch
 from .quant import convert_int8, prepare_qat
 from .router import Router, RouterAuxLosses, RouterOutput, aux_losses, route
+from .uss import UnifiedSemanticSpace, USSLoss
 
 try:
     __version__ = version("deepseek-rs")
@@ -22,6 +24,8 @@ __all__ = [
     "DTypeError",
     "DeepseekError",
     "DeviceError",
+    "GVRT",
+    "GVRTStats",
     "InvalidValueError",
     "OptimizedModel",
     "PEAMoE",
@@ -31,6 +35,8 @@ __all__ = [
     "ShapeError",
     "SwiGLU",
     "SwiGLUExperts",
+    "USSLoss",
+    "UnifiedSemanticSpace",
     "__version__",
     "aux_losses",
     "convert_int8",
