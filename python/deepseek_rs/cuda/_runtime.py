@@ -177,6 +177,13 @@ def _arg(cp, a):
     raise TypeError(f"internal error: kernel argument of type {type(a).__name__} needs an explicit C type")
 
 
+def _cupy_stream(cp, stream: torch.cuda.Stream):
+    """Torch's stream as a CuPy stream (the CUDA stream protocol where CuPy has it)."""
+    if hasattr(cp.cuda.Stream, "from_external"):  # CuPy >= 14; ExternalStream is deprecated there
+        return cp.cuda.Stream.from_external(stream)
+    return cp.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
+
+
 def launch(
     device: torch.device,
     module: str,
@@ -195,6 +202,5 @@ def launch(
         return
     cp = _cupy()
     fn = function(device, module, name, shared_mem)
-    stream = torch.cuda.current_stream(device)
-    with cp.cuda.Device(device.index), cp.cuda.ExternalStream(stream.cuda_stream, device.index):
+    with cp.cuda.Device(device.index), _cupy_stream(cp, torch.cuda.current_stream(device)):
         fn(grid, block, tuple(_arg(cp, a) for a in args), shared_mem=shared_mem)
