@@ -26,7 +26,7 @@ nvidia-smi -L || true
 
 step "install $(ls "$WHEELS"/deepseek_rs-*.whl)"
 "$PY" -m pip install --quiet --no-deps --no-index --force-reinstall "$WHEELS"/deepseek_rs-*.whl
-# Run from outside the checkout so that `import deepseek_rs` is the installed wheel.
+# python/ is not on sys.path here, so `import deepseek_rs` is the installed wheel.
 "$PY" -c 'import deepseek_rs.cuda as c; print("kernel sources:", c.kernel_dir()); print("unavailable:", c.unavailable_reason())'
 
 step "tests marked gpu"
