@@ -124,19 +124,17 @@ def function(device: torch.device, module: str, name: str, shared_mem: int = 0):
     cp = _cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, name)
-    with _lock:
+    with _lock, cp.cuda.Device(index):
         fn = _functions.get(key)
         if fn is None:
-            with cp.cuda.Device(index):
-                mod = _modules.get((index, module))
-                if mod is None:
-                    mod = cp.RawModule(code=source(module), options=("-std=c++17",))
-                    _modules[(index, module)] = mod
-                fn = mod.get_function(name)
+            mod = _modules.get((index, module))
+            if mod is None:
+                mod = cp.RawModule(code=source(module), options=("-std=c++17",))
+                _modules[(index, module)] = mod
+            fn = mod.get_function(name)
             _functions[key] = fn
         if shared_mem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < shared_mem:
-            with cp.cuda.Device(index):
-                fn.max_dynamic_shared_size_bytes = shared_mem
+            fn.max_dynamic_shared_size_bytes = shared_mem
     return fn
 
 
