@@ -8,7 +8,9 @@ reason where there is none.
 """
 
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from deepseek_rs import DeviceError, DTypeError, InvalidValueError, PEAMoE, ShapeError, ops, route
@@ -58,6 +60,94 @@ def test_every_kernel_compiles_with_nvrtc(name, arch):
     assert ok, log
     for kernel in LAUNCHED[name]:
         assert kernel.encode() + b"\0" in cubin, f"{kernel} missing from the sm_{arch} binary of {name}"
+
+
+def kernel_signatures(name):
+    """``{kernel: [C parameter types]}`` of source ``name``, macro-stamped kernels included."""
+    text = _runtime.source(name).replace("\\\n", " ")
+    stamped = re.findall(r"^\w+_KERNELS\((\w+), \w+\)$", text, re.MULTILINE)  # NAME of each instantiation
+    out = {}
+    decl = r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\)\s*)?([\w#]+)\(([^)]*)\)'
+    for kernel, params in re.findall(decl, text):
+        types = [" ".join(p.split()[:-1]) + ("*" if "*" in p.split()[-1] else "") for p in params.split(",")]
+        if kernel.endswith("_##NAME"):
+            for suffix in stamped:
+                out[kernel.replace("##NAME", suffix)] = types
+        else:
+            out[kernel] = types
+    return out
+
+
+POINTEE = {"u16": (torch.int16,), "i64": (torch.int64,), "int": (torch.int32,), "float": (torch.float32,)}
+SCALAR = {"int": np.int32, "i64": np.int64, "float": np.float32, "double": np.float64}
+
+
+def _check_launch(module, name, grid, block, args, shared_mem):
+    sig = kernel_signatures(module)
+    assert name in sig, f"{name} is not a kernel of {module}"
+    types = sig[name]
+    assert len(args) == len(types), f"{name}: {len(args)} arguments for {len(types)} parameters"
+    for i, (a, c_type) in enumerate(zip(args, types)):
+        if c_type.endswith("*"):
+            base = c_type.replace("const", "").replace("*", "").strip()
+            if isinstance(a, _runtime.Null):
+                continue
+            assert isinstance(a, torch.Tensor), f"{name} parameter {i} ({c_type}) got {type(a).__name__}"
+            dtype = torch.int16 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+            assert dtype in POINTEE[base], f"{name} parameter {i} ({c_type}) got a {a.dtype} tensor"
+            assert a.is_contiguous()
+        else:
+            assert type(a) is SCALAR[c_type], f"{name} parameter {i} ({c_type}) got {type(a).__name__}"
+    assert all(isinstance(g, int) and 1 <= g < 2**31 for g in grid) and grid[1] <= 65535 and grid[2] <= 65535
+    assert 32 <= block[0] * block[1] * block[2] <= 1024 or block == (1, 1, 1)
+    assert 0 <= shared_mem <= 227 * 1024
+
+
+def test_every_launch_matches_its_kernel_signature(monkeypatch):
+    # Meta tensors run the wrappers' shape logic without a device; launches are checked against
+    # the parameter lists parsed from the sources: count, C types, pointee dtypes, grid limits.
+    launches = []
+
+    def record(device, module, name, grid, block, args, shared_mem=0):
+        _check_launch(module, name, grid, block, args, shared_mem)
+        launches.append(name)
+
+    monkeypatch.setattr(_runtime, "launch", record)
+    monkeypatch.setattr(kernels, "_check_device", lambda what, *ts: ts[0].device)
+    meta = dict(device="meta")
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.empty(300, 64, dtype=dtype, **meta)
+        offs = torch.empty(5, dtype=torch.int64, **meta)
+        kernels.gemm(x, torch.empty(64, 48, dtype=dtype, **meta))
+        kernels.gemm(x, torch.empty(48, 64, dtype=dtype, **meta), b_transposed=True)
+        kernels.grouped_gemm(x, torch.empty(4, 48, 64, dtype=dtype, **meta), offs)
+        kernels.grouped_gemm(x, torch.empty(4, 64, 48, dtype=dtype, **meta), offs, w_transposed=False)
+        for save_h in (True, False):
+            act, h = kernels.grouped_swiglu(
+                x, torch.empty(4, 96, 64, dtype=dtype, **meta), offs, save_h=save_h
+            )
+            assert act.shape == (300, 48) and h.shape == (300 if save_h else 0, 96)
+        assert kernels.grouped_wgrad(x, torch.empty(300, 48, dtype=dtype, **meta), offs).shape == (4, 64, 48)
+        idx = torch.empty(300, dtype=torch.int64, **meta)
+        w = torch.empty(300, dtype=torch.float32, **meta)
+        kernels.gather_rows(x, idx)
+        kernels.gather_rows(x, idx, w, idx)
+        tok = torch.empty(101, dtype=torch.int64, **meta)
+        assert kernels.combine_rows(x, idx, tok).shape == (100, 64)
+        kernels.combine_rows(x, idx, tok, w)
+        kernels.combine_weight_grad(torch.empty(100, 64, dtype=dtype, **meta), x, idx, idx)
+        grad_h, act = kernels.swiglu_backward(torch.empty(300, 96, dtype=dtype, **meta), act)
+        assert grad_h.shape == (300, 96)
+    logits = torch.empty(100, 16, dtype=torch.float32, **meta)
+    kernels.route_padded(logits, "top_k", width=4)
+    kernels.route_padded(logits, "top_p", width=6, top_p=0.5, min_k=2)
+    bias = torch.empty(16, dtype=torch.float32, **meta)
+    kernels.route_padded(logits, "group_limited", width=4, bias=bias, n_group=4, topk_group=2)
+    ids = torch.empty(400, dtype=torch.int64, **meta)
+    kernels.pair_tokens(torch.empty(101, dtype=torch.int64, **meta), 400)
+    kernels.sort_by_expert(ids, ids, 16)
+    every = {k for name in _runtime.SOURCES for k in LAUNCHED[name]}
+    assert set(launches) == every
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a CUDA device")
