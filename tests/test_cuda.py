@@ -7,7 +7,9 @@ path. Tests marked ``gpu`` run the kernels against torch on a CUDA device and sk
 reason where there is none.
 """
 
+import fnmatch
 import math
+import pathlib
 import re
 
 import numpy as np
@@ -50,6 +52,24 @@ def test_sources_are_found_with_every_launched_kernel():
         assert set(launched) <= set(_runtime.kernel_names(name)), name
     # The header is pasted in, so no source depends on an include path.
     assert all('#include "common.cuh"' not in _runtime.source(n) for n in _runtime.SOURCES)
+
+
+def test_wheel_and_sdist_include_the_kernel_sources():
+    tomllib = pytest.importorskip("tomllib")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    includes = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["maturin"]["include"]
+    for fmt in ("wheel", "sdist"):
+        globs = [
+            i["path"]
+            for i in includes
+            if fmt in ([i["format"]] if isinstance(i["format"], str) else i["format"])
+        ]
+        for name in (*_runtime.SOURCES, _runtime.HEADER):
+            path = f"python/deepseek_rs/cuda/sources/{name}"
+            assert any(fnmatch.fnmatch(path, g) for g in globs), f"{name} is not in the {fmt}"
+            assert (root / path).is_file()
+    # Packaged inside deepseek_rs, never as a top-level `cuda` (NVIDIA's bindings own that name).
+    assert all(not i["path"].startswith("cuda/") for i in includes)
 
 
 @pytest.mark.skipif(_nvrtc.library() is None, reason="NVRTC (pip: nvidia-cuda-nvrtc) is not installed")
