@@ -136,14 +136,20 @@ def bench_grouped(quick: bool, reps: int) -> List[Row]:
         rows.append((workload, "torch._grouped_mm: not in this torch", None, t_ours, "report"))
     else:
         ends = offs_d[1:].to(torch.int32)
-        w_kn = gate_up.transpose(1, 2)  # [E, H, 2F] view, the layout _grouped_mm multiplies by
-        try:
-            check("torch._grouped_mm", grouped_mm(x, w_kn, offs=ends), want, 2e-2)
-            t_gmm = timed(lambda: grouped_mm(x, w_kn, offs=ends), reps, 3)
-            rows.append((workload, "torch._grouped_mm", t_gmm, t_ours, "report"))
-        except (RuntimeError, NotImplementedError) as exc:
-            msg = str(exc).splitlines()[0][:80]
-            rows.append((workload, f"torch._grouped_mm failed: {msg}", None, t_ours, "report"))
+        for dtype in (torch.float16, torch.bfloat16):  # _grouped_mm may take only one of them
+            xd, wd = x.to(dtype), gate_up.to(dtype)
+            w_kn = wd.transpose(1, 2)  # [E, H, 2F] view: the layout _grouped_mm multiplies by
+            name = "FP16" if dtype == torch.float16 else "BF16"
+            t_mine = timed(lambda xd=xd, wd=wd: ds_cuda.grouped_gemm(xd, wd, offs_d), reps, 3)
+            try:
+                check("torch._grouped_mm", grouped_mm(xd, w_kn, offs=ends), want, 3e-2)
+                t_gmm = timed(lambda xd=xd, w_kn=w_kn: grouped_mm(xd, w_kn, offs=ends), reps, 3)
+                rows.append((f"{workload}, {name}", "torch._grouped_mm", t_gmm, t_mine, "report"))
+            except (RuntimeError, NotImplementedError) as exc:
+                msg = str(exc).splitlines()[0][:80]
+                rows.append(
+                    (f"{workload}, {name}", f"torch._grouped_mm failed: {msg}", None, t_mine, "report")
+                )
 
     def loop_ffn() -> torch.Tensor:
         out = torch.empty(rows_n, h, device="cuda", dtype=torch.float16)
