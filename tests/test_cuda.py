@@ -418,7 +418,9 @@ def _layer_and_input(dtype, rule):
     layer.load_state_dict(ref.state_dict())
     layer = layer.to("cuda", dtype)
     x = torch.randn(231, h).to(dtype).float()
-    x[:, :e] = torch.stack([torch.randperm(e) for _ in range(231)]).float() * 0.25 - 2.0
+    # Distinct multiples of 1/4 shifted by 1/16: exact in bf16, and no pair a, -a (whose
+    # sigmoids sum to exactly 1 and would tie the group scores of the group-limited rule).
+    x[:, :e] = torch.stack([torch.randperm(e) for _ in range(231)]).float() * 0.25 - 2.0625
     return ref, layer, x
 
 
