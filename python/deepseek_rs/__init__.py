@@ -6,6 +6,7 @@ custom ops (``torch.ops.deepseek_rs.*``).
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import cuda  # the GPU path (CuPy is imported only when a kernel runs)
 from .config import OptimizedModel, optimize
 from .errors import DeepseekError, DeviceError, DTypeError, InvalidValueError, ShapeError
 from .gvrt import GVRT, GVRTStats
@@ -40,6 +41,7 @@ __all__ = [
     "__version__",
     "aux_losses",
     "convert_int8",
+    "cuda",
     "optimize",
     "patch",
     "prepare_qat",

@@ -47,6 +47,10 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, hidden_states: Tensor, routing: RouterOutput) -> Tensor:
         """Run every token [T, H] through its routed experts and combine with the routing weights."""
+        if hidden_states.is_cuda:  # the CUDA kernels of deepseek_rs.cuda
+            from .cuda import moe as cuda_moe
+
+            return cuda_moe.experts_forward(self.gate_up_proj, self.down_proj, hidden_states, routing)
         t = hidden_states.shape[0]
         perm = ops.sort_by_expert(routing.token_offsets, routing.expert_ids, self.num_experts)
         sorted_pair, sorted_token, pair_position, expert_offsets = perm

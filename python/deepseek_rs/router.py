@@ -55,15 +55,16 @@ class RouterAuxLosses(NamedTuple):
     entropy: Tensor  # mean entropy of the token distributions; minimising it keeps top-p sparse
 
 
-def check_logits(logits: Tensor) -> Tensor:
-    """Validate router logits and return them as a contiguous float32/float64 CPU tensor."""
+def check_logits(logits: Tensor, cuda: bool = False) -> Tensor:
+    """Validate router logits and return them as a contiguous float32/float64 CPU tensor
+    (or CUDA tensor when ``cuda``: the GPU path of :mod:`deepseek_rs.cuda`)."""
     if not isinstance(logits, Tensor):
         raise DTypeError(f"router logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ShapeError(f"router logits must be 2-D [tokens, experts], got shape {tuple(logits.shape)}")
     if logits.shape[1] == 0:
         raise ShapeError("router logits need at least one expert (got shape [T, 0])")
-    if logits.device.type != "cpu":
+    if logits.device.type != ("cuda" if cuda else "cpu"):
         raise DeviceError(f"the Rust router runs on CPU tensors, got logits on {logits.device}")
     if not logits.dtype.is_floating_point:
         raise DTypeError(f"router logits must be floating point, got {logits.dtype}")
@@ -94,7 +95,12 @@ def route(
     / ``topk_group`` the groups of ``"group_limited"``. Weights are multiplied by ``scale``
     (DeepSeek-V3's ``routed_scaling_factor``).
     """
-    logits = check_logits(logits)
+    on_cuda = isinstance(logits, Tensor) and logits.is_cuda
+    if on_cuda:
+        from .cuda import _runtime
+
+        _runtime.require(logits.device)  # a clear error when CuPy or a usable GPU is missing
+    logits = check_logits(logits, cuda=on_cuda)
     e = logits.shape[1]
     if rule not in RULES:
         raise InvalidValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -117,7 +123,13 @@ def route(
             )
         if bias.shape != (e,):
             raise ShapeError(f"selection bias must have shape [{e}], got {tuple(bias.shape)}")
-        bias = bias.detach().to(device="cpu", dtype=logits.dtype).contiguous()
+        bias = bias.detach().to(device=logits.device, dtype=logits.dtype).contiguous()
+    if on_cuda:
+        from .cuda import moe as cuda_moe
+
+        return cuda_moe.route(
+            logits, bias, rule, top_k, top_p, min_k, max_k, n_group, topk_group, renormalize, scale
+        )
     offsets, ids, weights, counts = ops.route(
         logits, bias, rule, top_k, top_p, min_k, max_k, n_group, topk_group, renormalize, scale
     )
