@@ -6,8 +6,18 @@ custom ops (``torch.ops.deepseek_rs.*``).
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .batching import DynamicBatcher
 from .config import OptimizedModel, optimize
-from .errors import DeepseekError, DeviceError, DTypeError, InvalidValueError, ShapeError
+from .errors import (
+    DeepseekError,
+    DeviceError,
+    DTypeError,
+    InvalidValueError,
+    QueueFullError,
+    RequestTimeoutError,
+    ShapeError,
+    ShutdownError,
+)
 from .moe import PEAMoE, SwiGLU, SwiGLUExperts
 from .patch import patch
 from .quant import convert_int8, prepare_qat
@@ -22,13 +32,17 @@ __all__ = [
     "DTypeError",
     "DeepseekError",
     "DeviceError",
+    "DynamicBatcher",
     "InvalidValueError",
     "OptimizedModel",
     "PEAMoE",
+    "QueueFullError",
+    "RequestTimeoutError",
     "Router",
     "RouterAuxLosses",
     "RouterOutput",
     "ShapeError",
+    "ShutdownError",
     "SwiGLU",
     "SwiGLUExperts",
     "__version__",
