@@ -328,7 +328,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(
         target=waiting,
-        bucket=st.integers(0, 2),
+        bucket=st.integers(0, 1),
         priority=st.integers(0, 2),
         timeout=st.sampled_from([None, 0.0, 0.002, 0.05]),
     )
@@ -347,6 +347,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert not self.s.closed
         self.accepted[rid] = (bucket, None if timeout is None else time.monotonic() + timeout)
         return rid
+
+    @rule(bucket=st.integers(0, 1), n=st.integers(2, 8))
+    def burst(self, bucket, n):
+        for _ in range(n):
+            self.submit(bucket, priority=0, timeout=None)
 
     @rule(rid=consumes(waiting))
     def cancel(self, rid):
@@ -381,7 +386,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def let_time_pass(self):
         time.sleep(0.002)
 
-    @precondition(lambda self: not self.s.closed)
+    @precondition(lambda self: not self.s.closed and len(self.s) >= 3)
     @rule()
     def shutdown(self):
         self.s.close()
@@ -404,5 +409,5 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert m["accepted"] == len(self.accepted) and m["in_flight"] == 0
 
 
-SchedulerMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
+SchedulerMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=50, deadline=None)
 TestSchedulerMachine = SchedulerMachine.TestCase
