@@ -47,8 +47,16 @@ def test_the_articles_block_parses_and_equals_the_shipped_sample():
         ("optimization: {quantization: {method: AWQ}}", r"method must be one of \['QAT', 'PTQ'\]"),
         ("optimization: {quantization: {bit_width: 4}}", r"bit_width must be one of \[8\]"),
         ("optimization: {quantization: {activation_range: static}}", r"activation_range must be one of"),
-        ("optimization: {batching: {min_size: 0}}", r"batching\.min_size must be an integer >= 1"),
-        ("optimization: {batching: {min_size: 8, max_size: 4}}", r"min_size \(8\) must not exceed"),
+        (
+            "optimization: {batching: {min_size: 0}}",
+            r"batching: min_size must be in 1\.\.=max_size \(32\), got 0",
+        ),
+        (
+            "optimization: {batching: {min_size: 8, max_size: 4}}",
+            r"batching: min_size must be in 1\.\.=max_size \(4\)",
+        ),
+        ("optimization: {batching: {max_size: 0}}", r"batching: max_size must be >= 1, got 0"),
+        ("optimization: {batching: {min_size: -1}}", r"batching\.min_size must be an integer >= 0"),
         ("optimization: {batching: {strategy: greedy}}", r"batching\.strategy must be one of"),
         ("optimization: {batching: {max_queue_delay_ms: -1}}", r"max_queue_delay_ms must be a number"),
         ("optimization: {hardware: {target: tpu}}", r"hardware\.target must be one of \['cpu'"),
@@ -110,3 +118,23 @@ def test_a_gpu_target_without_a_gpu_is_a_clear_error_unless_overridden():
         optimize(_model(), sample_config_path(), stage="train")
     opt = optimize(_model(), sample_config_path(), stage="train", device="cpu")
     assert opt.device.type == "cpu" and opt.autocast_dtype == torch.bfloat16
+
+
+def test_the_batching_section_configures_the_batcher():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 2)
+    cfg = {"batching": {"strategy": "dynamic", "min_size": 2, "max_size": 6, "max_queue_delay_ms": 20}}
+    opt = optimize(model, cfg)
+    with opt.batcher(max_queue_size=50) as batcher:
+        assert batcher.config()["min_size"] == 2 and batcher.config()["max_size"] == 6
+        assert batcher.config()["max_queue_delay"] == pytest.approx(0.02)
+        assert batcher.config()["max_queue_size"] == 50
+        xs = [torch.randn(8) for _ in range(12)]
+        outs = [f.result(timeout=30) for f in [batcher.submit(x) for x in xs]]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(outs), model(torch.stack(xs)))
+    assert max(n for n, c in enumerate(batcher.metrics()["batch_sizes"]) if c) <= 6
+    with optimize(model, {"batching": {"strategy": "none"}}).batcher() as batcher:
+        assert batcher.config()["max_size"] == 1
+    with optimize(model, {}).batcher() as batcher:  # no section: the article's defaults
+        assert (batcher.config()["min_size"], batcher.config()["max_size"]) == (4, 32)

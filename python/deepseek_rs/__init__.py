@@ -7,8 +7,18 @@ custom ops (``torch.ops.deepseek_rs.*``).
 from importlib.metadata import PackageNotFoundError, version
 
 from . import cuda  # the GPU path (CuPy is imported only when a kernel runs)
+from .batching import DynamicBatcher
 from .config import OptimizedModel, optimize
-from .errors import DeepseekError, DeviceError, DTypeError, InvalidValueError, ShapeError
+from .errors import (
+    DeepseekError,
+    DeviceError,
+    DTypeError,
+    InvalidValueError,
+    QueueFullError,
+    RequestTimeoutError,
+    ShapeError,
+    ShutdownError,
+)
 from .gvrt import GVRT, GVRTStats
 from .moe import PEAMoE, SwiGLU, SwiGLUExperts
 from .patch import patch
@@ -25,15 +35,19 @@ __all__ = [
     "DTypeError",
     "DeepseekError",
     "DeviceError",
+    "DynamicBatcher",
     "GVRT",
     "GVRTStats",
     "InvalidValueError",
     "OptimizedModel",
     "PEAMoE",
+    "QueueFullError",
+    "RequestTimeoutError",
     "Router",
     "RouterAuxLosses",
     "RouterOutput",
     "ShapeError",
+    "ShutdownError",
     "SwiGLU",
     "SwiGLUExperts",
     "USSLoss",

@@ -1,6 +1,6 @@
 """Type stubs of the Rust extension module `deepseek_rs._core` (kept in step by mypy.stubtest)."""
 
-from typing import Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, final
 
 import numpy as np
 import numpy.typing as npt
@@ -11,6 +11,7 @@ _I64 = npt.NDArray[np.int64]
 _Routing = Tuple[_I64, _I64, _Floats, _I64]
 
 __all__ = [
+    "Scheduler",
     "combine",
     "combine_weight_grad",
     "gather",
@@ -57,3 +58,29 @@ def swiglu_experts_forward(
 def combine_weight_grad(
     grad_out: _Floats, buf: _Floats, pair_position: _I64, token_offsets: _I64
 ) -> _Floats: ...
+
+@final
+class Scheduler:
+    """Dynamic batching scheduler: decides which request ids run together and when."""
+
+    def __new__(
+        cls,
+        max_size: int = 32,
+        min_size: int = 4,
+        max_queue_delay: float = 0.005,
+        max_queue_size: int = 1024,
+        max_batch_cost: Optional[int] = None,
+        preferred_sizes: Optional[List[int]] = None,
+    ) -> Scheduler: ...
+    def submit(
+        self, id: int, cost: int = 1, bucket: int = 0, priority: int = 0, timeout: Optional[float] = None
+    ) -> None: ...
+    def cancel(self, id: int) -> bool: ...
+    def next_batch(self, timeout: Optional[float] = None) -> Tuple[str, List[int], int]: ...
+    def complete(self, ids: List[int], outcome: str = "completed") -> int: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    def __len__(self) -> int: ...
+    def config(self) -> Dict[str, Any]: ...
+    def metrics(self) -> Dict[str, Any]: ...

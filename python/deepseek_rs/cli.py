@@ -1,8 +1,8 @@
 """The ``deepseek-rs`` command line.
 
 ``deepseek-rs bench moe [--quick] [--json PATH]`` runs the MoE benchmark and prints its table.
-Subcommands are argparse subparsers, so more (``serve``, ``filter``, ...) can be added beside
-``bench``.
+``deepseek-rs serve [--model MODULE:FACTORY] [--port N] ...`` serves a model over HTTP through
+the dynamic batcher (see ``deepseek_rs.serve``). Subcommands are argparse subparsers.
 """
 
 from __future__ import annotations
@@ -36,6 +36,40 @@ def _bench_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import serve
+    from .config import BatchingConfig, parse_config
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    batching = BatchingConfig()
+    if args.config is not None:
+        batching = parse_config(args.config).batching or batching
+    sizes = {
+        "min_size": args.min_batch_size if args.min_batch_size is not None else batching.min_size,
+        "max_size": args.max_batch_size if args.max_batch_size is not None else batching.max_size,
+    }
+    delay_ms = args.max_queue_delay_ms if args.max_queue_delay_ms is not None else batching.max_queue_delay_ms
+    kwargs = dict(
+        sizes, max_queue_delay=delay_ms / 1000.0, max_queue_size=args.max_queue_size, timeout=args.timeout
+    )
+    if args.collate is not None:
+        kwargs["collate"] = args.collate
+    enabled = not args.no_batching and batching.strategy == "dynamic"
+    print(
+        f"deepseek-rs serve: {args.model or 'built-in PEAMoE'} on http://{args.host}:{args.port} "
+        f"(batching {'on: ' + str(sizes) if enabled else 'off'})",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve.run(
+        args.model, host=args.host, port=args.port, log_level=args.log_level, batching=enabled, **kwargs
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepseek-rs",
@@ -62,6 +96,37 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     moe.set_defaults(run=_bench_moe)
     bench.set_defaults(run=lambda _args: _usage(bench))
+
+    srv = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP through the dynamic batcher",
+        description=(
+            "Serve a torch module over HTTP (POST /v1/infer, GET /health, GET /metrics) through a "
+            "DynamicBatcher. SIGTERM stops intake and answers every accepted request before exiting."
+        ),
+    )
+    srv.add_argument(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="package.module:factory giving an nn.Module (default: a small PEAMoE)",
+    )
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--config", metavar="YAML", help="the article's optimization YAML; its batching section applies"
+    )
+    srv.add_argument("--min-batch-size", type=int, help="requests a batch waits for (default 4)")
+    srv.add_argument("--max-batch-size", type=int, help="requests per batch at most (default 32)")
+    srv.add_argument("--max-queue-delay-ms", type=float, help="longest wait for min-batch-size (default 5)")
+    srv.add_argument(
+        "--max-queue-size", type=int, default=1024, help="waiting requests before 429 (default 1024)"
+    )
+    srv.add_argument("--timeout", type=float, help="default per-request deadline in seconds (504 past it)")
+    srv.add_argument("--collate", choices=["stack", "pad", "ragged"], help="how inputs are batched")
+    srv.add_argument("--no-batching", action="store_true", help="one request per model call (the baseline)")
+    srv.add_argument("--threads", type=int, help="torch intra-op threads")
+    srv.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    srv.set_defaults(run=_serve)
     parser.set_defaults(run=lambda _args: _usage(parser))
     return parser
 

@@ -17,8 +17,9 @@ The article deploys with this YAML block (shipped as ``deepseek_rs/data/optimiza
         precision: mixed          # fp32, mixed, fp16 or bf16
 
 ``optimize(model, config)`` validates every field (an unknown key or value raises
-``InvalidValueError`` naming it and the allowed values) and returns an ``OptimizedModel``.
-Every section is optional.
+``InvalidValueError`` naming it and the allowed values) and returns an ``OptimizedModel``;
+its ``batcher()`` serves it through a ``DynamicBatcher`` configured by the ``batching``
+section. Every section is optional.
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ import contextlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
+from . import _core
 from .errors import DeviceError, InvalidValueError
 from .quant import convert_int8, prepare_qat
+
+if TYPE_CHECKING:
+    from .batching import DynamicBatcher
 
 QUANT_METHODS = ("QAT", "PTQ")
 BIT_WIDTHS = (8,)
@@ -145,13 +150,16 @@ def parse_config(source: Union[str, Path, Mapping[str, Any]]) -> OptimizationCon
         where = "optimization.batching"
         b = _keys(where, raw["batching"], ("strategy", "min_size", "max_size", "max_queue_delay_ms"))
         d2 = BatchingConfig()
-        min_size = _int(f"{where}.min_size", b.get("min_size", d2.min_size), 1)
-        max_size = _int(f"{where}.max_size", b.get("max_size", d2.max_size), 1)
-        if min_size > max_size:
-            raise InvalidValueError(f"{where}.min_size ({min_size}) must not exceed max_size ({max_size})")
+        min_size = _int(f"{where}.min_size", b.get("min_size", d2.min_size), 0)
+        max_size = _int(f"{where}.max_size", b.get("max_size", d2.max_size), 0)
         delay = b.get("max_queue_delay_ms", d2.max_queue_delay_ms)
         if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < float("inf"):
             raise InvalidValueError(f"{where}.max_queue_delay_ms must be a number >= 0, got {delay!r}")
+        # The scheduler owns the rules relating the sizes; its message gets the YAML path.
+        try:
+            _core.Scheduler(min_size=min_size, max_size=max_size, max_queue_delay=delay / 1000.0)
+        except InvalidValueError as e:
+            raise InvalidValueError(f"{where}: {e}") from None
         batching = BatchingConfig(
             strategy=_choice(f"{where}.strategy", b.get("strategy", d2.strategy), BATCHING_STRATEGIES),
             min_size=min_size,
@@ -195,6 +203,17 @@ class OptimizedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision():
             return self.module(*args, **kwargs)
+
+    def batcher(self, **kwargs: Any) -> DynamicBatcher:
+        """A ``DynamicBatcher`` serving this model as the config's ``batching`` section says
+        (the article's defaults, min 4 / max 32 / 5 ms, when the section is absent).
+
+        Keyword arguments set the options the YAML does not have (``collate``, ``item_shape``,
+        ``max_queue_size``, ``timeout``, ...) or override it. Use it as a context manager.
+        """
+        from .batching import DynamicBatcher
+
+        return DynamicBatcher.from_config(self, self.config.batching or BatchingConfig(), **kwargs)
 
 
 def _resolve_hardware(hw: HardwareConfig, device: Optional[Union[str, torch.device]]):

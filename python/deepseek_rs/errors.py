@@ -26,4 +26,25 @@ class InvalidValueError(DeepseekError, ValueError):
     """A value is out of range: a NaN or infinite logit, a top-k larger than the expert count, ..."""
 
 
-__all__ = ["DTypeError", "DeepseekError", "DeviceError", "InvalidValueError", "ShapeError"]
+class QueueFullError(DeepseekError, RuntimeError):
+    """The batching queue holds its maximum number of requests: back off and retry (HTTP 429)."""
+
+
+class ShutdownError(DeepseekError, RuntimeError):
+    """The batcher is shutting down (or shut down) and accepts no new requests."""
+
+
+class RequestTimeoutError(DeepseekError, TimeoutError):
+    """A request waited past its deadline and was never run (HTTP 504)."""
+
+
+__all__ = [
+    "DTypeError",
+    "DeepseekError",
+    "DeviceError",
+    "InvalidValueError",
+    "QueueFullError",
+    "RequestTimeoutError",
+    "ShapeError",
+    "ShutdownError",
+]

@@ -12,6 +12,7 @@ pub enum EngineError {
     Router(deepseek_router::RouterError),
     Dispatch(deepseek_dispatch::DispatchError),
     Experts(deepseek_experts::ExpertsError),
+    Scheduler(deepseek_scheduler::SchedulerError),
 }
 
 impl From<deepseek_router::RouterError> for EngineError {
@@ -32,10 +33,17 @@ impl From<deepseek_experts::ExpertsError> for EngineError {
     }
 }
 
+impl From<deepseek_scheduler::SchedulerError> for EngineError {
+    fn from(e: deepseek_scheduler::SchedulerError) -> Self {
+        EngineError::Scheduler(e)
+    }
+}
+
 impl From<EngineError> for PyErr {
     fn from(e: EngineError) -> PyErr {
         use deepseek_dispatch::DispatchError as D;
         use deepseek_router::RouterError as R;
+        use deepseek_scheduler::SchedulerError as S;
         match e {
             EngineError::Router(e @ R::Shape(_)) => shape_error(e.to_string()),
             EngineError::Dispatch(e @ D::Shape(_)) => shape_error(e.to_string()),
@@ -43,6 +51,9 @@ impl From<EngineError> for PyErr {
             EngineError::Router(e) => value_error(e.to_string()),
             EngineError::Experts(e) => value_error(e.to_string()),
             EngineError::Dispatch(e) => value_error(e.to_string()),
+            EngineError::Scheduler(e @ S::QueueFull(_)) => queue_full_error(e.to_string()),
+            EngineError::Scheduler(e @ S::Closed) => shutdown_error(e.to_string()),
+            EngineError::Scheduler(e) => value_error(e.to_string()),
         }
     }
 }
@@ -76,4 +87,16 @@ pub fn dtype_error(msg: String) -> PyErr {
 pub fn value_error(msg: String) -> PyErr {
     static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     raise(&CLASS, "InvalidValueError", msg)
+}
+
+/// `deepseek_rs.QueueFullError` (a `RuntimeError`): backpressure, retry later.
+pub fn queue_full_error(msg: String) -> PyErr {
+    static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    raise(&CLASS, "QueueFullError", msg)
+}
+
+/// `deepseek_rs.ShutdownError` (a `RuntimeError`): the scheduler takes no new requests.
+pub fn shutdown_error(msg: String) -> PyErr {
+    static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    raise(&CLASS, "ShutdownError", msg)
 }

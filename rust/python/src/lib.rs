@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 
 mod errors;
 mod experts;
+mod scheduler;
 use errors::{EngineError, shape_error};
 
 /// A 1-D float array of either supported precision.
@@ -169,6 +170,7 @@ mod _core {
 
     #[pymodule_export]
     use crate::experts::swiglu_experts_forward;
+    use crate::scheduler::Scheduler;
 
     /// Softmax top-k routing of `logits` [tokens, experts].
     #[pyfunction]

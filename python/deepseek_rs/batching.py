@@ -1,0 +1,441 @@
+"""Dynamic batching: one torch module served to many concurrent callers.
+
+``DynamicBatcher(model)`` queues each caller's input, lets the Rust scheduler
+(``deepseek_rs._core.Scheduler``) decide which inputs run together and when, runs the model once
+per batch on a worker thread, and hands each caller exactly its own slice of the output::
+
+    with DynamicBatcher(model, min_size=4, max_size=32, max_queue_delay=0.005) as batcher:
+        y = batcher.submit(x).result()          # a concurrent.futures.Future
+        y = await batcher.infer(x)              # or from asyncio
+
+Three ways to put inputs together (``collate``):
+
+* ``"stack"``: inputs of one shape ``[*S]`` become ``[B, *S]``; caller ``i`` gets ``out[i]``.
+  Inputs of different shapes wait in different buckets.
+* ``"pad"``: sequences ``[L_i, *F]`` are padded to ``[B, L_max, *F]``; the model gets the
+  boolean ``mask`` ``[B, L_max]`` (True on real rows) as keyword ``mask_arg`` if one is named.
+  Lengths are bucketed (``bucket_width``; default: the next power of two) so padding stays
+  small. Caller ``i`` gets ``out[i, :L_i]`` (or ``out[i]`` with ``unpad_output=False``).
+* ``"ragged"``: sequences are concatenated to ``[sum L_i, *F]`` without padding; the model gets
+  the int64 ``offsets`` ``[B + 1]`` as keyword ``offsets_arg`` if one is named. Caller ``i``
+  gets rows ``offsets[i]:offsets[i + 1]`` of the output. This suits token-wise models such as
+  ``PEAMoE``.
+
+Bad input (not a tensor, wrong dtype, wrong trailing shape) is refused by ``submit`` with a
+``DTypeError`` or ``ShapeError``. If the model raises on a batch, the batch is split in halves
+until the failing requests are found: only they get the exception. A model output whose first
+dimension does not match the batch fails that batch with a ``ShapeError``. A full queue raises
+``QueueFullError`` at once; a request that waits past its ``timeout`` gets
+``RequestTimeoutError`` and is never run. ``shutdown()`` (or leaving the ``with`` block) stops
+intake and answers every request already accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _core
+from .errors import DTypeError, InvalidValueError, RequestTimeoutError, ShapeError
+
+COLLATE_MODES = ("stack", "pad", "ragged")
+
+
+@dataclass
+class _Request:
+    x: Tensor
+    future: Future
+
+
+def _settle(future: Future, result: Any = None, error: Optional[BaseException] = None) -> bool:
+    """Answer a future unless its caller cancelled it meanwhile; True if answered."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+        return True
+    except InvalidStateError:
+        return False
+
+
+def _first_param(model: Callable[..., Any]) -> Optional[Tensor]:
+    if isinstance(model, nn.Module):
+        for p in itertools.chain(model.parameters(), model.buffers()):
+            return p
+    return None
+
+
+class _BatchShapeError(ShapeError):
+    """The model's output does not line up with the batch: fail the batch, do not bisect."""
+
+
+class DynamicBatcher:
+    """Serve ``model`` to concurrent callers in dynamically formed batches.
+
+    ``min_size``: requests a batch waits for, but never longer than ``max_queue_delay``
+    seconds after its oldest request arrived. ``max_size``: requests per batch at most.
+    ``max_queue_size``: requests waiting at most (one more gets ``QueueFullError``).
+    ``max_batch_cost``: optional cap on a batch's summed cost (rows for ``pad``/``ragged``,
+    1 per request for ``stack``). ``preferred_sizes``: batch sizes to form before the delay.
+    ``timeout``: default per-request deadline in seconds (None: none). ``item_shape``: the
+    shape every input must have (``stack``) or its trailing feature shape (``pad``,
+    ``ragged``); None checks nothing. ``dtype``: the dtype inputs must have (default: the
+    model's first parameter's; None if it has none). ``device``: where batches are moved before
+    the model runs (default: the model's first parameter's device). ``num_workers``: threads
+    running the model (one is right for one model on one device).
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        *,
+        min_size: int = 4,
+        max_size: int = 32,
+        max_queue_delay: float = 0.005,
+        max_queue_size: int = 1024,
+        max_batch_cost: Optional[int] = None,
+        preferred_sizes: Optional[Sequence[int]] = None,
+        collate: str = "stack",
+        pad_value: float = 0.0,
+        mask_arg: Optional[str] = None,
+        offsets_arg: Optional[str] = None,
+        unpad_output: bool = True,
+        bucket_width: Optional[int] = None,
+        timeout: Optional[float] = None,
+        item_shape: Optional[Sequence[int]] = None,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        num_workers: int = 1,
+        inference_mode: bool = True,
+    ):
+        if not callable(model):
+            raise InvalidValueError(f"model must be callable (an nn.Module), got {type(model).__name__}")
+        if collate not in COLLATE_MODES:
+            raise InvalidValueError(f"collate must be one of {list(COLLATE_MODES)}, got {collate!r}")
+        if bucket_width is not None and (not isinstance(bucket_width, int) or bucket_width < 1):
+            raise InvalidValueError(f"bucket_width must be an integer >= 1, got {bucket_width!r}")
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise InvalidValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+        if timeout is not None:
+            self._check_timeout(timeout)
+        # The engine validates the sizes, the delay and the budget (one place for those rules).
+        self._scheduler = _core.Scheduler(
+            max_size=max_size,
+            min_size=min_size,
+            max_queue_delay=float(max_queue_delay),
+            max_queue_size=max_queue_size,
+            max_batch_cost=max_batch_cost,
+            preferred_sizes=None if preferred_sizes is None else list(preferred_sizes),
+        )
+        param = _first_param(model)
+        self.model = model
+        self.collate = collate
+        self.pad_value = pad_value
+        self.mask_arg, self.offsets_arg, self.unpad_output = mask_arg, offsets_arg, unpad_output
+        self.bucket_width = bucket_width
+        self.timeout = timeout
+        self.item_shape = None if item_shape is None else tuple(int(s) for s in item_shape)
+        self.dtype = dtype if dtype is not None else (param.dtype if param is not None else None)
+        self.device = (
+            torch.device(device) if device is not None else (param.device if param is not None else None)
+        )
+        self.inference_mode = inference_mode
+        self._ids = itertools.count()
+        self._pending: Dict[int, _Request] = {}
+        self._bucket_ids: Dict[Any, int] = {}
+        self._bucket_lock = threading.Lock()
+        self._workers = [
+            threading.Thread(
+                target=_serve,
+                args=(self._scheduler, self._pending, self._run),
+                name=f"DynamicBatcher-{i}",
+                daemon=True,
+            )
+            for i in range(num_workers)
+        ]
+        for w in self._workers:  # daemon threads: a batcher never shut down does not block exit
+            w.start()
+
+    @classmethod
+    def from_config(cls, model: Callable[..., Any], config: Any = None, **kwargs: Any) -> DynamicBatcher:
+        """A batcher configured by the article's YAML ``batching`` section.
+
+        ``config`` is anything ``deepseek_rs.config.parse_config`` reads (a YAML path or string,
+        a mapping, an ``OptimizationConfig``) or a ``BatchingConfig``; None means the defaults
+        (min 4, max 32, 5 ms). ``strategy: none`` serves one request per model call. Keyword
+        arguments set the options the YAML does not have (``collate``, ``item_shape``, ...).
+        """
+        from .config import BatchingConfig, OptimizationConfig, parse_config
+
+        if config is None:
+            batching = BatchingConfig()
+        elif isinstance(config, BatchingConfig):
+            batching = config
+        else:
+            cfg = config if isinstance(config, OptimizationConfig) else parse_config(config)
+            batching = cfg.batching or BatchingConfig()
+        if batching.strategy == "none":
+            sizes = {"min_size": 1, "max_size": 1, "max_queue_delay": 0.0}
+        else:
+            sizes = {
+                "min_size": batching.min_size,
+                "max_size": batching.max_size,
+                "max_queue_delay": batching.max_queue_delay_ms / 1000.0,
+            }
+        return cls(model, **{**sizes, **kwargs})
+
+    # --- intake -------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_timeout(timeout: Any) -> float:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 <= timeout < float("inf")
+        ):
+            raise InvalidValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        return float(timeout)
+
+    def _check(self, x: Any) -> Tuple[Any, int]:
+        """Refuse bad input; return its bucket key and its cost."""
+        if not isinstance(x, Tensor):
+            raise DTypeError(f"DynamicBatcher inputs must be torch.Tensor, got {type(x).__name__}")
+        if self.dtype is not None and x.dtype != self.dtype:
+            raise DTypeError(f"input dtype {x.dtype} does not match the model's {self.dtype}")
+        if self.collate == "stack":
+            if self.item_shape is not None and tuple(x.shape) != self.item_shape:
+                raise ShapeError(f"input shape {tuple(x.shape)} does not match item_shape {self.item_shape}")
+            return ("stack", tuple(x.shape), x.dtype), 1
+        if x.dim() < 1 or x.shape[0] < 1:
+            raise ShapeError(
+                f"{self.collate} inputs are sequences [L, ...] with L >= 1, got {tuple(x.shape)}"
+            )
+        features = tuple(x.shape[1:])
+        if self.item_shape is not None and features != self.item_shape:
+            raise ShapeError(
+                f"input shape {tuple(x.shape)} does not match [L, *item_shape], item_shape {self.item_shape}"
+            )
+        length = int(x.shape[0])
+        if self.collate == "ragged":
+            return ("ragged", features, x.dtype), length
+        if self.bucket_width is not None:
+            bound = -(-length // self.bucket_width) * self.bucket_width
+        else:
+            bound = 1 << (length - 1).bit_length()
+        return ("pad", features, x.dtype, bound), length
+
+    def _bucket_id(self, key: Any) -> int:
+        bid = self._bucket_ids.get(key)
+        if bid is None:
+            with self._bucket_lock:
+                bid = self._bucket_ids.setdefault(key, len(self._bucket_ids))
+        return bid
+
+    def submit(self, x: Tensor, *, timeout: Optional[float] = None, priority: int = 0) -> Future:
+        """Queue ``x``; the future resolves to this input's slice of the model output.
+
+        ``timeout`` (seconds, default the batcher's) is the request's deadline: past it the
+        future fails with ``RequestTimeoutError`` and the request never runs. ``priority``:
+        lower is served first (0 is the most urgent), FIFO within a level. Raises
+        ``QueueFullError`` when the queue is full and ``ShutdownError`` after ``shutdown``.
+        """
+        key, cost = self._check(x)
+        timeout = self.timeout if timeout is None else self._check_timeout(timeout)
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**32:
+            raise InvalidValueError(f"priority must be an integer in [0, 2**32), got {priority!r}")
+        rid = next(self._ids)
+        future: Future = Future()
+        # The payload must be in place before the scheduler can hand the id to a worker.
+        self._pending[rid] = _Request(x, future)
+        try:
+            self._scheduler.submit(
+                rid, cost=cost, bucket=self._bucket_id(key), priority=priority, timeout=timeout
+            )
+        except BaseException:
+            del self._pending[rid]
+            raise
+        future.add_done_callback(self._on_done(rid))
+        return future
+
+    def _on_done(self, rid: int) -> Callable[[Future], None]:
+        scheduler, pending = self._scheduler, self._pending
+
+        def done(future: Future) -> None:
+            # A caller's cancel() takes a waiting request out of the queue (and frees its place).
+            if future.cancelled() and scheduler.cancel(rid):
+                pending.pop(rid, None)
+
+        return done
+
+    async def infer(self, x: Tensor, *, timeout: Optional[float] = None, priority: int = 0) -> Any:
+        """``await`` this input's output; cancelling the awaiting task cancels the request."""
+        return await asyncio.wrap_future(self.submit(x, timeout=timeout, priority=priority))
+
+    def __call__(self, x: Tensor, *, timeout: Optional[float] = None, priority: int = 0) -> Any:
+        """Blocking call: ``submit(x).result()``."""
+        return self.submit(x, timeout=timeout, priority=priority).result()
+
+    # --- execution (worker threads) -----------------------------------------------------
+
+    def _collate(self, xs: List[Tensor]) -> Tuple[Tensor, Dict[str, Tensor], Callable[[Tensor, int], Tensor]]:
+        """The model's input, its extra keyword arguments, and how to cut caller i's output."""
+        n = len(xs)
+        if self.collate == "stack":
+            return torch.stack(xs), {}, lambda out, i: out[i]
+        lengths = [x.shape[0] for x in xs]
+        if self.collate == "ragged":
+            offsets = [0, *itertools.accumulate(lengths)]
+            kwargs = {}
+            if self.offsets_arg is not None:
+                kwargs[self.offsets_arg] = torch.tensor(offsets, dtype=torch.int64, device=self.device)
+            return torch.cat(xs), kwargs, lambda out, i: out[offsets[i] : offsets[i + 1]]
+        longest = max(lengths)
+        batch = xs[0].new_full((n, longest, *xs[0].shape[1:]), self.pad_value)
+        mask = torch.zeros((n, longest), dtype=torch.bool)
+        for i, x in enumerate(xs):
+            batch[i, : lengths[i]] = x
+            mask[i, : lengths[i]] = True
+        kwargs = {}
+        if self.mask_arg is not None:
+            kwargs[self.mask_arg] = mask.to(self.device) if self.device is not None else mask
+        if self.unpad_output:
+            return batch, kwargs, lambda out, i: out[i, : lengths[i]]
+        return batch, kwargs, lambda out, i: out[i]
+
+    def _expected_rows(self, xs: List[Tensor]) -> int:
+        return sum(x.shape[0] for x in xs) if self.collate == "ragged" else len(xs)
+
+    def _forward(self, xs: List[Tensor]) -> List[Any]:
+        batch, kwargs, cut = self._collate(xs)
+        if self.device is not None:
+            batch = batch.to(self.device, non_blocking=True)
+        with torch.inference_mode(self.inference_mode):
+            out = self.model(batch, **kwargs)
+        rows = self._expected_rows(xs)
+        parts = list(out) if isinstance(out, (tuple, list)) else [out]
+        for p in parts:
+            if not isinstance(p, Tensor) or p.dim() == 0 or p.shape[0] != rows:
+                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                unit = "rows" if self.collate == "ragged" else "items"
+                raise _BatchShapeError(
+                    f"the model returned {got} for a batch of {rows} {unit}; outputs must be tensors "
+                    f"(or a tuple of tensors) with {rows} in the first dimension"
+                )
+            if self.collate == "pad" and self.unpad_output and (p.dim() < 2 or p.shape[1] != batch.shape[1]):
+                raise _BatchShapeError(
+                    f"the model returned {tuple(p.shape)} for a padded batch {tuple(batch.shape[:2])}; "
+                    "with unpad_output=True outputs must be [B, L_max, ...]"
+                )
+        if isinstance(out, (tuple, list)):
+            return [type(out)(cut(p, i) for p in parts) for i in range(len(xs))]
+        return [cut(out, i) for i in range(len(xs))]
+
+    def _run(self, batch: List[Tuple[int, _Request]]) -> Tuple[List[int], List[int]]:
+        """Run one batch, isolating failures by bisection: returns (completed, failed) ids."""
+        try:
+            outs = self._forward([r.x for _, r in batch])
+        except _BatchShapeError as e:
+            for _, r in batch:
+                _settle(r.future, error=e)
+            return [], [rid for rid, _ in batch]
+        except Exception as e:
+            if len(batch) == 1:
+                _settle(batch[0][1].future, error=e)
+                return [], [batch[0][0]]
+            half = len(batch) // 2
+            ok1, bad1 = self._run(batch[:half])
+            ok2, bad2 = self._run(batch[half:])
+            return ok1 + ok2, bad1 + bad2
+        for (_, r), y in zip(batch, outs):
+            _settle(r.future, result=y)
+        return [rid for rid, _ in batch], []
+
+    # --- life cycle -------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop intake; every request already accepted is still answered. With ``wait``,
+        return once they all are."""
+        self._scheduler.close()
+        if wait:
+            for w in self._workers:
+                if w is not threading.current_thread():
+                    w.join()
+
+    @property
+    def closed(self) -> bool:
+        """Whether intake has stopped."""
+        return bool(self._scheduler.closed)
+
+    def __len__(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._scheduler)
+
+    def __enter__(self) -> DynamicBatcher:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(wait=True)
+
+    def config(self) -> Dict[str, Any]:
+        """The scheduling policy in force (sizes, delay, queue size, budget, preferred sizes)."""
+        return dict(self._scheduler.config())
+
+    def metrics(self) -> Dict[str, Any]:
+        """Counters (accepted, rejected, timed_out, cancelled, completed, failed, batches), the
+        batch-size histogram (``batch_sizes[n]``: batches of n), ``mean_batch_size``, and the
+        ``queue_time`` and ``latency`` (arrival to answer) histograms with p50/p90/p99 in seconds."""
+        return dict(self._scheduler.metrics())
+
+
+def _serve(
+    scheduler: _core.Scheduler,
+    pending: Dict[int, _Request],
+    run: Callable[[List[Tuple[int, _Request]]], Tuple[List[int], List[int]]],
+) -> None:
+    """A worker: wait (in Rust, GIL released) for the scheduler's next decision and carry it out."""
+    while True:
+        kind, ids, _ = scheduler.next_batch(None)
+        if kind == "closed":
+            return
+        if kind == "timed_out":
+            for rid in ids:
+                req = pending.pop(rid, None)
+                if req is not None:
+                    _settle(
+                        req.future,
+                        error=RequestTimeoutError("the request waited past its timeout; it was not run"),
+                    )
+            continue
+        if kind != "batch":
+            continue
+        batch, cancelled = [], []
+        for rid in ids:
+            req = pending.pop(rid)
+            if req.future.set_running_or_notify_cancel():
+                batch.append((rid, req))
+            else:
+                cancelled.append(rid)
+        if cancelled:
+            scheduler.complete(cancelled, "cancelled")
+        if not batch:
+            continue
+        try:
+            ok, failed = run(batch)
+        except BaseException as e:  # a bug here must not strand the callers
+            for _, r in batch:
+                _settle(r.future, error=e)
+            ok, failed = [], [rid for rid, _ in batch]
+        scheduler.complete(ok, "completed")
+        if failed:
+            scheduler.complete(failed, "failed")
+
+
+__all__ = ["COLLATE_MODES", "DynamicBatcher"]

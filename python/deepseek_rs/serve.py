@@ -1,0 +1,216 @@
+"""HTTP serving of a torch module through a ``DynamicBatcher`` (Starlette on uvicorn).
+
+``deepseek-rs serve`` (see ``python -m deepseek_rs serve --help``) starts it. Endpoints:
+
+* ``POST /v1/infer`` with JSON ``{"inputs": [[...], ...], "id": any, "priority": int,
+  "timeout": seconds}`` (only ``inputs`` is required) answers ``{"outputs": [...], "id": ...}``.
+  Bad JSON or input is 400, a full queue 429 (with ``Retry-After``), a request that waited past
+  its timeout 504, a request arriving while the server drains 503, a model error 500.
+* ``GET /health``: 200 ``{"status": "ok"}`` while serving, 503 while draining.
+* ``GET /metrics``: the batcher's counters and histograms and the HTTP response counts in the
+  Prometheus text format.
+
+On SIGTERM (or Ctrl-C) uvicorn stops accepting connections and waits for the requests in
+flight; the batcher keeps running them, and shuts down (answering whatever it still holds)
+once they are answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+from collections import Counter
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from .batching import DynamicBatcher
+from .errors import DeepseekError, InvalidValueError, QueueFullError, RequestTimeoutError, ShutdownError
+
+DEFAULT_HIDDEN_SIZE = 256
+
+
+def default_model() -> nn.Module:
+    """The built-in model: a small PEAMoE layer (H=256, 16 experts of width 512, progressive
+    top-p routing), seeded so every server answers the same. Inputs are ``[tokens, 256]``."""
+    from .moe import PEAMoE
+
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(0)
+        model = PEAMoE(DEFAULT_HIDDEN_SIZE, 512, 16, router="top_p", top_p=0.5, max_k=4)
+    return model.eval()
+
+
+def load_model(spec: Optional[str]) -> nn.Module:
+    """``None``: the built-in model; ``"package.module:factory"``: ``factory()`` from that module."""
+    if spec is None:
+        return default_model()
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise InvalidValueError(f"a model is named as 'package.module:factory', got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise InvalidValueError(f"cannot load model factory {spec!r}: {e}") from None
+    if isinstance(factory, nn.Module) or not callable(factory):
+        model = factory
+    else:
+        try:
+            model = factory()
+        except Exception as e:
+            raise InvalidValueError(f"model factory {spec!r} failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise InvalidValueError(f"{spec!r} must give an nn.Module, got {type(model).__name__}")
+    return model.eval()
+
+
+def _histogram(lines: list, name: str, help_: str, h: Dict[str, Any]) -> None:
+    lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+    # Every 4th engine bucket: bounds at 1, 2, 4, ... microseconds, the same on every scrape.
+    for le, cumulative in h["buckets"][::4]:
+        lines.append(f'{name}_bucket{{le="{le:.6g}"}} {cumulative}')
+    lines += [
+        f'{name}_bucket{{le="+Inf"}} {h["count"]}',
+        f"{name}_sum {h['sum']:.9g}",
+        f"{name}_count {h['count']}",
+    ]
+
+
+def prometheus_text(metrics: Dict[str, Any], responses: Optional[Dict[int, int]] = None) -> str:
+    """The batcher's ``metrics()`` (and HTTP response counts by status) in Prometheus text format."""
+    p = "deepseek_batcher"
+    lines = [f"# HELP {p}_requests_total Requests by outcome.", f"# TYPE {p}_requests_total counter"]
+    for outcome in ("accepted", "rejected", "timed_out", "cancelled", "completed", "failed"):
+        lines.append(f'{p}_requests_total{{outcome="{outcome}"}} {metrics[outcome]}')
+    lines += [f"# HELP {p}_batches_total Batches run.", f"# TYPE {p}_batches_total counter"]
+    lines.append(f"{p}_batches_total {metrics['batches']}")
+    for gauge, help_ in (("queue_depth", "Requests waiting."), ("in_flight", "Requests running.")):
+        lines += [f"# HELP {p}_{gauge} {help_}", f"# TYPE {p}_{gauge} gauge", f"{p}_{gauge} {metrics[gauge]}"]
+    lines += [f"# HELP {p}_batch_size Requests per batch.", f"# TYPE {p}_batch_size histogram"]
+    sizes, cumulative, total = metrics["batch_sizes"], 0, 0
+    for n in range(1, len(sizes)):
+        cumulative += sizes[n]
+        total += n * sizes[n]
+        lines.append(f'{p}_batch_size_bucket{{le="{n}"}} {cumulative}')
+    lines += [f'{p}_batch_size_bucket{{le="+Inf"}} {cumulative}', f"{p}_batch_size_sum {total}"]
+    lines.append(f"{p}_batch_size_count {cumulative}")
+    _histogram(lines, f"{p}_queue_time_seconds", "Time from arrival to dispatch.", metrics["queue_time"])
+    _histogram(lines, f"{p}_latency_seconds", "Time from arrival to answer.", metrics["latency"])
+    if responses is not None:
+        lines += ["# HELP deepseek_http_responses_total HTTP responses by status code."]
+        lines += ["# TYPE deepseek_http_responses_total counter"]
+        for code in sorted(responses):
+            lines.append(f'deepseek_http_responses_total{{code="{code}"}} {responses[code]}')
+    return "\n".join(lines) + "\n"
+
+
+def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any:
+    """A Starlette app serving ``batcher``; with ``shutdown_batcher`` its lifespan shuts the
+    batcher down when the server stops (after uvicorn has answered the requests in flight)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Route
+
+    responses: Counter = Counter()
+    draining = False
+
+    def reply(status: int, body: Dict[str, Any], headers: Optional[Dict[str, str]] = None) -> Response:
+        responses[status] += 1
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def error(status: int, e: BaseException, rid: Any, headers: Optional[Dict[str, str]] = None) -> Response:
+        return reply(status, {"error": type(e).__name__, "detail": str(e), "id": rid}, headers)
+
+    async def infer(request: Request) -> Response:
+        rid = None
+        try:
+            body = json.loads(await request.body())
+            if not isinstance(body, dict) or "inputs" not in body:
+                raise InvalidValueError('the body must be a JSON object with an "inputs" array')
+            rid = body.get("id")
+            try:
+                x = torch.tensor(body["inputs"], dtype=batcher.dtype or torch.float32)
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise InvalidValueError(f'"inputs" must be a rectangular array of numbers: {e}') from None
+            future = batcher.submit(x, timeout=body.get("timeout"), priority=body.get("priority", 0))
+        except QueueFullError as e:
+            return error(429, e, rid, {"Retry-After": "1"})
+        except ShutdownError as e:
+            return error(503, e, rid)
+        except (ValueError, DeepseekError) as e:  # bad JSON, bad inputs, bad options
+            return error(400, e, rid)
+        try:
+            y = await asyncio.wrap_future(future)
+        except RequestTimeoutError as e:
+            return error(504, e, rid)
+        except Exception as e:
+            return error(500, e, rid)
+        return reply(200, {"outputs": y.tolist(), "id": rid})
+
+    async def health(request: Request) -> Response:
+        if draining or batcher.closed:
+            return reply(503, {"status": "draining"})
+        return reply(200, {"status": "ok"})
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(
+            prometheus_text(batcher.metrics(), dict(responses)), media_type="text/plain; version=0.0.4"
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any):
+        nonlocal draining
+        yield
+        draining = True
+        if shutdown_batcher:
+            await asyncio.get_running_loop().run_in_executor(None, batcher.shutdown)
+
+    return Starlette(
+        routes=[
+            Route("/v1/infer", infer, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def make_batcher(model: nn.Module, *, batching: bool = True, **kwargs: Any) -> DynamicBatcher:
+    """The server's batcher: ragged token batches (``[tokens, H]`` requests) for the built-in
+    PEAMoE; ``batching=False`` runs one request per model call (the baseline)."""
+    if not batching:
+        kwargs.update(min_size=1, max_size=1, max_queue_delay=0.0)
+    return DynamicBatcher(model, **kwargs)
+
+
+def run(
+    model_spec: Optional[str] = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "warning",
+    **batcher_kwargs: Any,
+) -> None:
+    """Serve until SIGTERM / SIGINT, then drain."""
+    import uvicorn
+
+    model = load_model(model_spec)
+    if model_spec is None:
+        batcher_kwargs.setdefault("collate", "ragged")
+        batcher_kwargs.setdefault("item_shape", (DEFAULT_HIDDEN_SIZE,))
+    batcher = make_batcher(model, **batcher_kwargs)
+    app = create_app(batcher)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    finally:
+        batcher.shutdown()
+
+
+__all__ = ["create_app", "default_model", "load_model", "make_batcher", "prometheus_text", "run"]

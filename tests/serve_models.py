@@ -1,0 +1,21 @@
+"""Model factories for the HTTP server tests (``--model serve_models:gated``)."""
+
+import os
+import time
+
+from torch import nn
+
+
+class Gated(nn.Module):
+    """Doubles its input, but first waits while the file named by $SERVE_TEST_GATE exists:
+    the test decides when a batch finishes, so requests pile up deterministically."""
+
+    def forward(self, x):
+        gate = os.environ.get("SERVE_TEST_GATE")
+        while gate and os.path.exists(gate):
+            time.sleep(0.005)
+        return x * 2
+
+
+def gated():
+    return Gated()

@@ -1,0 +1,413 @@
+"""DynamicBatcher and the Rust scheduler behind it (deepseek_rs._core.Scheduler)."""
+
+import asyncio
+import threading
+import time
+from concurrent.futures import CancelledError
+
+import pytest
+import torch
+from deepseek_rs import (
+    DTypeError,
+    DynamicBatcher,
+    InvalidValueError,
+    PEAMoE,
+    QueueFullError,
+    RequestTimeoutError,
+    ShapeError,
+    ShutdownError,
+)
+from deepseek_rs._core import Scheduler
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
+from torch import nn
+
+RESULT_TIMEOUT = 30  # seconds: a hang fails the test instead of stalling the suite
+
+
+class Recorder(nn.Module):
+    """Row-wise linear model that records the batch shapes (and kwargs) it was called with."""
+
+    def __init__(self, d=4, out=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(d, out)
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def forward(self, x, **kwargs):
+        with self.lock:
+            self.calls.append((tuple(x.shape), {k: v.clone() for k, v in kwargs.items()}))
+        return self.lin(x)
+
+
+class Gate(nn.Module):
+    """Blocks every call until released: lets a test fill the queue deterministically."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.seen = []
+
+    def forward(self, x):
+        self.entered.set()
+        self.release.wait(RESULT_TIMEOUT)
+        self.seen.extend(x[:, 0].tolist())
+        return x * 2
+
+
+def results(futures):
+    return [f.result(timeout=RESULT_TIMEOUT) for f in futures]
+
+
+# --- batching modes against the plain model ------------------------------------------------
+
+
+@given(
+    lengths=st.lists(st.integers(1, 9), min_size=1, max_size=20), collate=st.sampled_from(["pad", "ragged"])
+)
+@settings(max_examples=15)
+def test_sequences_get_exactly_their_own_rows(lengths, collate):
+    model = Recorder()
+    xs = [torch.randn(n, 4) for n in lengths]
+    with DynamicBatcher(model, collate=collate, min_size=3, max_size=5, max_queue_delay=0.002) as b:
+        outs = results([b.submit(x) for x in xs])
+    with torch.no_grad():
+        for x, y in zip(xs, outs):
+            torch.testing.assert_close(y, model.lin(x))
+    for shape, _ in model.calls:
+        if collate == "pad":
+            assert shape[0] <= 5
+        else:
+            assert len(shape) == 2  # concatenated rows, never padded
+
+
+def test_pad_passes_the_mask_and_buckets_lengths_so_padding_stays_small():
+    model = Recorder()
+    xs = [torch.randn(n, 4) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 30)]
+    with DynamicBatcher(model, collate="pad", mask_arg="mask", min_size=32, max_queue_delay=0.05) as b:
+        outs = results([b.submit(x) for x in xs])
+    with torch.no_grad():
+        for x, y in zip(xs, outs):
+            torch.testing.assert_close(y, model.lin(x))
+    for shape, kwargs in model.calls:
+        mask = kwargs["mask"]
+        assert mask.shape == shape[:2] and mask.dtype == torch.bool
+        lengths = mask.sum(1)
+        assert int(lengths.max()) == shape[1]  # no all-padding columns
+        assert int(lengths.min()) * 2 > shape[1]  # power-of-two buckets: under 2x padding
+    assert len(model.calls) == 6  # buckets 1, 2, 4, 8, 16, 32
+
+
+def test_ragged_passes_offsets_and_stack_groups_by_shape():
+    model = Recorder()
+    with DynamicBatcher(
+        model, collate="ragged", offsets_arg="offsets", min_size=3, max_queue_delay=0.05
+    ) as b:
+        results([b.submit(torch.randn(n, 4)) for n in (2, 3, 1)])
+    assert model.calls[0][1]["offsets"].tolist() == [0, 2, 5, 6]
+    model = Recorder()
+    with DynamicBatcher(model, min_size=4, max_queue_delay=0.02) as b:
+        xs = [torch.randn(4) for _ in range(4)] + [torch.randn(2, 4) for _ in range(4)]
+        outs = results([b.submit(x) for x in xs])
+    assert sorted(shape for shape, _ in model.calls) == [(4, 2, 4), (4, 4)]
+    with torch.no_grad():
+        for x, y in zip(xs, outs):
+            torch.testing.assert_close(y, model.lin(x))
+
+
+def test_tuple_outputs_are_sliced_per_caller():
+    class Two(nn.Module):
+        def forward(self, x):
+            return x + 1, x.sum(-1)
+
+    with DynamicBatcher(Two(), collate="ragged", dtype=None, min_size=2, max_queue_delay=0.02) as b:
+        xs = [torch.randn(2, 3), torch.randn(5, 3)]
+        for x, (a, s) in zip(xs, results([b.submit(x) for x in xs])):
+            torch.testing.assert_close(a, x + 1)
+            torch.testing.assert_close(s, x.sum(-1))
+
+
+def test_peamoe_through_the_batcher_matches_direct_calls():
+    torch.manual_seed(0)
+    model = PEAMoE(16, 32, 4, router="top_k", top_k=2).eval()
+    xs = [torch.randn(n, 16) for n in (3, 1, 7, 2, 5)]
+    with DynamicBatcher(model, collate="ragged", min_size=5, max_queue_delay=0.05, item_shape=(16,)) as b:
+        outs = results([b.submit(x) for x in xs])
+    with torch.no_grad():
+        for x, y in zip(xs, outs):
+            torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-6)
+
+
+# --- bad input and failures ------------------------------------------------------------------
+
+
+def test_bad_inputs_are_refused_at_submit():
+    with DynamicBatcher(nn.Linear(4, 2), item_shape=(4,)) as b:
+        with pytest.raises(DTypeError, match="torch.Tensor"):
+            b.submit([1.0, 2.0, 3.0, 4.0])
+        with pytest.raises(DTypeError, match="float64 does not match the model's torch.float32"):
+            b.submit(torch.zeros(4, dtype=torch.float64))
+        with pytest.raises(ShapeError, match=r"\(5,\) does not match item_shape \(4,\)"):
+            b.submit(torch.zeros(5))
+        with pytest.raises(InvalidValueError, match="timeout"):
+            b.submit(torch.zeros(4), timeout=-1)
+        with pytest.raises(InvalidValueError, match="priority"):
+            b.submit(torch.zeros(4), priority=-1)
+        assert b.metrics()["accepted"] == 0
+    with DynamicBatcher(nn.Linear(4, 2), collate="pad") as b:
+        with pytest.raises(ShapeError, match="L >= 1"):
+            b.submit(torch.zeros(0, 4))
+    for kwargs, match in [
+        ({"min_size": 0}, "min_size"),
+        ({"min_size": 5, "max_size": 4}, "min_size"),
+        ({"max_queue_delay": -1.0}, "max_queue_delay"),
+        ({"max_queue_size": 0}, "max_queue_size"),
+        ({"preferred_sizes": [64]}, "preferred"),
+        ({"collate": "zip"}, "collate"),
+        ({"bucket_width": 0}, "bucket_width"),
+    ]:
+        with pytest.raises(InvalidValueError, match=match):
+            DynamicBatcher(nn.Linear(4, 2), **kwargs)
+
+
+def test_a_failing_request_is_isolated_and_everyone_else_is_answered():
+    calls = []
+
+    class Picky(nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            if torch.isnan(x).any():
+                raise RuntimeError("NaN in the batch")
+            return x * 3
+
+    xs = [torch.randn(4) for _ in range(16)]
+    poisoned = {3, 11}
+    for i in poisoned:
+        xs[i][0] = float("nan")
+    with DynamicBatcher(Picky(), dtype=torch.float32, min_size=16, max_size=16, max_queue_delay=1.0) as b:
+        futures = [b.submit(x) for x in xs]
+        for i, f in enumerate(futures):
+            if i in poisoned:
+                with pytest.raises(RuntimeError, match="NaN in the batch"):
+                    f.result(timeout=RESULT_TIMEOUT)
+            else:
+                torch.testing.assert_close(f.result(timeout=RESULT_TIMEOUT), xs[i] * 3)
+        m = b.metrics()
+    assert calls[0] == 16 and len(calls) <= 1 + 2 * 2 * 4  # bisection: O(failures * log n) calls
+    assert (m["completed"], m["failed"]) == (14, 2)
+
+
+def test_a_wrong_output_length_fails_that_batch_without_hanging():
+    class Drops(nn.Module):
+        def forward(self, x):
+            return x[:-1]
+
+    with DynamicBatcher(Drops(), dtype=None, min_size=3, max_queue_delay=0.05) as b:
+        futures = [b.submit(torch.randn(2)) for _ in range(3)]
+        for f in futures:
+            with pytest.raises(ShapeError, match="returned \\(2, 2\\) for a batch of 3 items"):
+                f.result(timeout=RESULT_TIMEOUT)
+        assert b.metrics()["failed"] == 3
+        with pytest.raises(ShapeError, match="returned"):
+            b.submit(torch.randn(2)).result(timeout=RESULT_TIMEOUT)  # a lone request too
+
+
+# --- queueing: backpressure, deadlines, cancellation, priorities, shutdown -----------------
+
+
+def test_queue_full_is_immediate_and_deadlines_cancel_and_priorities_apply():
+    gate = Gate()
+    b = DynamicBatcher(gate, dtype=None, min_size=1, max_size=1, max_queue_size=4)
+    first = b.submit(torch.tensor([0.0]))
+    assert gate.entered.wait(RESULT_TIMEOUT)  # the worker is busy with request 0
+    low = b.submit(torch.tensor([1.0]), priority=5)
+    late = b.submit(torch.tensor([2.0]), timeout=0.0)
+    cancelled = b.submit(torch.tensor([3.0]))
+    high = b.submit(torch.tensor([4.0]), priority=0)
+    start = time.monotonic()
+    with pytest.raises(QueueFullError, match="queue is full"):
+        b.submit(torch.tensor([5.0]))
+    assert time.monotonic() - start < 1.0
+    assert cancelled.cancel()
+    assert b.submit(torch.tensor([6.0]), priority=9) is not None  # the cancelled slot is free again
+    gate.release.set()
+    assert [y.item() for y in results([first, high, low])] == [0.0, 8.0, 2.0]
+    with pytest.raises(RequestTimeoutError):
+        late.result(timeout=RESULT_TIMEOUT)
+    with pytest.raises(CancelledError):
+        cancelled.result(timeout=RESULT_TIMEOUT)
+    b.shutdown()
+    assert gate.seen == [0.0, 4.0, 1.0, 6.0]  # priority order; the late and cancelled never ran
+    m = b.metrics()
+    assert (m["accepted"], m["rejected"], m["timed_out"], m["cancelled"], m["completed"]) == (6, 1, 1, 1, 4)
+
+
+def test_shutdown_answers_everything_accepted_and_refuses_new_work():
+    model = Recorder()
+    b = DynamicBatcher(model, min_size=32, max_queue_delay=10.0)  # would wait 10 s for a batch
+    futures = [b.submit(torch.randn(4)) for _ in range(5)]
+    start = time.monotonic()
+    b.shutdown(wait=True)
+    assert time.monotonic() - start < 5.0  # closing dispatches at once
+    assert all(f.done() and f.exception() is None for f in futures)
+    with pytest.raises(ShutdownError):
+        b.submit(torch.randn(4))
+    assert b.closed and b.metrics()["rejected"] == 1
+
+
+def test_async_infer():
+    model = Recorder()
+
+    async def main(b):
+        xs = [torch.randn(4) for _ in range(40)]
+        ys = await asyncio.gather(*(b.infer(x) for x in xs))
+        return xs, ys
+
+    with DynamicBatcher(model, max_queue_delay=0.01) as b:
+        xs, ys = asyncio.run(main(b))
+        assert b.metrics()["mean_batch_size"] > 1
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(ys), model.lin(torch.stack(xs)))
+
+
+def test_many_threads_no_request_lost_or_answered_twice():
+    model = Recorder()
+    n_threads, per_thread = 16, 40
+    got = [[] for _ in range(n_threads)]
+    errors = []
+
+    def client(t, b):
+        try:
+            for i in range(per_thread):
+                x = torch.full((4,), float(t * 1000 + i))
+                got[t].append((x, b.submit(x, timeout=60).result(timeout=RESULT_TIMEOUT)))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    with DynamicBatcher(model, min_size=4, max_size=8, max_queue_delay=0.002) as b:
+        threads = [threading.Thread(target=client, args=(t, b)) for t in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        m = b.metrics()
+    assert not errors
+    with torch.no_grad():
+        for rows in got:
+            assert len(rows) == per_thread
+            for x, y in rows:
+                torch.testing.assert_close(y, model.lin(x))
+    total = n_threads * per_thread
+    assert m["completed"] == m["accepted"] == total
+    assert sum(n * c for n, c in enumerate(m["batch_sizes"])) == total
+    assert max(shape[0] for shape, _ in model.calls) <= 8
+    assert m["latency"]["count"] == total and 0 < m["latency"]["p50"] <= m["latency"]["p99"]
+
+
+# --- the scheduler itself: a state machine over the Python bindings ------------------------
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Any interleaving of submit, cancel, deadline expiry and shutdown: no request lost or
+    handed out twice, no batch over max_size or mixing buckets, nothing run past its deadline."""
+
+    MAX_SIZE, MIN_SIZE, QUEUE = 4, 2, 12
+    waiting = Bundle("waiting")
+
+    def __init__(self):
+        super().__init__()
+        self.s = Scheduler(
+            max_size=self.MAX_SIZE, min_size=self.MIN_SIZE, max_queue_delay=0.003, max_queue_size=self.QUEUE
+        )
+        self.next_id = 0
+        self.accepted = {}  # id -> (bucket, latest possible deadline or None)
+        self.ended = set()
+
+    @rule(
+        target=waiting,
+        bucket=st.integers(0, 1),
+        priority=st.integers(0, 2),
+        timeout=st.sampled_from([None, 0.0, 0.002, 0.05]),
+    )
+    def submit(self, bucket, priority, timeout):
+        rid = self.next_id
+        self.next_id += 1
+        full = len(self.s) >= self.QUEUE
+        try:
+            self.s.submit(rid, bucket=bucket, priority=priority, timeout=timeout)
+        except QueueFullError:
+            assert full
+            return -1
+        except ShutdownError:
+            assert self.s.closed
+            return -1
+        assert not self.s.closed
+        self.accepted[rid] = (bucket, None if timeout is None else time.monotonic() + timeout)
+        return rid
+
+    @rule(bucket=st.integers(0, 1), n=st.integers(2, 8))
+    def burst(self, bucket, n):
+        for _ in range(n):
+            self.submit(bucket, priority=0, timeout=None)
+
+    @rule(rid=consumes(waiting))
+    def cancel(self, rid):
+        if rid < 0:
+            return
+        was_waiting = rid not in self.ended
+        if self.s.cancel(rid):
+            assert was_waiting
+            self.ended.add(rid)
+
+    def handle(self, kind, ids, bucket, started):
+        if kind == "batch":
+            assert 1 <= len(ids) <= self.MAX_SIZE
+            for rid in ids:
+                b, deadline = self.accepted[rid]
+                assert b == bucket, "a batch mixed bucket keys"
+                assert deadline is None or started < deadline, "dispatched after its deadline"
+                assert rid not in self.ended, "handed out twice"
+                self.ended.add(rid)
+            self.s.complete(ids)
+        elif kind == "timed_out":
+            for rid in ids:
+                assert rid not in self.ended
+                self.ended.add(rid)
+
+    @rule()
+    def poll(self):
+        started = time.monotonic()
+        self.handle(*self.s.next_batch(0.0), started)
+
+    @rule()
+    def let_time_pass(self):
+        time.sleep(0.002)
+
+    @precondition(lambda self: not self.s.closed and len(self.s) >= 3)
+    @rule()
+    def shutdown(self):
+        self.s.close()
+
+    @invariant()
+    def bounded(self):
+        assert len(self.s) <= self.QUEUE
+
+    def teardown(self):
+        self.s.close()
+        while True:
+            started = time.monotonic()
+            kind, ids, bucket = self.s.next_batch(5.0)
+            if kind == "closed":
+                break
+            assert kind != "idle", "a closed scheduler must drain without waiting"
+            self.handle(kind, ids, bucket, started)
+        assert self.ended == set(self.accepted), "requests lost"
+        m = self.s.metrics()
+        assert m["accepted"] == len(self.accepted) and m["in_flight"] == 0
+
+
+SchedulerMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=50, deadline=None)
+TestSchedulerMachine = SchedulerMachine.TestCase
