@@ -6,6 +6,7 @@ custom ops (``torch.ops.deepseek_rs.*``).
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .attention import BlockGate, DynamicAttention, block_sparse_attention, dynamic_attention, gate_losses
 from .config import OptimizedModel, optimize
 from .errors import DeepseekError, DeviceError, DTypeError, InvalidValueError, ShapeError
 from .moe import PEAMoE, SwiGLU, SwiGLUExperts
@@ -19,9 +20,11 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0"
 
 __all__ = [
+    "BlockGate",
     "DTypeError",
     "DeepseekError",
     "DeviceError",
+    "DynamicAttention",
     "InvalidValueError",
     "OptimizedModel",
     "PEAMoE",
@@ -33,7 +36,10 @@ __all__ = [
     "SwiGLUExperts",
     "__version__",
     "aux_losses",
+    "block_sparse_attention",
     "convert_int8",
+    "dynamic_attention",
+    "gate_losses",
     "optimize",
     "patch",
     "prepare_qat",
