@@ -248,6 +248,14 @@ def select_blocks(
     return torch.where(idx < nk, idx, torch.full_like(idx, -1))
 
 
+class SparseAttentionOutput(NamedTuple):
+    """What :func:`block_sparse_attention` returns."""
+
+    out: Tensor  # [B, Hq, Tq, Dv]
+    lse: Optional[Tensor]  # [B, Hq, Tq] log-sum-exp of the scaled scores, -inf where no key is seen
+    block_mass: Optional[Tensor]  # [B, Hkv, NQ, S] attention probability per selected block, no grad
+
+
 def block_sparse_attention(
     query: Tensor,
     key: Tensor,
@@ -258,20 +266,20 @@ def block_sparse_attention(
     causal: bool = True,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    return_lse: bool = False,
     return_block_mass: bool = False,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+) -> SparseAttentionOutput:
     """Attention of each query block over its selected key blocks only.
 
     ``query`` [B, Hq, Tq, D], ``key`` [B, Hkv, Tk, D], ``value`` [B, Hkv, Tk, Dv] (Hq a multiple
     of Hkv; the queries are the last Tq key positions), ``block_indices`` [B, Hkv, NQ, S] as
-    from :func:`select_blocks`. ``key_padding_mask`` [B, Tk] is True for keys to attend.
+    from :func:`select_blocks` (any order; ``-1`` = unused slot). ``key_padding_mask`` [B, Tk]
+    is True for keys to attend. Scores and softmax are in float32 (float64 for float64 input).
 
-    Returns ``(out [B, Hq, Tq, Dv], lse [B, Hq, Tq], block_mass)``: ``lse`` is the
-    log-sum-exp of each row's scaled scores in float32 (float64 for float64 input), ``-inf`` where
-    a row sees no key (its output is 0); ``block_mass`` [B, Hkv, NQ, S] (no gradient; only with
-    ``return_block_mass``)
-    is the attention probability each selected block received, averaged over the group's heads
-    and the block's real query rows.
+    Returns :class:`SparseAttentionOutput`: the output (0 for a query row that sees no key),
+    and on request the log-sum-exp of each row's scaled scores (float, ``-inf`` where the row
+    sees no key) and ``block_mass``: the attention probability each selected block received,
+    averaged over the group's heads and the block's real query rows.
     """
     b, hq, hkv, tq, tk = _check_qkv(query, key, value)
     lay = block_layout(tq, tk, block_size)
@@ -292,68 +300,92 @@ def block_sparse_attention(
     g, d, dv = hq // hkv, query.shape[-1], value.shape[-1]
     s = block_indices.shape[-1]
     device = query.device
-    acc = torch.promote_types(query.dtype, torch.float32)  # softmax in float32 (float64 stays)
-    empty = query.new_zeros(b, hq, tq, dv), query.new_full((b, hq, tq), -math.inf, dtype=acc)
+    acc = torch.promote_types(query.dtype, torch.float32)
     if tq == 0 or s == 0:
-        mass = torch.zeros(b, hkv, nq, s, device=device) if return_block_mass else None
-        return (*empty, mass)
+        return SparseAttentionOutput(
+            query.new_zeros(b, hq, tq, dv),
+            query.new_full((b, hq, tq), -math.inf, dtype=acc) if return_lse else None,
+            torch.zeros(b, hkv, nq, s, device=device, dtype=acc) if return_block_mass else None,
+        )
 
-    q = nn.functional.pad(query, (0, 0, lay.front, nq * bs - lay.front - tq))
-    q = q.view(b, hkv, g, nq, bs, d).permute(0, 1, 3, 2, 4, 5)  # [B, Hkv, NQ, G, bs, D]
+    # queries as [B, Hkv, NQ, G * bs, D] (the group's heads share the gathered keys), pre-scaled
+    q = nn.functional.pad(query * scale, (0, 0, lay.front, nq * bs - lay.front - tq))
+    q = q.view(b, hkv, g, nq, bs, d).transpose(2, 3).reshape(b, hkv, nq, g * bs, d)
     kflat = _blocks(key, lay).reshape(b * hkv * nk, bs * d)
     vflat = _blocks(value, lay).reshape(b * hkv * nk, bs * dv)
-    key_ok = _key_valid(lay, b, tk, padding, device).view(b, 1, nk, bs)
-    qpos = (lay.first_block * bs + torch.arange(nq * bs, device=device)).view(nq, bs)
+    key_ok = _key_valid(lay, b, tk, padding, device)  # [B, NK * bs]
+    all_keys_ok = padding is None and tk == nk * bs
     rows_ok = _query_rows(lay, tq, device)
     base = (torch.arange(b * hkv, device=device) * nk).view(b, hkv, 1, 1)
+    own = (lay.first_block + torch.arange(nq, device=device)).view(1, 1, nq, 1)
+    # additive causal pattern of a key block against its own query block: key r' <= query r
+    tri = torch.full((bs, bs), _MASKED, dtype=acc, device=device).triu(1)
 
     chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hkv * g * bs * s * bs))
     outs, lses, masses = [], [], []
     for n0 in range(0, nq, chunk):
         n1 = min(nq, n0 + chunk)
+        c = n1 - n0
         idx = block_indices[:, :, n0:n1]  # [B, Hkv, C, S]
-        used = idx >= 0
         safe = idx.clamp_min(0)
         flat = (safe + base).reshape(-1)
-        c = n1 - n0
         ks = kflat.index_select(0, flat).view(b, hkv, c, s * bs, d)
         vs = vflat.index_select(0, flat).view(b, hkv, c, s * bs, dv)
-        # which (query row, selected key) pairs are real: used slot, real key, causal order
-        ok = key_ok.expand(b, hkv, nk, bs).gather(2, safe.view(b, hkv, c * s, 1).expand(-1, -1, -1, bs))
-        ok = (ok.view(b, hkv, c, s, bs) & used.unsqueeze(-1)).view(b, hkv, c, 1, s * bs)
+        scores = torch.matmul(q[:, :, n0:n1], ks.transpose(-1, -2)).to(acc)  # [B, Hkv, C, G*bs, S*bs]
+        # Masks as one additive bias [B, Hkv, C, 1, bs|1, S*bs] (shared by the group's heads):
+        # unused slots, padding and past-the-end keys, then under causal attention whole blocks
+        # after the query block and the triangle of the query block's own block.
+        slot_ok = idx >= 0
         if causal:
-            kpos = (safe.unsqueeze(-1) * bs + torch.arange(bs, device=device)).view(b, hkv, c, 1, s * bs)
-            ok = ok & (kpos <= qpos[n0:n1].view(1, 1, c, bs, 1))
-        ok = ok.unsqueeze(3)  # [B, Hkv, C, 1, bs|1, S*bs], broadcast over the group's heads
-        scores = torch.matmul(q[:, :, n0:n1].reshape(b, hkv, c, g * bs, d), ks.transpose(-1, -2))
-        scores = scores.view(b, hkv, c, g, bs, s * bs).to(acc) * scale
-        scores = scores.masked_fill(~ok, -math.inf)
-        # softmax by hand so that rows with no key give p = 0 and finite gradients (not NaN);
-        # the max is detached: softmax does not depend on the shift
-        m = scores.detach().amax(dim=-1, keepdim=True)
-        m = m.masked_fill(torch.isinf(m), 0.0)
-        e = torch.exp(scores - m)
-        total = e.sum(dim=-1, keepdim=True)
-        p = e / torch.where(total > 0, total, torch.ones_like(total))
-        lse = (m + torch.log(total.detach())).squeeze(-1)  # [B, Hkv, C, G, bs]; -inf: no key
+            slot_ok = slot_ok & (idx <= own[:, :, n0:n1])
+        need_keys = not all_keys_ok or not bool(slot_ok.all())
+        diag = (idx == own[:, :, n0:n1]) if causal else None
+        need_diag = diag is not None and bool(diag.any())
+        bias = None
+        if need_keys:
+            ok = (
+                key_ok.view(b, 1, nk, bs)
+                .expand(b, hkv, nk, bs)
+                .gather(2, safe.view(b, hkv, c * s, 1).expand(-1, -1, -1, bs))
+            )
+            ok = ok.view(b, hkv, c, s, bs) & slot_ok.unsqueeze(-1)
+            bias = torch.where(ok, 0.0, _MASKED).to(acc).view(b, hkv, c, 1, 1, s * bs)
+        if need_diag:
+            assert diag is not None
+            tri_part = torch.where(diag.view(b, hkv, c, 1, s, 1), tri.view(bs, 1, bs), 0.0).to(acc)
+            tri_part = tri_part.view(b, hkv, c, 1, bs, s * bs)
+            bias = tri_part if bias is None else bias + tri_part
+        scores = scores.view(b, hkv, c, g, bs, s * bs)
+        if bias is not None:
+            scores = scores + bias
+        p = torch.softmax(scores, dim=-1)
+        # a row whose every key is masked sees no key: output 0 (softmax made it uniform)
+        row_ok = None if bias is None else (bias > _MASKED / 2).any(-1)  # [B, Hkv, C, 1, bs|1]
         out = torch.matmul(p.to(value.dtype).view(b, hkv, c, g * bs, s * bs), vs)
-        outs.append(out.view(b, hkv, c, g, bs, dv))
-        lses.append(lse)
+        out = out.view(b, hkv, c, g, bs, dv)
+        if row_ok is not None:
+            out = out * row_ok.unsqueeze(-1).to(out.dtype)
+        outs.append(out)
+        if return_lse:
+            lse = torch.logsumexp(scores.detach(), dim=-1)
+            lses.append(lse if row_ok is None else lse.masked_fill(~row_ok, -math.inf))
         if return_block_mass:
             with torch.no_grad():
-                per_row = p.detach().view(b, hkv, c, g, bs, s, bs).sum(-1)  # [B, Hkv, C, G, bs, S]
-                w = rows_ok[n0:n1].view(1, 1, c, 1, bs, 1).float()
-                mass = (per_row * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0)
-                masses.append(mass)
+                pm = p.detach() if row_ok is None else p.detach() * row_ok.unsqueeze(-1)
+                per_row = pm.view(b, hkv, c, g, bs, s, bs).sum(-1)  # [B, Hkv, C, G, bs, S]
+                w = rows_ok[n0:n1].view(1, 1, c, 1, bs, 1).to(acc)
+                masses.append((per_row * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0))
 
     def unblock(x: Tensor, tail: Tuple[int, ...]) -> Tensor:
         # [B, Hkv, NQ, G, bs, *tail] -> [B, Hq, Tq, *tail]
-        x = x.permute(0, 1, 3, 2, 4, *range(5, x.dim())).reshape(b, hq, nq * bs, *tail)
+        x = x.transpose(2, 3).reshape(b, hq, nq * bs, *tail)
         return x[:, :, lay.front : lay.front + tq]
 
-    out = unblock(torch.cat(outs, dim=2), (dv,))
-    lse = unblock(torch.cat(lses, dim=2), ())
-    return out, lse, torch.cat(masses, dim=2) if return_block_mass else None
+    return SparseAttentionOutput(
+        unblock(torch.cat(outs, dim=2), (dv,)),
+        unblock(torch.cat(lses, dim=2), ()) if return_lse else None,
+        torch.cat(masses, dim=2) if return_block_mass else None,
+    )
 
 
 class BlockGate(nn.Module):
@@ -628,6 +660,7 @@ __all__ = [
     "BlockLayout",
     "DynamicAttention",
     "Selection",
+    "SparseAttentionOutput",
     "block_layout",
     "block_sparse_attention",
     "computed_fraction",
