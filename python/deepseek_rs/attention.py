@@ -436,9 +436,10 @@ def gate_distillation_loss(gate_logits: Tensor, block_indices: Tensor, block_mas
     empty are skipped. Returns the mean over query blocks (a scalar).
     """
     used = block_indices >= 0
-    logits = gate_logits.gather(-1, block_indices.clamp_min(0)).float().masked_fill(~used, -math.inf)
+    acc = torch.promote_types(gate_logits.dtype, torch.float32)
+    logits = gate_logits.gather(-1, block_indices.clamp_min(0)).to(acc).masked_fill(~used, -math.inf)
     log_q = torch.log_softmax(logits, dim=-1)
-    mass = block_mass.masked_fill(~used, 0.0)
+    mass = block_mass.to(acc).masked_fill(~used, 0.0)
     total = mass.sum(-1, keepdim=True)
     target = mass / total.clamp_min(1e-30)
     rows = total.squeeze(-1) > 0
