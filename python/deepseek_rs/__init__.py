@@ -7,6 +7,7 @@ custom ops (``torch.ops.deepseek_rs.*``).
 from importlib.metadata import PackageNotFoundError, version
 
 from .attention import BlockGate, DynamicAttention, block_sparse_attention, dynamic_attention, gate_losses
+from .attention_patch import patch_attention
 from .config import OptimizedModel, optimize
 from .errors import DeepseekError, DeviceError, DTypeError, InvalidValueError, ShapeError
 from .moe import PEAMoE, SwiGLU, SwiGLUExperts
@@ -42,6 +43,7 @@ __all__ = [
     "gate_losses",
     "optimize",
     "patch",
+    "patch_attention",
     "prepare_qat",
     "route",
 ]
