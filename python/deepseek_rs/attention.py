@@ -321,6 +321,9 @@ def block_sparse_attention(
     # additive causal pattern of a key block against its own query block: key r' <= query r
     tri = torch.full((bs, bs), _MASKED, dtype=acc, device=device).triu(1)
 
+    if causal:  # the own block first (where selected), so its causal triangle is a strided slice
+        order = torch.sort((block_indices != own).to(torch.int8), dim=-1, stable=True).indices
+        block_indices = block_indices.gather(-1, order)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hkv * g * bs * s * bs))
     outs, lses, masses = [], [], []
     for n0 in range(0, nq, chunk):
@@ -332,46 +335,47 @@ def block_sparse_attention(
         ks = kflat.index_select(0, flat).view(b, hkv, c, s * bs, d)
         vs = vflat.index_select(0, flat).view(b, hkv, c, s * bs, dv)
         scores = torch.matmul(q[:, :, n0:n1], ks.transpose(-1, -2)).to(acc)  # [B, Hkv, C, G*bs, S*bs]
-        # Masks as one additive bias [B, Hkv, C, 1, bs|1, S*bs] (shared by the group's heads):
-        # unused slots, padding and past-the-end keys, then under causal attention whole blocks
-        # after the query block and the triangle of the query block's own block.
+        scores6 = scores.view(b, hkv, c, g, bs, s * bs)
+        # Masks, added in place and shared by the group's heads: per key (unused slots, padding,
+        # past-the-end keys, under causal attention whole blocks after the query block), then
+        # the causal triangle on the query block's own block, which the reordering put in slot 0.
         slot_ok = idx >= 0
         if causal:
             slot_ok = slot_ok & (idx <= own[:, :, n0:n1])
-        need_keys = not all_keys_ok or not bool(slot_ok.all())
-        diag = (idx == own[:, :, n0:n1]) if causal else None
-        need_diag = diag is not None and bool(diag.any())
-        bias = None
-        if need_keys:
+        has_diag = (idx[..., 0] == own[:, :, n0:n1, 0]) if causal else None  # [B, Hkv, C]
+        row_ok = None  # [B, Hkv, C, 1, bs]: the row sees at least one key
+        if not all_keys_ok or not bool(slot_ok.all()):
             ok = (
                 key_ok.view(b, 1, nk, bs)
                 .expand(b, hkv, nk, bs)
                 .gather(2, safe.view(b, hkv, c * s, 1).expand(-1, -1, -1, bs))
             )
             ok = ok.view(b, hkv, c, s, bs) & slot_ok.unsqueeze(-1)
-            bias = torch.where(ok, 0.0, _MASKED).to(acc).view(b, hkv, c, 1, 1, s * bs)
-        if need_diag:
-            assert diag is not None
-            tri_part = torch.where(diag.view(b, hkv, c, 1, s, 1), tri.view(bs, 1, bs), 0.0).to(acc)
-            tri_part = tri_part.view(b, hkv, c, 1, bs, s * bs)
-            bias = tri_part if bias is None else bias + tri_part
-        scores = scores.view(b, hkv, c, g, bs, s * bs)
-        if bias is not None:
-            scores = scores + bias
-        p = torch.softmax(scores, dim=-1)
-        # a row whose every key is masked sees no key: output 0 (softmax made it uniform)
-        row_ok = None if bias is None else (bias > _MASKED / 2).any(-1)  # [B, Hkv, C, 1, bs|1]
+            scores6.add_(torch.where(ok, 0.0, _MASKED).to(acc).view(b, hkv, c, 1, 1, s * bs))
+            seen = ok.sum((-1, -2)).unsqueeze(-1)  # keys per row, [B, Hkv, C, 1]
+            if has_diag is not None:  # own block: only the keys up to the row
+                own_keys = ok[..., 0, :]
+                upto = own_keys.cumsum(-1) - own_keys.sum(-1, keepdim=True)
+                seen = seen + torch.where(has_diag.unsqueeze(-1), upto, 0)
+            row_ok = (seen > 0).expand(b, hkv, c, bs).reshape(b, hkv, c, 1, bs)
+            if bool(row_ok.all()):
+                row_ok = None
+        if has_diag is not None and bool(has_diag.any()):
+            tri_bias = torch.where(has_diag.view(b, hkv, c, 1, 1, 1), tri, 0.0)  # [B, Hkv, C, 1, bs, bs]
+            scores6[..., :bs].add_(tri_bias)
+        p = torch.softmax(scores6, dim=-1)
+        # a row that sees no key gets output 0 (its softmax is uniform over masked keys)
         out = torch.matmul(p.to(value.dtype).view(b, hkv, c, g * bs, s * bs), vs)
         out = out.view(b, hkv, c, g, bs, dv)
         if row_ok is not None:
             out = out * row_ok.unsqueeze(-1).to(out.dtype)
         outs.append(out)
         if return_lse:
-            lse = torch.logsumexp(scores.detach(), dim=-1)
+            lse = torch.logsumexp(scores6.detach(), dim=-1)
             lses.append(lse if row_ok is None else lse.masked_fill(~row_ok, -math.inf))
         if return_block_mass:
             with torch.no_grad():
-                pm = p.detach() if row_ok is None else p.detach() * row_ok.unsqueeze(-1)
+                pm = p.detach() if row_ok is None else p.detach() * row_ok.unsqueeze(-1).to(acc)
                 per_row = pm.view(b, hkv, c, g, bs, s, bs).sum(-1)  # [B, Hkv, C, G, bs, S]
                 w = rows_ok[n0:n1].view(1, 1, c, 1, bs, 1).to(acc)
                 masses.append((per_row * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0))
@@ -384,8 +388,13 @@ def block_sparse_attention(
     return SparseAttentionOutput(
         unblock(torch.cat(outs, dim=2), (dv,)),
         unblock(torch.cat(lses, dim=2), ()) if return_lse else None,
-        torch.cat(masses, dim=2) if return_block_mass else None,
+        _unsort(torch.cat(masses, dim=2), order if causal else None) if return_block_mass else None,
     )
+
+
+def _unsort(x: Tensor, order: Optional[Tensor]) -> Tensor:
+    """Undo the slot reordering of :func:`block_sparse_attention` on a per-slot tensor."""
+    return x if order is None else torch.empty_like(x).scatter_(-1, order, x)
 
 
 class BlockGate(nn.Module):
