@@ -7,6 +7,8 @@ custom ops (``torch.ops.deepseek_rs.*``).
 from importlib.metadata import PackageNotFoundError, version
 
 from . import cuda  # the GPU path (CuPy is imported only when a kernel runs)
+from .attention import BlockGate, DynamicAttention, block_sparse_attention, dynamic_attention, gate_losses
+from .attention_patch import patch_attention
 from .batching import DynamicBatcher
 from .config import OptimizedModel, optimize
 from .errors import (
@@ -32,9 +34,11 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0"
 
 __all__ = [
+    "BlockGate",
     "DTypeError",
     "DeepseekError",
     "DeviceError",
+    "DynamicAttention",
     "DynamicBatcher",
     "GVRT",
     "GVRTStats",
@@ -54,10 +58,14 @@ __all__ = [
     "UnifiedSemanticSpace",
     "__version__",
     "aux_losses",
+    "block_sparse_attention",
     "convert_int8",
     "cuda",
+    "dynamic_attention",
+    "gate_losses",
     "optimize",
     "patch",
+    "patch_attention",
     "prepare_qat",
     "route",
 ]

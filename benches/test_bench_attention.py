@@ -1,0 +1,19 @@
+"""Smoke test of the attention benchmark (``python benches/bench_attention.py``) at its quick sizes."""
+
+import pathlib
+import subprocess
+import sys
+
+BENCH = pathlib.Path(__file__).with_name("bench_attention.py")
+
+
+def test_quick_attention_benchmark_prints_every_section():
+    out = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    for section in ("== latency", "== quality", "| DAR |", "| dense (SDPA) |", "pairs skipped", "DAR / SDPA"):
+        assert section in out, out

@@ -1,0 +1,682 @@
+"""Dynamic Attention Routing (DAR): block-sparse attention whose key blocks a learnable gate chooses.
+
+The sequence is cut into blocks of ``block_size`` tokens. For every query block (and every key/value
+head: the query heads of a grouped-query group share one selection, as in NSA, so each selected
+K/V block is gathered once per group) a gate scores the key blocks and the router
+(:func:`deepseek_rs.route`, Rust) picks some of them, by top-k or by the progressive top-p rule
+(as many blocks as the query block needs, between ``min_blocks`` and ``max_blocks``). The query
+block's own block is always attended; optionally also ``local_blocks`` neighbours on each side
+and the first ("sink") block. Under causal attention, blocks after the query block are never
+candidates.
+
+The computation really skips the other blocks: the selected K/V blocks are gathered per query
+block and attention runs over them only, so time and memory are O(T * selected keys), not
+O(T^2). Softmax is taken over the selected keys in float32 (float64 for float64 input); rows that see
+no key (padding) give zeros.
+
+The gate (:class:`BlockGate`) follows MoBA and NSA's selection branch: mean-pooled block keys
+scored against the mean-pooled queries of the query block, here through learnable projections
+initialised to the identity, so a converted pretrained model starts with MoBA's parameter-free
+gate. The gate is trained by distillation, as DeepSeek Sparse Attention trains its lightning
+indexer: after a training forward, :attr:`DynamicAttention.gate_loss` holds the KL divergence
+from the attention mass that the query block actually put on each selected key block (detached)
+to the gate's softmax over the same blocks; the gate's inputs are detached, so this loss trains
+the gate only and never pulls the attention toward the gate. We chose distillation over a soft
+gate that scales the selected blocks' outputs because a soft gate changes the function: a
+converted model would no longer compute its own attention (even with every block selected), and
+the gate would be trained only through the blocks it already picked. Selecting every block
+(``top_k`` = the number of blocks) is DSA's dense warm-up: the loss then distils the full
+attention distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DeviceError, DTypeError, InvalidValueError, ShapeError
+from .router import route
+
+RULES = ("top_k", "top_p")
+_MASKED = -1e30  # a finite "minus infinity" for the router, which refuses non-finite logits
+_CHUNK_ELEMENTS = 1 << 23  # score entries per chunk of query blocks (32 MiB in float32)
+
+
+class BlockLayout(NamedTuple):
+    """Where the queries sit among the key blocks.
+
+    The ``Tq`` queries are the last ``Tq`` of the ``Tk`` key positions (a KV cache), so query
+    ``i`` has position ``Tk - Tq + i``. Query block ``n`` is key block ``first_block + n``;
+    ``front`` zero rows are padded before the first query to align it to its block.
+    """
+
+    block_size: int
+    num_key_blocks: int
+    num_query_blocks: int
+    first_block: int
+    front: int
+
+
+def block_layout(q_len: int, k_len: int, block_size: int) -> BlockLayout:
+    """The :class:`BlockLayout` of ``q_len`` queries over ``k_len`` keys."""
+    if block_size < 1:
+        raise InvalidValueError(f"block_size must be positive, got {block_size}")
+    if q_len > k_len:
+        raise ShapeError(f"more queries ({q_len}) than keys ({k_len}): queries are the last keys' positions")
+    offset = k_len - q_len
+    nk = -(-k_len // block_size)
+    first = offset // block_size
+    nq = 0 if q_len == 0 else (k_len - 1) // block_size - first + 1
+    return BlockLayout(block_size, nk, nq, first, offset - first * block_size)
+
+
+class Selection(NamedTuple):
+    """The key blocks each query block attends to.
+
+    ``block_indices`` [B, Hkv, NQ, S] int64: key block ids in ascending order, ``-1`` in unused
+    slots. ``gate_logits`` [B, Hkv, NQ, NK] are the scores the router selected from (None when
+    the selection was given).
+    """
+
+    block_indices: Tensor
+    gate_logits: Optional[Tensor]
+
+
+def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> Tuple[int, int, int, int, int]:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ShapeError(f"{name} must be 4-D [batch, heads, tokens, head_dim], got {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise DTypeError(f"{name} must be floating point, got {t.dtype}")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise DTypeError(f"query, key and value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
+    if key.device != query.device or value.device != query.device:
+        raise DeviceError(f"query, key and value are on {query.device}, {key.device}, {value.device}")
+    b, hq, tq, d = query.shape
+    if key.shape[0] != b or value.shape[0] != b:
+        raise ShapeError(f"batch sizes differ: query {b}, key {key.shape[0]}, value {value.shape[0]}")
+    hkv, tk = key.shape[1], key.shape[2]
+    if value.shape[1] != hkv or value.shape[2] != tk:
+        raise ShapeError(f"key {tuple(key.shape)} and value {tuple(value.shape)} disagree on heads or tokens")
+    if key.shape[3] != d:
+        raise ShapeError(f"query head_dim {d} differs from key head_dim {key.shape[3]}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ShapeError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    return b, hq, hkv, tq, tk
+
+
+def _check_padding(mask: Optional[Tensor], b: int, tk: int, device: torch.device) -> Optional[Tensor]:
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or tuple(mask.shape) != (b, tk):
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ShapeError(f"key_padding_mask must be [batch, keys] = [{b}, {tk}] (True = attend), got {shape}")
+    if mask.device != device:
+        raise DeviceError(f"key_padding_mask is on {mask.device}, the keys on {device}")
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise DTypeError(f"key_padding_mask must be bool or integer (1 = attend), got {mask.dtype}")
+        mask = mask != 0
+    return mask
+
+
+def _blocks(x: Tensor, lay: BlockLayout) -> Tensor:
+    """[B, H, Tk, D] -> [B, H, NK, bs, D], zero-padded at the end."""
+    b, h, t, d = x.shape
+    pad = lay.num_key_blocks * lay.block_size - t
+    if pad:
+        x = nn.functional.pad(x, (0, 0, 0, pad))
+    return x.reshape(b, h, lay.num_key_blocks, lay.block_size, d)
+
+
+def _key_valid(lay: BlockLayout, b: int, tk: int, padding: Optional[Tensor], device) -> Tensor:
+    """[B, NK * bs] bool: a real (not padding, not past the end) key."""
+    n = lay.num_key_blocks * lay.block_size
+    valid = (torch.arange(n, device=device) < tk).expand(b, n)
+    if padding is not None:
+        valid = valid & nn.functional.pad(padding, (0, n - tk), value=False)
+    return valid
+
+
+def _query_rows(lay: BlockLayout, tq: int, device) -> Tensor:
+    """[NQ, bs] bool: a real query row (not alignment padding)."""
+    r = torch.arange(lay.num_query_blocks * lay.block_size, device=device) - lay.front
+    return ((r >= 0) & (r < tq)).view(lay.num_query_blocks, lay.block_size)
+
+
+def pool_blocks(
+    query: Tensor,
+    key: Tensor,
+    block_size: int,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Mean-pooled queries and keys per block, the inputs of the gate.
+
+    Returns ``(query_pooled [B, Hkv, NQ, D], key_pooled [B, Hkv, NK, D], key_block_valid
+    [B, NK])``: queries are averaged over the query heads of each group and the real rows of
+    each query block, keys over the real keys of each key block; ``key_block_valid`` says
+    whether a key block holds any real key.
+    """
+    b, hq, tq, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    lay = block_layout(tq, tk, block_size)
+    bs, nq, nk = lay.block_size, lay.num_query_blocks, lay.num_key_blocks
+    kv = _key_valid(lay, b, tk, key_padding_mask, key.device).view(b, 1, nk, bs, 1).to(key.dtype)
+    ksum = (_blocks(key, lay) * kv).sum(3)
+    kcount = kv.sum(3)
+    key_pooled = ksum / kcount.clamp_min(1)
+    q = nn.functional.pad(query, (0, 0, lay.front, nq * bs - lay.front - tq))
+    q = q.view(b, hkv, hq // hkv, nq, bs, d).sum((2, 4))
+    rows = _query_rows(lay, tq, query.device).sum(1).to(query.dtype) * (hq // hkv)
+    query_pooled = q / rows.view(1, 1, nq, 1)
+    return query_pooled, key_pooled, kcount.view(b, nk) > 0
+
+
+def select_blocks(
+    gate_logits: Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool = True,
+    rule: str = "top_k",
+    top_k: int = 4,
+    top_p: float = 0.9,
+    min_blocks: int = 1,
+    max_blocks: Optional[int] = None,
+    local_blocks: int = 0,
+    sink_block: bool = False,
+    key_block_valid: Optional[Tensor] = None,
+) -> Tensor:
+    """Choose the key blocks of each query block from ``gate_logits`` [B, Hkv, NQ, NK].
+
+    Forced blocks: the query block's own, the ``local_blocks`` nearest on each side and, with
+    ``sink_block``, block 0. Among the other visible blocks (not after the query block when
+    ``causal``; holding a real key per ``key_block_valid`` [B, NK]) the router picks ``top_k``
+    more (``rule="top_k"``), or the smallest set whose softmax mass over those candidates
+    reaches ``top_p``, at least ``min_blocks`` and at most ``max_blocks`` (``rule="top_p"``).
+    Returns ``block_indices`` [B, Hkv, NQ, S] (ascending, ``-1`` = unused slot).
+    """
+    if rule not in RULES:
+        raise InvalidValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if gate_logits.dim() != 4 or gate_logits.shape[2:] != (layout.num_query_blocks, layout.num_key_blocks):
+        raise ShapeError(
+            f"gate_logits must be [B, Hkv, {layout.num_query_blocks}, {layout.num_key_blocks}], "
+            f"got {tuple(gate_logits.shape)}"
+        )
+    if rule == "top_k" and top_k < 0:
+        raise InvalidValueError(f"top_k must be >= 0, got {top_k}")
+    if rule == "top_p":
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidValueError(f"top_p must be in (0, 1], got {top_p}")
+        if min_blocks < 1 or (max_blocks is not None and max_blocks < min_blocks):
+            raise InvalidValueError(
+                f"need 1 <= min_blocks <= max_blocks, got min_blocks={min_blocks}, max_blocks={max_blocks}"
+            )
+    if local_blocks < 0:
+        raise InvalidValueError(f"local_blocks must be >= 0, got {local_blocks}")
+    b, h, nq, nk = gate_logits.shape
+    device = gate_logits.device
+    qb = layout.first_block + torch.arange(nq, device=device).view(nq, 1)
+    kb = torch.arange(nk, device=device).view(1, nk)
+    visible = kb <= qb if causal else torch.ones(nq, nk, dtype=torch.bool, device=device)
+    forced = visible & ((kb - qb).abs() <= local_blocks)
+    if sink_block:
+        forced = forced | (kb == 0)
+    candidates = (visible & ~forced).expand(b, h, nq, nk)
+    if key_block_valid is not None:
+        candidates = candidates & key_block_valid.view(b, 1, 1, nk)
+    chosen = forced.expand(b, h, nq, nk).clone()
+    rows = b * h * nq
+    k = min(top_k, nk) if rule == "top_k" else min(nk if max_blocks is None else max_blocks, nk)
+    if rows and k > 0:
+        logits = gate_logits.detach().float().masked_fill(~candidates, _MASKED).reshape(rows, nk).cpu()
+        if rule == "top_k":
+            r = route(logits, "top_k", top_k=k)
+        else:
+            r = route(logits, "top_p", top_p=top_p, min_k=min(min_blocks, k), max_k=k)
+        row = torch.repeat_interleave(torch.arange(rows), r.experts_per_token)
+        picked = torch.zeros(rows, nk, dtype=torch.bool)
+        picked[row, r.expert_ids] = True
+        chosen |= picked.to(device).view(b, h, nq, nk) & candidates
+    s = int(chosen.sum(-1).max()) if rows else 0
+    order = torch.where(chosen, kb, kb + nk)  # chosen blocks first, in ascending order
+    idx = order.sort(dim=-1).values[..., :s]
+    return torch.where(idx < nk, idx, torch.full_like(idx, -1))
+
+
+class SparseAttentionOutput(NamedTuple):
+    """What :func:`block_sparse_attention` returns."""
+
+    out: Tensor  # [B, Hq, Tq, Dv]
+    lse: Optional[Tensor]  # [B, Hq, Tq] log-sum-exp of the scaled scores, -inf where no key is seen
+    block_mass: Optional[Tensor]  # [B, Hkv, NQ, S] attention probability per selected block, no grad
+
+
+def block_sparse_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    block_indices: Tensor,
+    *,
+    block_size: int,
+    causal: bool = True,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    return_block_mass: bool = False,
+) -> SparseAttentionOutput:
+    """Attention of each query block over its selected key blocks only.
+
+    ``query`` [B, Hq, Tq, D], ``key`` [B, Hkv, Tk, D], ``value`` [B, Hkv, Tk, Dv] (Hq a multiple
+    of Hkv; the queries are the last Tq key positions), ``block_indices`` [B, Hkv, NQ, S] as
+    from :func:`select_blocks` (any order; ``-1`` = unused slot). ``key_padding_mask`` [B, Tk]
+    is True for keys to attend. Scores and softmax are in float32 (float64 for float64 input).
+
+    Returns :class:`SparseAttentionOutput`: the output (0 for a query row that sees no key),
+    and on request the log-sum-exp of each row's scaled scores (float, ``-inf`` where the row
+    sees no key) and ``block_mass``: the attention probability each selected block received,
+    averaged over the group's heads and the block's real query rows.
+    """
+    b, hq, hkv, tq, tk = _check_qkv(query, key, value)
+    lay = block_layout(tq, tk, block_size)
+    bs, nq, nk = lay.block_size, lay.num_query_blocks, lay.num_key_blocks
+    if not isinstance(block_indices, Tensor) or block_indices.dtype != torch.int64:
+        raise DTypeError("block_indices must be an int64 tensor")
+    if block_indices.dim() != 4 or tuple(block_indices.shape[:3]) != (b, hkv, nq):
+        raise ShapeError(
+            f"block_indices must be [{b}, {hkv}, {nq}, S] (batch, kv heads, query blocks, slots), "
+            f"got {tuple(block_indices.shape)}"
+        )
+    if block_indices.device != query.device:
+        raise DeviceError(f"block_indices is on {block_indices.device}, the queries on {query.device}")
+    if block_indices.numel() and (int(block_indices.min()) < -1 or int(block_indices.max()) >= nk):
+        raise InvalidValueError(f"block_indices must be in -1..{nk - 1} (-1 = unused slot)")
+    padding = _check_padding(key_padding_mask, b, tk, query.device)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    g, d, dv = hq // hkv, query.shape[-1], value.shape[-1]
+    s = block_indices.shape[-1]
+    device = query.device
+    acc = torch.promote_types(query.dtype, torch.float32)
+    if tq == 0 or s == 0:
+        return SparseAttentionOutput(
+            query.new_zeros(b, hq, tq, dv),
+            query.new_full((b, hq, tq), -math.inf, dtype=acc) if return_lse else None,
+            torch.zeros(b, hkv, nq, s, device=device, dtype=acc) if return_block_mass else None,
+        )
+
+    # queries as [B, Hkv, NQ, G * bs, D] (the group's heads share the gathered keys), pre-scaled
+    q = nn.functional.pad(query * scale, (0, 0, lay.front, nq * bs - lay.front - tq))
+    q = q.view(b, hkv, g, nq, bs, d).transpose(2, 3).reshape(b, hkv, nq, g * bs, d)
+    kflat = _blocks(key, lay).reshape(b * hkv * nk, bs * d)
+    vflat = _blocks(value, lay).reshape(b * hkv * nk, bs * dv)
+    key_ok = _key_valid(lay, b, tk, padding, device)  # [B, NK * bs]
+    all_keys_ok = padding is None and tk == nk * bs
+    rows_ok = _query_rows(lay, tq, device)
+    base = (torch.arange(b * hkv, device=device) * nk).view(b, hkv, 1, 1)
+    own = (lay.first_block + torch.arange(nq, device=device)).view(1, 1, nq, 1)
+    # additive causal pattern of a key block against its own query block: key r' <= query r
+    tri = torch.full((bs, bs), _MASKED, dtype=acc, device=device).triu(1)
+
+    if causal:  # the own block first (where selected), so its causal triangle is a strided slice
+        order = torch.sort((block_indices != own).to(torch.int8), dim=-1, stable=True).indices
+        block_indices = block_indices.gather(-1, order)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hkv * g * bs * s * bs))
+    outs, lses, masses = [], [], []
+    for n0 in range(0, nq, chunk):
+        n1 = min(nq, n0 + chunk)
+        c = n1 - n0
+        idx = block_indices[:, :, n0:n1]  # [B, Hkv, C, S]
+        safe = idx.clamp_min(0)
+        flat = (safe + base).reshape(-1)
+        ks = kflat.index_select(0, flat).view(b, hkv, c, s * bs, d)
+        vs = vflat.index_select(0, flat).view(b, hkv, c, s * bs, dv)
+        scores = torch.matmul(q[:, :, n0:n1], ks.transpose(-1, -2)).to(acc)  # [B, Hkv, C, G*bs, S*bs]
+        scores6 = scores.view(b, hkv, c, g, bs, s * bs)
+        # Masks, added in place and shared by the group's heads: per key (unused slots, padding,
+        # past-the-end keys, under causal attention whole blocks after the query block), then
+        # the causal triangle on the query block's own block, which the reordering put in slot 0.
+        slot_ok = idx >= 0
+        if causal:
+            slot_ok = slot_ok & (idx <= own[:, :, n0:n1])
+        has_diag = (idx[..., 0] == own[:, :, n0:n1, 0]) if causal else None  # [B, Hkv, C]
+        row_ok = None  # [B, Hkv, C, 1, bs]: the row sees at least one key
+        if not all_keys_ok or not bool(slot_ok.all()):
+            ok = (
+                key_ok.view(b, 1, nk, bs)
+                .expand(b, hkv, nk, bs)
+                .gather(2, safe.view(b, hkv, c * s, 1).expand(-1, -1, -1, bs))
+            )
+            ok = ok.view(b, hkv, c, s, bs) & slot_ok.unsqueeze(-1)
+            scores6.add_(torch.where(ok, 0.0, _MASKED).to(acc).view(b, hkv, c, 1, 1, s * bs))
+            seen = ok.sum((-1, -2)).unsqueeze(-1)  # keys per row, [B, Hkv, C, 1]
+            if has_diag is not None:  # own block: only the keys up to the row
+                own_keys = ok[..., 0, :]
+                upto = own_keys.cumsum(-1) - own_keys.sum(-1, keepdim=True)
+                seen = seen + torch.where(has_diag.unsqueeze(-1), upto, 0)
+            row_ok = (seen > 0).expand(b, hkv, c, bs).reshape(b, hkv, c, 1, bs)
+            if bool(row_ok.all()):
+                row_ok = None
+        if has_diag is not None and bool(has_diag.any()):
+            tri_bias = torch.where(has_diag.view(b, hkv, c, 1, 1, 1), tri, 0.0)  # [B, Hkv, C, 1, bs, bs]
+            scores6[..., :bs].add_(tri_bias)
+        p = torch.softmax(scores6, dim=-1)
+        # a row that sees no key gets output 0 (its softmax is uniform over masked keys)
+        out = torch.matmul(p.to(value.dtype).view(b, hkv, c, g * bs, s * bs), vs)
+        out = out.view(b, hkv, c, g, bs, dv)
+        if row_ok is not None:
+            out = out * row_ok.unsqueeze(-1).to(out.dtype)
+        outs.append(out)
+        if return_lse:
+            lse = torch.logsumexp(scores6.detach(), dim=-1)
+            lses.append(lse if row_ok is None else lse.masked_fill(~row_ok, -math.inf))
+        if return_block_mass:
+            with torch.no_grad():
+                pm = p.detach() if row_ok is None else p.detach() * row_ok.unsqueeze(-1).to(acc)
+                per_row = pm.view(b, hkv, c, g, bs, s, bs).sum(-1)  # [B, Hkv, C, G, bs, S]
+                w = rows_ok[n0:n1].view(1, 1, c, 1, bs, 1).to(acc)
+                masses.append((per_row * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0))
+
+    def unblock(x: Tensor, tail: Tuple[int, ...]) -> Tensor:
+        # [B, Hkv, NQ, G, bs, *tail] -> [B, Hq, Tq, *tail]
+        x = x.transpose(2, 3).reshape(b, hq, nq * bs, *tail)
+        return x[:, :, lay.front : lay.front + tq]
+
+    return SparseAttentionOutput(
+        unblock(torch.cat(outs, dim=2), (dv,)),
+        unblock(torch.cat(lses, dim=2), ()) if return_lse else None,
+        _unsort(torch.cat(masses, dim=2), order if causal else None) if return_block_mass else None,
+    )
+
+
+def _unsort(x: Tensor, order: Optional[Tensor]) -> Tensor:
+    """Undo the slot reordering of :func:`block_sparse_attention` on a per-slot tensor."""
+    return x if order is None else torch.empty_like(x).scatter_(-1, order, x)
+
+
+class BlockGate(nn.Module):
+    """The learnable gate: ``(q̄ W_q) · (k̄ W_k) / sqrt(gate_dim)`` per key/value head.
+
+    ``q̄`` and ``k̄`` are the mean-pooled queries and keys of :func:`pool_blocks`. ``W_q`` and
+    ``W_k`` [Hkv, D, gate_dim] start as the identity (its first ``gate_dim`` columns), i.e. as
+    MoBA's gate ``q̄ · k̄``, scaled.
+    """
+
+    def __init__(
+        self, num_kv_heads: int, head_dim: int, gate_dim: Optional[int] = None, device=None, dtype=None
+    ):
+        super().__init__()
+        gate_dim = head_dim if gate_dim is None else gate_dim
+        if num_kv_heads < 1 or head_dim < 1 or not 1 <= gate_dim <= head_dim:
+            raise InvalidValueError(
+                f"need num_kv_heads >= 1, head_dim >= 1 and 1 <= gate_dim <= head_dim, got "
+                f"{num_kv_heads}, {head_dim}, {gate_dim}"
+            )
+        self.num_kv_heads, self.head_dim, self.gate_dim = num_kv_heads, head_dim, gate_dim
+        kw = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Parameter(torch.empty(num_kv_heads, head_dim, gate_dim, **kw))
+        self.k_proj = nn.Parameter(torch.empty(num_kv_heads, head_dim, gate_dim, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            eye = torch.eye(self.head_dim, self.gate_dim, device=self.q_proj.device, dtype=self.q_proj.dtype)
+            self.q_proj.copy_(eye.expand_as(self.q_proj))
+            self.k_proj.copy_(eye.expand_as(self.k_proj))
+
+    def forward(self, query_pooled: Tensor, key_pooled: Tensor) -> Tensor:
+        """Gate logits [B, Hkv, NQ, NK] from pooled queries [B, Hkv, NQ, D] and keys [B, Hkv, NK, D]."""
+        qg = torch.einsum("bhnd,hde->bhne", query_pooled.to(self.q_proj.dtype), self.q_proj)
+        kg = torch.einsum("bhnd,hde->bhne", key_pooled.to(self.k_proj.dtype), self.k_proj)
+        return torch.matmul(qg, kg.transpose(-1, -2)) / math.sqrt(self.gate_dim)
+
+    def extra_repr(self) -> str:
+        return f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, gate_dim={self.gate_dim}"
+
+
+def gate_distillation_loss(gate_logits: Tensor, block_indices: Tensor, block_mass: Tensor) -> Tensor:
+    """KL(attention mass || gate) over each query block's selected key blocks (DSA's indexer loss).
+
+    ``gate_logits`` [B, Hkv, NQ, NK], ``block_indices`` and ``block_mass`` [B, Hkv, NQ, S]. The
+    target is ``block_mass`` renormalised over the used slots; query blocks whose target is
+    empty are skipped. Returns the mean over query blocks (a scalar).
+    """
+    used = block_indices >= 0
+    acc = torch.promote_types(gate_logits.dtype, torch.float32)
+    logits = gate_logits.gather(-1, block_indices.clamp_min(0)).to(acc).masked_fill(~used, -math.inf)
+    log_q = torch.log_softmax(logits, dim=-1)
+    mass = block_mass.to(acc).masked_fill(~used, 0.0)
+    total = mass.sum(-1, keepdim=True)
+    target = mass / total.clamp_min(1e-30)
+    rows = total.squeeze(-1) > 0
+    terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - log_q), 0.0)
+    kl = terms.sum(-1)
+    return kl[rows].mean() if bool(rows.any()) else gate_logits.sum() * 0.0
+
+
+def dynamic_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    gate: Optional[BlockGate] = None,
+    *,
+    block_size: int = 64,
+    causal: bool = True,
+    rule: str = "top_k",
+    top_k: int = 4,
+    top_p: float = 0.9,
+    min_blocks: int = 1,
+    max_blocks: Optional[int] = None,
+    local_blocks: int = 0,
+    sink_block: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    return_gate_loss: bool = False,
+) -> Tuple[Tensor, Selection, Optional[Tensor]]:
+    """Dynamic Attention Routing, functional form: gate -> router -> block-sparse attention.
+
+    ``query`` [B, Hq, Tq, D], ``key`` / ``value`` [B, Hkv, Tk, D|Dv] (the layout of
+    ``scaled_dot_product_attention`` with grouped-query heads). ``gate`` is a
+    :class:`BlockGate`; ``None`` scores with MoBA's parameter-free ``q̄ · k̄ / sqrt(D)``.
+    The selection arguments are those of :func:`select_blocks`.
+
+    Returns ``(out [B, Hq, Tq, Dv], selection, gate_loss)``; ``gate_loss`` (see
+    :func:`gate_distillation_loss`) only with ``return_gate_loss`` and a gate.
+    """
+    b, hq, hkv, tq, tk = _check_qkv(query, key, value)
+    padding = _check_padding(key_padding_mask, b, tk, query.device)
+    lay = block_layout(tq, tk, block_size)
+    if gate is not None and (gate.num_kv_heads != hkv or gate.head_dim != query.shape[-1]):
+        raise ShapeError(
+            f"the gate is for {gate.num_kv_heads} kv heads of dim {gate.head_dim}, "
+            f"the keys have {hkv} heads of dim {query.shape[-1]}"
+        )
+    with torch.no_grad():  # the gate's inputs are detached: its loss trains the gate only
+        qp, kp, kvalid = pool_blocks(query.detach(), key.detach(), block_size, padding)
+    if gate is None:
+        logits = torch.matmul(qp, kp.transpose(-1, -2)) / math.sqrt(query.shape[-1])
+    else:
+        logits = gate(qp, kp)
+    idx = select_blocks(
+        logits,
+        lay,
+        causal=causal,
+        rule=rule,
+        top_k=top_k,
+        top_p=top_p,
+        min_blocks=min_blocks,
+        max_blocks=max_blocks,
+        local_blocks=local_blocks,
+        sink_block=sink_block,
+        key_block_valid=kvalid,
+    )
+    want_loss = return_gate_loss and gate is not None
+    out, _, mass = block_sparse_attention(
+        query,
+        key,
+        value,
+        idx,
+        block_size=block_size,
+        causal=causal,
+        key_padding_mask=padding,
+        scale=scale,
+        return_block_mass=want_loss,
+    )
+    loss = gate_distillation_loss(logits, idx, mass) if want_loss and mass is not None else None
+    return out, Selection(idx, logits), loss
+
+
+def computed_fraction(
+    selection: Selection, q_len: int, k_len: int, block_size: int, causal: bool = True
+) -> float:
+    """Share of the (query, key) pairs of dense attention that the selection computes.
+
+    Dense means every key (every earlier-or-equal key when ``causal``) for every query; padding
+    is ignored. Pairs are counted per key/value head (the group's query heads share them).
+    """
+    idx = selection.block_indices.cpu()
+    lay = block_layout(q_len, k_len, block_size)
+    bs = lay.block_size
+    rows = idx.shape[0] * idx.shape[1]
+    if q_len == 0 or rows == 0:
+        return 0.0
+    qpos = lay.first_block * bs + torch.arange(lay.num_query_blocks * bs)
+    real = (_query_rows(lay, q_len, torch.device("cpu"))).view(1, -1, 1, bs)
+    qpos = qpos.view(1, -1, 1, bs)
+    start = (idx.clamp_min(0) * bs).view(rows, lay.num_query_blocks, -1, 1)
+    end = (start + bs).clamp_max(k_len)
+    if causal:
+        per = (torch.minimum(qpos, end - 1) - start + 1).clamp_min(0).minimum(end - start)
+    else:
+        per = (end - start).expand(-1, -1, -1, bs)
+    used = (idx >= 0).view(rows, lay.num_query_blocks, -1, 1)
+    total = int((per * used * real).sum())
+    positions = torch.arange(k_len - q_len, k_len)
+    dense = int((positions + 1).sum()) if causal else q_len * k_len
+    return total / (dense * rows)
+
+
+class DynamicAttention(nn.Module):
+    """Dynamic Attention Routing as a module: a :class:`BlockGate` + the router + block-sparse attention.
+
+    A drop-in for ``scaled_dot_product_attention`` inside an attention layer: ``forward(query,
+    key, value)`` with ``query`` [B, Hq, Tq, D] and ``key`` / ``value`` [B, Hkv, Tk, D]. After a
+    forward in training mode, ``gate_loss`` holds the gate's distillation loss (add it to your
+    loss, e.g. with weight 1: it only reaches the gate's parameters); ``last_selection`` holds
+    the selection of the last forward.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        block_size: int = 64,
+        causal: bool = True,
+        rule: str = "top_k",
+        top_k: int = 4,
+        top_p: float = 0.9,
+        min_blocks: int = 1,
+        max_blocks: Optional[int] = None,
+        local_blocks: int = 0,
+        sink_block: bool = True,
+        gate_dim: Optional[int] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise InvalidValueError(
+                f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
+            )
+        if block_size < 1:
+            raise InvalidValueError(f"block_size must be positive, got {block_size}")
+        if rule not in RULES:
+            raise InvalidValueError(f"rule must be one of {RULES}, got {rule!r}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.block_size, self.causal, self.rule = block_size, causal, rule
+        self.top_k, self.top_p, self.min_blocks, self.max_blocks = top_k, top_p, min_blocks, max_blocks
+        self.local_blocks, self.sink_block = local_blocks, sink_block
+        self.gate = BlockGate(num_kv_heads, head_dim, gate_dim, device=device, dtype=dtype)
+        self.gate_loss: Optional[Tensor] = None
+        self.last_selection: Optional[Selection] = None
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        scale: Optional[float] = None,
+        causal: Optional[bool] = None,
+    ) -> Tensor:
+        """Attention output [B, Hq, Tq, Dv]; ``key_padding_mask`` [B, Tk] is True for keys to attend."""
+        _check_qkv(query, key, value)
+        if query.shape[1:2] != (self.num_heads,) or key.shape[1:2] != (self.num_kv_heads,):
+            raise ShapeError(
+                f"expected {self.num_heads} query and {self.num_kv_heads} key/value heads, got query "
+                f"{tuple(query.shape)} and key {tuple(key.shape)}"
+            )
+        out, sel, loss = dynamic_attention(
+            query,
+            key,
+            value,
+            self.gate,
+            block_size=self.block_size,
+            causal=self.causal if causal is None else causal,
+            rule=self.rule,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_blocks=self.min_blocks,
+            max_blocks=self.max_blocks,
+            local_blocks=self.local_blocks,
+            sink_block=self.sink_block,
+            key_padding_mask=key_padding_mask,
+            scale=scale,
+            return_gate_loss=self.training and torch.is_grad_enabled(),
+        )
+        self.gate_loss, self.last_selection = loss, sel
+        return out
+
+    def extra_repr(self) -> str:
+        sel = (
+            f"top_k={self.top_k}"
+            if self.rule == "top_k"
+            else (f"top_p={self.top_p}, min_blocks={self.min_blocks}, max_blocks={self.max_blocks}")
+        )
+        return (
+            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"block_size={self.block_size}, causal={self.causal}, rule={self.rule!r}, {sel}, "
+            f"local_blocks={self.local_blocks}, sink_block={self.sink_block}"
+        )
+
+
+def gate_losses(model: nn.Module) -> Tensor:
+    """Sum of the ``gate_loss`` of every :class:`DynamicAttention` in ``model`` (0 if none is set)."""
+    losses = [m.gate_loss for m in model.modules() if isinstance(m, DynamicAttention)]
+    losses = [loss for loss in losses if loss is not None]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+__all__ = [
+    "RULES",
+    "BlockGate",
+    "BlockLayout",
+    "DynamicAttention",
+    "Selection",
+    "SparseAttentionOutput",
+    "block_layout",
+    "block_sparse_attention",
+    "computed_fraction",
+    "dynamic_attention",
+    "gate_distillation_loss",
+    "gate_losses",
+    "pool_blocks",
+    "select_blocks",
+]
