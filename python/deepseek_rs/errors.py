@@ -26,4 +26,8 @@ class InvalidValueError(DeepseekError, ValueError):
     """A value is out of range: a NaN or infinite logit, a top-k larger than the expert count, ..."""
 
 
-__all__ = ["DTypeError", "DeepseekError", "DeviceError", "InvalidValueError", "ShapeError"]
+class ShardError(DeepseekError, OSError):
+    """A data shard cannot be read or written: a missing file, a corrupt compressed stream, a full disk."""
+
+
+__all__ = ["DTypeError", "DeepseekError", "DeviceError", "InvalidValueError", "ShapeError", "ShardError"]

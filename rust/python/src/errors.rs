@@ -11,6 +11,7 @@ use pyo3::types::PyType;
 pub enum EngineError {
     Router(deepseek_router::RouterError),
     Dispatch(deepseek_dispatch::DispatchError),
+    Filter(deepseek_textfilter::FilterError),
 }
 
 impl From<deepseek_router::RouterError> for EngineError {
@@ -25,6 +26,12 @@ impl From<deepseek_dispatch::DispatchError> for EngineError {
     }
 }
 
+impl From<deepseek_textfilter::FilterError> for EngineError {
+    fn from(e: deepseek_textfilter::FilterError) -> Self {
+        EngineError::Filter(e)
+    }
+}
+
 impl From<EngineError> for PyErr {
     fn from(e: EngineError) -> PyErr {
         use deepseek_dispatch::DispatchError as D;
@@ -34,6 +41,8 @@ impl From<EngineError> for PyErr {
             EngineError::Dispatch(e @ D::Shape(_)) => shape_error(e.to_string()),
             EngineError::Router(e) => value_error(e.to_string()),
             EngineError::Dispatch(e) => value_error(e.to_string()),
+            EngineError::Filter(e @ deepseek_textfilter::FilterError::Io { .. }) => shard_error(e.to_string()),
+            EngineError::Filter(e) => value_error(e.to_string()),
         }
     }
 }
@@ -67,4 +76,10 @@ pub fn dtype_error(msg: String) -> PyErr {
 pub fn value_error(msg: String) -> PyErr {
     static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     raise(&CLASS, "InvalidValueError", msg)
+}
+
+/// `deepseek_rs.ShardError` (an `OSError`).
+pub fn shard_error(msg: String) -> PyErr {
+    static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    raise(&CLASS, "ShardError", msg)
 }

@@ -9,6 +9,7 @@ use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadwri
 use pyo3::prelude::*;
 
 mod errors;
+mod textfilter;
 use errors::{EngineError, shape_error};
 
 /// A 1-D float array of either supported precision.
@@ -165,6 +166,11 @@ fn route<'py>(
 #[pymodule]
 mod _core {
     use super::*;
+
+    #[pymodule_export]
+    use crate::textfilter::{
+        DocBatch, JsonlReader, JsonlWriter, compute_signals, dsir_log_importance, hashed_features, signal_names,
+    };
 
     /// Softmax top-k routing of `logits` [tokens, experts].
     #[pyfunction]
