@@ -146,11 +146,12 @@ def signals(text: str) -> Dict[str, float]:
     symbols = text.count("#") + text.count("...") + text.count("\u2026")
     s["symbol_word_ratio"] = ratio(symbols, len(ws))
     stripped_ends = [line.rstrip() for line, _ in ls]
-    s["terminal_punct_line_frac"] = ratio(sum(e.endswith(TERMINAL_PUNCTUATION) for e in stripped_ends), len(ls))
+    s["terminal_punct_line_frac"] = ratio(
+        sum(e.endswith(TERMINAL_PUNCTUATION) for e in stripped_ends), len(ls)
+    )
     s["bullet_line_frac"] = ratio(sum(line.lstrip().startswith(BULLETS) for line, _ in ls), len(ls))
     s["ellipsis_line_frac"] = ratio(sum(e.endswith(("...", "\u2026")) for e in stripped_ends), len(ls))
     s["non_alpha_word_frac"] = ratio(sum(not any(c.isalpha() for c in w) for w in ws), len(ws))
     non_space = [c for c in text if not c.isspace()]
     s["cjk_char_frac"] = ratio(sum(is_cjk_unit(c) for c in non_space), len(non_space))
     return s
-

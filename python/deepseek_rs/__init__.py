@@ -6,8 +6,10 @@ custom ops (``torch.ops.deepseek_rs.*``).
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import datafilter
 from .config import OptimizedModel, optimize
-from .errors import DeepseekError, DeviceError, DTypeError, InvalidValueError, ShapeError
+from .datafilter import FilterConfig, run_filter
+from .errors import DeepseekError, DeviceError, DTypeError, InvalidValueError, ShapeError, ShardError
 from .moe import PEAMoE, SwiGLU, SwiGLUExperts
 from .patch import patch
 from .quant import convert_int8, prepare_qat
@@ -22,6 +24,7 @@ __all__ = [
     "DTypeError",
     "DeepseekError",
     "DeviceError",
+    "FilterConfig",
     "InvalidValueError",
     "OptimizedModel",
     "PEAMoE",
@@ -29,13 +32,16 @@ __all__ = [
     "RouterAuxLosses",
     "RouterOutput",
     "ShapeError",
+    "ShardError",
     "SwiGLU",
     "SwiGLUExperts",
     "__version__",
     "aux_losses",
     "convert_int8",
+    "datafilter",
     "optimize",
     "patch",
     "prepare_qat",
     "route",
+    "run_filter",
 ]
