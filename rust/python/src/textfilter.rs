@@ -51,18 +51,21 @@ pub fn hashed_features<'py>(
     Ok((indptr.into_pyarray(py), idx.into_pyarray(py), cnt.into_pyarray(py)))
 }
 
-/// DSIR log importance weight of every text, given `log p_target - log p_raw` per bucket.
+/// DSIR log importance weight of every text, given `log p_target - log p_raw` per bucket;
+/// with `per_feature`, divided by the text's number of hashed features.
 #[pyfunction]
+#[pyo3(signature = (texts, log_ratio, per_feature = false))]
 pub fn dsir_log_importance<'py>(
     py: Python<'py>,
     texts: Vec<String>,
     log_ratio: PyReadonlyArray1<'py, f64>,
+    per_feature: bool,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
     let lr = log_ratio
         .as_slice()
         .map_err(|_| shape_error("log_ratio must be C-contiguous".into()))?;
     let w = py
-        .detach(|| tf::log_importance_batch(&texts, lr))
+        .detach(|| tf::log_importance_batch(&texts, lr, per_feature))
         .map_err(EngineError::from)?;
     Ok(w.into_pyarray(py))
 }

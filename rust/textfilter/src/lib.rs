@@ -61,8 +61,13 @@ pub fn features_batch<S: AsRef<str> + Sync>(texts: &[S], buckets: u32) -> Result
     Ok((indptr, idx, cnt))
 }
 
-/// DSIR log importance weights of every document.
-pub fn log_importance_batch<S: AsRef<str> + Sync>(texts: &[S], log_ratio: &[f64]) -> Result<Vec<f64>> {
+/// DSIR log importance weights of every document; with `per_feature`, divided by the number of
+/// hashed features of the document (0 for a document without words), so lengths compare.
+pub fn log_importance_batch<S: AsRef<str> + Sync>(
+    texts: &[S],
+    log_ratio: &[f64],
+    per_feature: bool,
+) -> Result<Vec<f64>> {
     if log_ratio.is_empty() {
         return Err(FilterError::InvalidArgument(
             "log_ratio must have at least one bucket".into(),
