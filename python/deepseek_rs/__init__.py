@@ -6,11 +6,12 @@ custom ops (``torch.ops.deepseek_rs.*``).
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import cuda  # the GPU path (CuPy is imported only when a kernel runs)
+from . import cuda, datafilter  # cuda: the GPU path (CuPy is imported only when a kernel runs)
 from .attention import BlockGate, DynamicAttention, block_sparse_attention, dynamic_attention, gate_losses
 from .attention_patch import patch_attention
 from .batching import DynamicBatcher
 from .config import OptimizedModel, optimize
+from .datafilter import FilterConfig, run_filter
 from .errors import (
     DeepseekError,
     DeviceError,
@@ -19,6 +20,7 @@ from .errors import (
     QueueFullError,
     RequestTimeoutError,
     ShapeError,
+    ShardError,
     ShutdownError,
 )
 from .gvrt import GVRT, GVRTStats
@@ -40,6 +42,7 @@ __all__ = [
     "DeviceError",
     "DynamicAttention",
     "DynamicBatcher",
+    "FilterConfig",
     "GVRT",
     "GVRTStats",
     "InvalidValueError",
@@ -51,16 +54,17 @@ __all__ = [
     "RouterAuxLosses",
     "RouterOutput",
     "ShapeError",
+    "ShardError",
     "ShutdownError",
     "SwiGLU",
     "SwiGLUExperts",
     "USSLoss",
     "UnifiedSemanticSpace",
-    "__version__",
     "aux_losses",
     "block_sparse_attention",
     "convert_int8",
     "cuda",
+    "datafilter",
     "dynamic_attention",
     "gate_losses",
     "optimize",
@@ -68,4 +72,6 @@ __all__ = [
     "patch_attention",
     "prepare_qat",
     "route",
+    "run_filter",
+    "__version__",
 ]

@@ -1,6 +1,7 @@
 """Type stubs of the Rust extension module `deepseek_rs._core` (kept in step by mypy.stubtest)."""
 
-from typing import Any, Dict, List, Optional, Tuple, final
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -11,15 +12,22 @@ _I64 = npt.NDArray[np.int64]
 _Routing = Tuple[_I64, _I64, _Floats, _I64]
 
 __all__ = [
+    "DocBatch",
+    "JsonlReader",
+    "JsonlWriter",
     "Scheduler",
     "combine",
     "combine_weight_grad",
+    "compute_signals",
+    "dsir_log_importance",
     "gather",
     "gather_scaled",
+    "hashed_features",
     "route_backward",
     "route_group_limited",
     "route_top_k",
     "route_top_p",
+    "signal_names",
     "sort_by_expert",
     "swiglu_experts_forward",
 ]
@@ -84,3 +92,53 @@ class Scheduler:
     def __len__(self) -> int: ...
     def config(self) -> Dict[str, Any]: ...
     def metrics(self) -> Dict[str, Any]: ...
+
+# data filter (rust/python/src/textfilter.rs)
+_F64 = npt.NDArray[np.float64]
+_U32 = npt.NDArray[np.uint32]
+_Path = Union[str, os.PathLike[str]]
+
+def signal_names() -> List[str]: ...
+def compute_signals(texts: Sequence[str]) -> _F64: ...
+def hashed_features(texts: Sequence[str], buckets: int) -> Tuple[_I64, _U32, _U32]: ...
+def dsir_log_importance(texts: Sequence[str], log_ratio: _F64, per_feature: bool = False) -> _F64: ...
+
+@final
+class DocBatch:
+    def __len__(self) -> int: ...
+    @property
+    def texts(self) -> List[str]: ...
+    @property
+    def ids(self) -> List[Optional[str]]: ...
+    @property
+    def line_numbers(self) -> _I64: ...
+    @property
+    def errors(self) -> List[Tuple[int, str]]: ...
+    def signals(self) -> _F64: ...
+
+@final
+class JsonlReader:
+    def __new__(
+        cls, path: _Path, batch_docs: int = 4096, batch_bytes: int = ..., max_line_bytes: int = ...
+    ) -> JsonlReader: ...
+    @property
+    def lines_read(self) -> int: ...
+    def __iter__(self) -> Iterator[DocBatch]: ...
+    def __next__(self) -> DocBatch: ...
+
+@final
+class JsonlWriter:
+    def __new__(cls, path: _Path) -> JsonlWriter: ...
+    @property
+    def lines(self) -> int: ...
+    def write(
+        self,
+        batch: DocBatch,
+        rows: _I64,
+        signals: Optional[_F64] = None,
+        names: Optional[Sequence[str]] = None,
+        keep: Optional[npt.NDArray[np.bool_]] = None,
+        reasons: Optional[Sequence[Optional[str]]] = None,
+    ) -> None: ...
+    def finish(self) -> None: ...
+    def abort(self) -> None: ...

@@ -2,7 +2,8 @@
 
 ``deepseek-rs bench moe [--quick] [--json PATH]`` runs the MoE benchmark and prints its table.
 ``deepseek-rs serve [--model MODULE:FACTORY] [--port N] ...`` serves a model over HTTP through
-the dynamic batcher (see ``deepseek_rs.serve``). Subcommands are argparse subparsers.
+the dynamic batcher (see ``deepseek_rs.serve``).
+``deepseek-rs filter INPUT... -o OUTDIR [--config filter.yaml]`` filters JSONL shards.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import json
 import sys
 from typing import List, Optional
+
+from .errors import DeepseekError
 
 
 def _bench_moe(args: argparse.Namespace) -> int:
@@ -67,6 +70,25 @@ def _serve(args: argparse.Namespace) -> int:
     serve.run(
         args.model, host=args.host, port=args.port, log_level=args.log_level, batching=enabled, **kwargs
     )
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from .datafilter import FilterConfig, run_filter
+
+    config = FilterConfig.from_yaml(args.config) if args.config else FilterConfig()
+    show = not args.quiet and (args.progress or sys.stderr.isatty())
+    stats = run_filter(args.inputs, args.output, config, progress=show)
+    print(
+        f"read {stats['read']} documents: kept {stats['kept']}, dropped {stats['dropped']}, "
+        f"malformed lines {stats['malformed_lines']}; stats in {args.output}/stats.json",
+        flush=True,
+    )
+    for m in stats["malformed"][:10]:
+        print(f"  malformed: {m['file']}:{m['line']}: {m['error']}", file=sys.stderr)
+    for shard in stats["shards"]:
+        if "stream_error" in shard:
+            print(f"  unreadable after line {shard['lines']}: {shard['stream_error']}", file=sys.stderr)
     return 0
 
 
@@ -127,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--threads", type=int, help="torch intra-op threads")
     srv.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     srv.set_defaults(run=_serve)
+    filt = commands.add_parser(
+        "filter",
+        help="filter JSONL shards: semantic density, domain screening, hard-example mining",
+        description=(
+            "Filter JSONL shards ({\"id\": ..., \"text\": ...} per line; plain, .gz or .zst) into "
+            "OUTDIR/kept and OUTDIR/dropped, with OUTDIR/stats.json and OUTDIR/signals.png. "
+            "Resumable: rerun the same command after an interruption."
+        ),
+    )
+    filt.add_argument("inputs", nargs="+", metavar="INPUT", help="input JSONL shards")
+    filt.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
+    filt.add_argument("--config", metavar="YAML", help="filter configuration (deepseek_rs.datafilter.config)")
+    filt.add_argument(
+        "--progress", action="store_true", help="progress bars on stderr even when it is not a terminal"
+    )
+    filt.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    filt.set_defaults(run=_filter)
     parser.set_defaults(run=lambda _args: _usage(parser))
     return parser
 
@@ -138,7 +177,11 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except DeepseekError as e:  # bad input: one clear line, no traceback
+        print(f"deepseek-rs: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ class RequestTimeoutError(DeepseekError, TimeoutError):
     """A request waited past its deadline and was never run (HTTP 504)."""
 
 
+class ShardError(DeepseekError, OSError):
+    """A data shard cannot be read or written: a missing file, a corrupt compressed stream, a full disk."""
+
+
 __all__ = [
     "DTypeError",
     "DeepseekError",
@@ -46,5 +50,6 @@ __all__ = [
     "QueueFullError",
     "RequestTimeoutError",
     "ShapeError",
+    "ShardError",
     "ShutdownError",
 ]

@@ -13,6 +13,7 @@ pub enum EngineError {
     Dispatch(deepseek_dispatch::DispatchError),
     Experts(deepseek_experts::ExpertsError),
     Scheduler(deepseek_scheduler::SchedulerError),
+    Filter(deepseek_textfilter::FilterError),
 }
 
 impl From<deepseek_router::RouterError> for EngineError {
@@ -39,6 +40,12 @@ impl From<deepseek_scheduler::SchedulerError> for EngineError {
     }
 }
 
+impl From<deepseek_textfilter::FilterError> for EngineError {
+    fn from(e: deepseek_textfilter::FilterError) -> Self {
+        EngineError::Filter(e)
+    }
+}
+
 impl From<EngineError> for PyErr {
     fn from(e: EngineError) -> PyErr {
         use deepseek_dispatch::DispatchError as D;
@@ -54,6 +61,8 @@ impl From<EngineError> for PyErr {
             EngineError::Scheduler(e @ S::QueueFull(_)) => queue_full_error(e.to_string()),
             EngineError::Scheduler(e @ S::Closed) => shutdown_error(e.to_string()),
             EngineError::Scheduler(e) => value_error(e.to_string()),
+            EngineError::Filter(e @ deepseek_textfilter::FilterError::Io { .. }) => shard_error(e.to_string()),
+            EngineError::Filter(e) => value_error(e.to_string()),
         }
     }
 }
@@ -99,4 +108,10 @@ pub fn queue_full_error(msg: String) -> PyErr {
 pub fn shutdown_error(msg: String) -> PyErr {
     static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     raise(&CLASS, "ShutdownError", msg)
+}
+
+/// `deepseek_rs.ShardError` (an `OSError`).
+pub fn shard_error(msg: String) -> PyErr {
+    static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    raise(&CLASS, "ShardError", msg)
 }

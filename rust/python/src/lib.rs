@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 mod errors;
 mod experts;
 mod scheduler;
+mod textfilter;
 use errors::{EngineError, shape_error};
 
 /// A 1-D float array of either supported precision.
@@ -170,7 +171,12 @@ mod _core {
 
     #[pymodule_export]
     use crate::experts::swiglu_experts_forward;
+    #[pymodule_export]
     use crate::scheduler::Scheduler;
+    #[pymodule_export]
+    use crate::textfilter::{
+        DocBatch, JsonlReader, JsonlWriter, compute_signals, dsir_log_importance, hashed_features, signal_names,
+    };
 
     /// Softmax top-k routing of `logits` [tokens, experts].
     #[pyfunction]

@@ -1,0 +1,131 @@
+"""Stage 2, domain screening: keep documents that look like a reference corpus of the target domain.
+
+Two screens over the same hashed unigram + bigram counts (``_core.hashed_features``, CJK aware):
+
+* ``LDADomainFilter``: scikit-learn's LDA fit on the reference corpus; a document's score is
+  ``1 - Hellinger(theta_doc, theta_domain)`` where ``theta_domain`` is the mean topic mixture of
+  the reference documents.
+* ``DSIRDomainFilter``: DSIR (Xie et al. 2023) importance weights, ``log p_target(x) - log p_raw(x)``
+  under bag-of-hashed-n-gram models, per feature so long and short documents compare; the fast
+  alternative (no model fit beyond two histograms).
+
+Both keep a document whose score is at least the ``keep_quantile`` quantile of the reference
+documents' own scores, so the threshold calibrates itself on the domain.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .. import _core
+from ..errors import InvalidValueError
+
+
+def hashed_matrix(texts: Sequence[str], buckets: int):
+    """Hashed n-gram counts as a scipy CSR matrix ``[len(texts), buckets]``."""
+    from scipy.sparse import csr_matrix
+
+    indptr, idx, counts = _core.hashed_features(list(texts), buckets)
+    return csr_matrix((counts.astype(np.float64), idx.astype(np.int64), indptr), shape=(len(texts), buckets))
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise InvalidValueError(f"{name} must be in [0, 1), got {value}")
+
+
+class _QuantileScreen:
+    keep_quantile: float
+    threshold: Optional[float] = None
+    reason: str = ""
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _calibrate(self, reference_scores: np.ndarray) -> None:
+        self.threshold = float(np.quantile(reference_scores, self.keep_quantile))
+
+    def keep(self, texts: Sequence[str]) -> np.ndarray:
+        """Whether each text passes the screen (``fit`` first)."""
+        return self.keep_scores(self.score(texts))
+
+    def keep_scores(self, scores: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            raise InvalidValueError(f"{type(self).__name__} is not fit; call fit(reference_texts) first")
+        return scores >= self.threshold
+
+
+class LDADomainFilter(_QuantileScreen):
+    """LDA topic-mixture screen (see the module docstring)."""
+
+    reason = "off_domain_lda"
+
+    def __init__(self, topics: int = 20, buckets: int = 1 << 14, keep_quantile: float = 0.05, seed: int = 0):
+        if topics < 2 or buckets < 1:
+            raise InvalidValueError(f"need topics >= 2 and buckets >= 1, got {topics} and {buckets}")
+        _check_fraction("keep_quantile", keep_quantile)
+        self.topics, self.buckets, self.keep_quantile, self.seed = topics, buckets, keep_quantile, seed
+        self.lda = None
+        self.domain_mixture: Optional[np.ndarray] = None
+
+    def fit(self, reference_texts: Sequence[str]) -> LDADomainFilter:
+        from sklearn.decomposition import LatentDirichletAllocation
+
+        if len(reference_texts) < 2:
+            raise InvalidValueError("the reference corpus needs at least 2 documents")
+        x = hashed_matrix(reference_texts, self.buckets)
+        self.lda = LatentDirichletAllocation(
+            n_components=self.topics, learning_method="batch", max_iter=20, random_state=self.seed
+        ).fit(x)
+        theta = self.lda.transform(x)
+        self.domain_mixture = theta.mean(axis=0)
+        self._calibrate(self._similarity(theta))
+        return self
+
+    def _similarity(self, theta: np.ndarray) -> np.ndarray:
+        assert self.domain_mixture is not None
+        bc = np.sqrt(theta * self.domain_mixture[None, :]).sum(axis=1)  # Bhattacharyya coefficient
+        return 1.0 - np.sqrt(np.clip(1.0 - bc, 0.0, 1.0))
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        """``1 - Hellinger`` distance of each text's topic mixture to the domain's, in [0, 1]."""
+        if self.lda is None:
+            raise InvalidValueError("LDADomainFilter is not fit; call fit(reference_texts) first")
+        if len(texts) == 0:
+            return np.zeros(0)
+        return self._similarity(self.lda.transform(hashed_matrix(texts, self.buckets)))
+
+
+class DSIRDomainFilter(_QuantileScreen):
+    """DSIR importance-weight screen (see the module docstring)."""
+
+    reason = "off_domain_dsir"
+
+    def __init__(self, buckets: int = 1 << 16, keep_quantile: float = 0.05, smoothing: float = 1.0):
+        if buckets < 1 or smoothing <= 0:
+            raise InvalidValueError(f"need buckets >= 1 and smoothing > 0, got {buckets} and {smoothing}")
+        _check_fraction("keep_quantile", keep_quantile)
+        self.buckets, self.keep_quantile, self.smoothing = buckets, keep_quantile, smoothing
+        self.log_ratio: Optional[np.ndarray] = None
+
+    def _log_probs(self, texts: Sequence[str]) -> np.ndarray:
+        _, idx, counts = _core.hashed_features(list(texts), self.buckets)
+        totals = np.bincount(idx, weights=counts, minlength=self.buckets) + self.smoothing
+        return np.log(totals / totals.sum())
+
+    def fit(self, reference_texts: Sequence[str], raw_texts: Sequence[str]) -> DSIRDomainFilter:
+        """Fit the target model on ``reference_texts`` and the raw model on ``raw_texts``
+        (a sample of the data to be filtered)."""
+        if len(reference_texts) < 2 or len(raw_texts) < 1:
+            raise InvalidValueError("DSIR needs at least 2 reference documents and 1 raw document")
+        self.log_ratio = self._log_probs(reference_texts) - self._log_probs(raw_texts)
+        self._calibrate(self.score(reference_texts))
+        return self
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        """Log importance weight per hashed feature of each text (0 for a text without words)."""
+        if self.log_ratio is None:
+            raise InvalidValueError("DSIRDomainFilter is not fit; call fit(reference, raw) first")
+        return _core.dsir_log_importance(list(texts), self.log_ratio, per_feature=True)
