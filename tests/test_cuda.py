@@ -76,7 +76,8 @@ def test_wheel_and_sdist_include_the_kernel_sources():
 @pytest.mark.parametrize("arch", ["80", "90"])
 @pytest.mark.parametrize("name", _runtime.SOURCES)
 def test_every_kernel_compiles_with_nvrtc(name, arch):
-    ok, log, cubin = _nvrtc.compile_cubin(_runtime.source(name), name, arch)
+    # The options CuPy's RawModule compiles with (it adds -ftz=true to ours).
+    ok, log, cubin = _nvrtc.compile_cubin(_runtime.source(name), name, arch, ("-std=c++17", "-ftz=true"))
     assert ok, log
     for kernel in LAUNCHED[name]:
         assert kernel.encode() + b"\0" in cubin, f"{kernel} missing from the sm_{arch} binary of {name}"
@@ -456,3 +457,27 @@ def test_peamoe_on_cuda_rejects_what_the_kernels_cannot_run():
         assert layer(torch.zeros(0, 64, device="cuda").half()).shape == (0, 64)
     with pytest.raises(DeviceError):
         layer(torch.randn(5, 64).half())
+
+
+@given(
+    st.lists(
+        st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-30, -1e-30, float("inf"), float("-inf")])
+        | st.floats(-1e6, 1e6, width=32),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_router_selection_keys_order_by_value_then_lower_index(values):
+    # The packed keys of cuda/router.cu (select_key), evaluated with numpy's 32/64-bit integers.
+    src = " ".join(_runtime.source("router.cu").split())
+    assert "int bits = __float_as_int(v + 0.0f);" in src
+    assert "int ordered = bits ^ (int)(((u32)(bits >> 31)) >> 1);" in src
+    assert "return ((i64)ordered << 32) | (i64)(u32)(E - 1 - i);" in src
+    v = np.array(values, dtype=np.float32)
+    e = len(v)
+    bits = (v + np.float32(0.0)).view(np.int32)
+    ordered = bits ^ ((bits >> 31).view(np.uint32) >> 1).view(np.int32)
+    keys = (ordered.astype(np.int64) << 32) | (e - 1 - np.arange(e)).astype(np.uint32).astype(np.int64)
+    by_key = np.argsort(-keys, kind="stable")
+    by_value = sorted(range(e), key=lambda i: (-float(v[i]), i))
+    assert by_key.tolist() == by_value
