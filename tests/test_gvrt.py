@@ -54,7 +54,7 @@ def reference_rules(
                 "adaptive": mean + z_threshold**2 * std / z,
                 "mean": mean,
             }[clip]
-            if threshold / (g + 1e-6) >= 1.0:
+            if threshold >= g:
                 threshold = None
         effective = g if threshold is None else threshold
         x = min(g, mean + LR_Z_CAP * z_threshold * std)
@@ -87,7 +87,7 @@ def drive(norms, seed=0, lr=0.5, **kwargs):
         last = opt.last
         seen.append((last.clip_threshold, last.lr_factor))
         measured.append(last.grad_norm)
-        coef = 1.0 if last.clip_threshold is None else last.clip_threshold / (last.grad_norm + 1e-6)
+        coef = 1.0 if last.clip_threshold is None else last.clip_threshold / last.grad_norm
         bound = norm if last.clip_threshold is None else last.clip_threshold
         assert p.grad.norm().item() <= bound * (1 + 1e-9)
         torch.testing.assert_close(

@@ -257,7 +257,7 @@ class GVRT(Optimizer):
             if s["count"] == self.warmup_steps:
                 # Robust start: the median and the scaled median absolute deviation, so that a
                 # spike during the warm-up does not inflate the first thresholds.
-                norms = torch.tensor(s.pop("warmup_norms"), dtype=torch.float64)
+                norms = torch.tensor(s["warmup_norms"], dtype=torch.float64)
                 median = norms.quantile(0.5).item()
                 mad = (norms - median).abs().quantile(0.5).item()
                 s["mean"], s["var"] = median, (MAD_TO_STD * mad) ** 2
@@ -300,7 +300,9 @@ class GVRT(Optimizer):
             return loss
         threshold = self._threshold(norm)
         if threshold is not None:
-            coef = threshold / (norm + 1e-6)
+            # threshold < norm whenever it is set (and so norm > 0); relative, unlike
+            # clip_grad_norm_'s max_norm / (norm + 1e-6), so tiny norms are not over-clipped.
+            coef = threshold / norm
             if coef < 1.0:
                 _scale_(grads, coef)
                 s["clipped_steps"] += 1
