@@ -27,23 +27,29 @@ def reference_rules(
     warmup_steps=25,
     alpha=0.97,
     z_threshold=2.5,
-    clip="zscore",
+    clip="adaptive",
     lr_beta=0.8,
     lr_tolerance=2.0,
     min_lr_factor=0.1,
     eps=1e-6,
+    warmup_clip_factor=10.0,
 ):
     """(clip threshold or None, lr factor) of each step, written from the docstring's rules."""
     out, warm = [], []
     mean = var = mean_fast = var_fast = 0.0
     for g in norms:
         if len(warm) < warmup_steps:
-            warm.append(g)
+            bound = (
+                math.inf
+                if not warm or warmup_clip_factor is None
+                else warmup_clip_factor * statistics.median(warm)
+            )
+            warm.append(min(g, bound))
             if len(warm) == warmup_steps:
                 mean = statistics.median(warm)
                 var = (1.4826 * statistics.median(abs(x - mean) for x in warm)) ** 2
                 mean_fast, var_fast = mean, var
-            out.append((None, 1.0))
+            out.append((bound if g > bound else None, 1.0))
             continue
         std = max(math.sqrt(var), eps * abs(mean), TINY)
         z = (g - mean) / std
@@ -138,6 +144,7 @@ def test_a_spike_during_the_warmup_does_not_inflate_the_thresholds():
     norms = [1.0 + 0.1 * math.sin(i) for i in range(25)]
     norms[10] = 500.0
     _, seen, _ = drive(norms + [5.0], warmup_steps=25)
+    assert seen[10][0] == pytest.approx(10 * statistics.median(norms[:10]))  # caught in the warm-up
     threshold, _ = seen[-1]
     assert threshold is not None and threshold < 1.5
 
@@ -324,6 +331,7 @@ def test_no_gradients_is_a_zero_norm_step():
         ({"clip": "percentile"}, "clip must be one of"),
         ({"nonfinite": "ignore"}, "nonfinite"),
         ({"max_norm": -1.0}, "max_norm"),
+        ({"warmup_clip_factor": 0.5}, "warmup_clip_factor"),
         ({"min_lr_factor": 0.0}, "min_lr_factor"),
         ({"lr_tolerance": -2}, "lr_tolerance"),
         ({"norm_type": 0}, "norm_type"),
