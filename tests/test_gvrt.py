@@ -378,3 +378,20 @@ def test_distributed_ddp_fsdp2_and_sharded_runs_match_one_process(tmp_path):
         for p in ("2.0", "1.0", "inf"):
             assert out[f"sharded_norm_{p}"] == pytest.approx(out[f"full_norm_{p}"], rel=1e-6)
     assert ranks[0]["ddp"] == ranks[1]["ddp"]  # every rank took the same decisions
+
+
+def test_step_hooks_run_and_a_deep_copy_is_independent():
+    p = nn.Parameter(torch.ones(3))
+    opt = GVRT(torch.optim.Adam([p], lr=0.1), warmup_steps=2)
+    calls = []
+    opt.register_step_post_hook(lambda *_: calls.append(1))
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.step()
+    assert calls == [1, 1, 1]
+    twin = copy.deepcopy(opt)
+    assert (
+        twin.param_groups[0]["params"][0] is not p and twin.state_dict()["gvrt"] == opt.state_dict()["gvrt"]
+    )
+    twin.param_groups[0]["lr"] = 1.0
+    assert opt.param_groups[0]["lr"] == 0.1
