@@ -18,6 +18,8 @@
   to separate the two halves of GVRT; GVRT with ``clip="zscore"`` (clip to mean + z*std instead
   of ZClip's adaptive threshold). And the same run without corrupted batches ("clean data", no
   clipping): the loss the spikes took away.
+* ``--burst START:END:P``: steps START to END-1 are corrupted with probability P instead, a
+  surge of bad batches (the case the learning-rate half of GVRT is for).
 * Reported: held-out loss (bits per byte) at the end and along the run, mean and spread over
   seeds; the PNG plot of the held-out loss curves (matplotlib).
 """
@@ -93,7 +95,15 @@ def held_out_bits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train(
-    method: str, seed: int, train_data, eval_xy, steps: int, eval_every: int, spike_p: float, gvrt=None
+    method: str,
+    seed: int,
+    train_data,
+    eval_xy,
+    steps: int,
+    eval_every: int,
+    spike_p: float,
+    gvrt=None,
+    burst=None,
 ):
     torch.manual_seed(seed)
     model = NPLM()
@@ -112,7 +122,8 @@ def train(
     curve, norms, factors, clipped = [], [], [], 0
     for step in range(steps):
         x, y = windows(train_data, torch.randint(0, len(train_data) - CONTEXT - 1, (64,), generator=g))
-        corrupt = torch.rand((), generator=g).item() < spike_p and method != "clean data"
+        p = burst[2] if burst is not None and burst[0] <= step < burst[1] else spike_p
+        corrupt = torch.rand((), generator=g).item() < p and method != "clean data"
         noise = torch.randint(0, 256, (64, CONTEXT + 1), generator=g)
         scale = 1.0
         if corrupt:
@@ -170,8 +181,17 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--spike-p", type=float, default=0.02, help="probability that a step's batch is corrupted")
+    p.add_argument(
+        "--burst",
+        metavar="START:END:P",
+        help="a stretch of steps [START, END) whose batches are corrupted with probability P",
+    )
     p.add_argument("--plot", metavar="PATH", help="write the held-out loss curves as a PNG")
     args = p.parse_args(argv)
+    burst = None
+    if args.burst:
+        start, end, prob = args.burst.split(":")
+        burst = (int(start), int(end), float(prob))
     steps, seeds = (40, 1) if args.quick else (args.steps, args.seeds)
     if args.quick:  # a few corrupted steps even in 40
         args.spike_p = max(args.spike_p, 0.1)
@@ -191,13 +211,16 @@ def main(argv=None) -> None:
     print(
         f"data: {len(data) / 1e6:.1f} MB of Python {sys.version.split()[0]} stdlib source; {steps} steps, "
         f"batch 64, {args.spike_p:.0%} corrupted batches (random bytes, loss x100), {seeds} seed(s)"
+        + (f"; steps {burst[0]}-{burst[1] - 1}: {burst[2]:.0%} corrupted" if burst else "")
     )
 
     results = {m: [] for m in METHODS}
     start = time.perf_counter()
     for seed in range(seeds):
         for method in METHODS:
-            results[method].append(train(method, seed, train_data, eval_xy, steps, eval_every, args.spike_p))
+            results[method].append(
+                train(method, seed, train_data, eval_xy, steps, eval_every, args.spike_p, burst=burst)
+            )
         spikes = sum(c for _, c in results["no clipping"][seed][1])
         finals = "  ".join(f"{m}: {results[m][seed][0][-1][1]:.3f}" for m in METHODS)
         print(f"seed {seed} ({spikes} corrupted steps): final held-out bits/byte  {finals}")
