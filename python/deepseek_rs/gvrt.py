@@ -18,10 +18,10 @@
    the threshold that follows it;
 4. lowers the learning rate while the variance spikes: a fast moving variance (decay
    ``lr_beta``) of the norm, each step's norm capped at ``mean + 2 * z_threshold * std``, is
-   compared with the slow one; while the ratio exceeds
-   ``lr_tolerance`` every group's rate is multiplied by ``sqrt(lr_tolerance / ratio)`` (at least
-   ``min_lr_factor``) for this step only, and restored right after it. A learning-rate scheduler
-   therefore always reads and writes its own values: the factor composes with any scheduler.
+   compared with the slow one; while the ratio exceeds ``lr_tolerance`` every group's rate is
+   multiplied by ``sqrt(lr_tolerance / ratio)`` (at least ``min_lr_factor``) for this step
+   only, and restored right after it. A learning-rate scheduler therefore always reads and
+   writes its own values: the factor composes with any scheduler.
 
 Non-finite norms (an overflowed half-precision step, a corrupted batch) skip the step without
 touching the statistics (``nonfinite="skip"``, like ``GradScaler``) or raise
