@@ -395,3 +395,24 @@ def test_step_hooks_run_and_a_deep_copy_is_independent():
     )
     twin.param_groups[0]["lr"] = 1.0
     assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_grad_scaler_steps_the_wrapper_on_unscaled_gradients():
+    torch.manual_seed(0)
+    net, twin = nn.Linear(4, 1), nn.Linear(4, 1)
+    twin.load_state_dict(net.state_dict())
+    opt = GVRT(torch.optim.SGD(net.parameters(), lr=0.1), warmup_steps=3)
+    ref = GVRT(torch.optim.SGD(twin.parameters(), lr=0.1), warmup_steps=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for _ in range(6):
+        x = torch.randn(8, 4)
+        opt.zero_grad()
+        scaler.scale(net(x).pow(2).mean()).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        ref.zero_grad()
+        twin(x).pow(2).mean().backward()
+        ref.step()
+        assert opt.last.grad_norm == pytest.approx(ref.last.grad_norm, rel=1e-6)
+    torch.testing.assert_close(net.weight, twin.weight)
