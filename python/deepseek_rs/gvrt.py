@@ -7,18 +7,21 @@
    and, with ``process_group``, plain sharded gradients (FSDP1, ZeRO) summed across ranks);
 2. keeps running statistics of that norm: after a warm-up of ``warmup_steps`` steps the mean and
    variance start from the warm-up norms' median and scaled median absolute deviation (robust to
-   a spike during the warm-up), then follow exponential moving averages with decay ``alpha``;
+   a spike during the warm-up), then follow exponential moving averages with decay ``alpha``.
+   During the warm-up a norm more than ``warmup_clip_factor`` times the median so far is
+   clipped to that bound: too few norms for a variance, but a 50x spike is still caught;
 3. clips outliers as ZClip does (Kumar et al. 2025, arXiv:2504.02507): a norm whose z-score
-   ``z = (g - mean) / std`` exceeds ``z_threshold`` is scaled down to ``mean + z_threshold * std``
-   (``clip="zscore"``), to ZClip's ``mean + z_threshold**2 * std / z`` which pulls larger outliers
-   further down (``clip="adaptive"``), or to the mean (``clip="mean"``); the statistics then
-   absorb the clipped norm, so a spike does not inflate the threshold that follows it;
+   ``z = (g - mean) / std`` exceeds ``z_threshold`` is scaled down to ZClip's default
+   ``mean + z_threshold**2 * std / z``, which pulls larger outliers further down
+   (``clip="adaptive"``), to ``mean + z_threshold * std`` (``clip="zscore"``), or to the mean
+   (``clip="mean"``); the statistics then absorb the clipped norm, so a spike does not inflate
+   the threshold that follows it;
 4. lowers the learning rate while the variance spikes: a fast moving variance (decay
    ``lr_beta``) of the norm, each step's norm capped at ``mean + 2 * z_threshold * std``, is
-   compared with the slow one; while the ratio exceeds
-   ``lr_tolerance`` every group's rate is multiplied by ``sqrt(lr_tolerance / ratio)`` (at least
-   ``min_lr_factor``) for this step only, and restored right after it. A learning-rate scheduler
-   therefore always reads and writes its own values: the factor composes with any scheduler.
+   compared with the slow one; while the ratio exceeds ``lr_tolerance`` every group's rate is
+   multiplied by ``sqrt(lr_tolerance / ratio)`` (at least ``min_lr_factor``) for this step
+   only, and restored right after it. A learning-rate scheduler therefore always reads and
+   writes its own values: the factor composes with any scheduler.
 
 Non-finite norms (an overflowed half-precision step, a corrupted batch) skip the step without
 touching the statistics (``nonfinite="skip"``, like ``GradScaler``) or raise
@@ -32,6 +35,7 @@ reads the norm (as ``clip_grad_norm_(error_if_nonfinite=True)`` does).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -133,6 +137,8 @@ class GVRT(Optimizer):
         warmup_steps: steps whose norms initialise the statistics; nothing is adapted before.
         clip: ``"zscore"``, ``"adaptive"`` or ``"mean"`` (see the module docstring).
         max_norm: an optional fixed ceiling on the norm, applied at every step, warm-up included.
+        warmup_clip_factor: during the warm-up, a norm above this multiple of the median of the
+            warm-up norms so far is clipped to it (None: no adaptive clipping in the warm-up).
         adapt_lr: lower the learning rate while the variance spikes.
         lr_beta: decay of the fast moving variance that detects a spike.
         lr_tolerance: fast / slow variance ratio tolerated before the rate is lowered.
@@ -153,8 +159,9 @@ class GVRT(Optimizer):
         alpha: float = 0.97,
         z_threshold: float = 2.5,
         warmup_steps: int = 25,
-        clip: str = "zscore",
+        clip: str = "adaptive",
         max_norm: Optional[float] = None,
+        warmup_clip_factor: Optional[float] = 10.0,
         adapt_lr: bool = True,
         lr_beta: float = 0.8,
         lr_tolerance: float = 2.0,
@@ -183,6 +190,12 @@ class GVRT(Optimizer):
             raise InvalidValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if max_norm is not None:
             _check_positive("max_norm", max_norm)
+        if warmup_clip_factor is not None and not (
+            isinstance(warmup_clip_factor, (int, float)) and 1 <= warmup_clip_factor < math.inf
+        ):
+            raise InvalidValueError(
+                f"warmup_clip_factor must be a finite number >= 1 or None, got {warmup_clip_factor!r}"
+            )
         if not (isinstance(norm_type, (int, float)) and (math.isinf(norm_type) or norm_type > 0)):
             raise InvalidValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
         # Optimizer.__init__ sets up the step hooks; once the wrapped optimizer is attached,
@@ -193,6 +206,7 @@ class GVRT(Optimizer):
         self.__dict__.pop("_init_state")
         self.alpha, self.z_threshold, self.warmup_steps = float(alpha), float(z_threshold), warmup_steps
         self.clip, self.max_norm, self.adapt_lr = clip, max_norm, adapt_lr
+        self.warmup_clip_factor = warmup_clip_factor
         self.lr_beta, self.lr_tolerance = float(lr_beta), float(lr_tolerance)
         self.min_lr_factor, self.norm_type = float(min_lr_factor), float(norm_type)
         self.process_group, self.nonfinite, self.eps = process_group, nonfinite, float(eps)
@@ -226,7 +240,12 @@ class GVRT(Optimizer):
     def _threshold(self, norm: float) -> Optional[float]:
         """The norm to clip to, or None; also applies ``max_norm``."""
         threshold = None
-        if not self.warming_up:
+        if self.warming_up:
+            seen = self._stats["warmup_norms"]
+            if self.warmup_clip_factor is not None and seen:
+                bound = self.warmup_clip_factor * statistics.median(seen)
+                threshold = bound if norm > bound else None
+        else:
             mean, std = self._stats["mean"], self._std()
             z = (norm - mean) / std
             if z > self.z_threshold:
@@ -257,9 +276,8 @@ class GVRT(Optimizer):
             if s["count"] == self.warmup_steps:
                 # Robust start: the median and the scaled median absolute deviation, so that a
                 # spike during the warm-up does not inflate the first thresholds.
-                norms = torch.tensor(s.pop("warmup_norms"), dtype=torch.float64)
-                median = norms.quantile(0.5).item()
-                mad = (norms - median).abs().quantile(0.5).item()
+                median = statistics.median(s["warmup_norms"])
+                mad = statistics.median(abs(x - median) for x in s["warmup_norms"])
                 s["mean"], s["var"] = median, (MAD_TO_STD * mad) ** 2
                 s["mean_fast"], s["var_fast"] = s["mean"], s["var"]
                 s["warmup_norms"] = []
@@ -300,7 +318,9 @@ class GVRT(Optimizer):
             return loss
         threshold = self._threshold(norm)
         if threshold is not None:
-            coef = threshold / (norm + 1e-6)
+            # threshold < norm whenever it is set (and so norm > 0); relative, unlike
+            # clip_grad_norm_'s max_norm / (norm + 1e-6), so tiny norms are not over-clipped.
+            coef = threshold / norm
             if coef < 1.0:
                 _scale_(grads, coef)
                 s["clipped_steps"] += 1
