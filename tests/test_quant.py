@@ -148,3 +148,19 @@ def test_empty_batches_and_bad_input():
         prepare_qat("not a model")
     with pytest.raises(InvalidValueError):
         convert_int8(nn.Linear(2, 2))
+
+
+def test_multihead_attention_is_left_in_float():
+    # nn.MultiheadAttention reads out_proj.weight directly, so its Linear must not be swapped;
+    # the feed-forward Linears around it are.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    model = nn.Sequential(layer)
+    x = torch.randn(2, 5, 16)
+    prepare_qat(model)
+    assert isinstance(layer.linear1, QATLinear) and type(layer.self_attn.out_proj) is not QATLinear
+    model(x).sum().backward()
+    convert_int8(model)
+    assert isinstance(layer.linear1, Int8Linear) and not isinstance(layer.self_attn.out_proj, Int8Linear)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()

@@ -25,6 +25,7 @@ section. Every section is optional.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,7 @@ from torch import nn
 
 from . import _core
 from .errors import DeviceError, InvalidValueError
+from .moe import SwiGLUExperts
 from .quant import convert_int8, prepare_qat
 
 if TYPE_CHECKING:
@@ -120,7 +122,10 @@ def parse_config(source: Union[str, Path, Mapping[str, Any]]) -> OptimizationCon
         import yaml
 
         text = source
-        if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and ":" not in source):
+        looks_like_path = isinstance(source, str) and "\n" not in source and (
+            ":" not in source or Path(source).is_file()
+        )
+        if isinstance(source, Path) or looks_like_path:
             path = Path(source)
             if not path.is_file():
                 raise InvalidValueError(f"optimization config file {str(path)!r} does not exist")
@@ -139,9 +144,10 @@ def parse_config(source: Union[str, Path, Mapping[str, Any]]) -> OptimizationCon
         where = "optimization.quantization"
         q = _keys(where, raw["quantization"], ("method", "bit_width", "activation_range"))
         d = QuantizationConfig()
+        bits = q.get("bit_width", d.bit_width)
         quantization = QuantizationConfig(
             method=_choice(f"{where}.method", q.get("method", d.method), QUANT_METHODS),
-            bit_width=_choice(f"{where}.bit_width", q.get("bit_width", d.bit_width), BIT_WIDTHS),
+            bit_width=_choice(f"{where}.bit_width", _int(f"{where}.bit_width", bits, 1), BIT_WIDTHS),
             activation_range=_choice(
                 f"{where}.activation_range", q.get("activation_range", d.activation_range), ACTIVATION_RANGES
             ),
@@ -150,8 +156,8 @@ def parse_config(source: Union[str, Path, Mapping[str, Any]]) -> OptimizationCon
         where = "optimization.batching"
         b = _keys(where, raw["batching"], ("strategy", "min_size", "max_size", "max_queue_delay_ms"))
         d2 = BatchingConfig()
-        min_size = _int(f"{where}.min_size", b.get("min_size", d2.min_size), 0)
-        max_size = _int(f"{where}.max_size", b.get("max_size", d2.max_size), 0)
+        min_size = _int(f"{where}.min_size", b.get("min_size", d2.min_size), 1)
+        max_size = _int(f"{where}.max_size", b.get("max_size", d2.max_size), 1)
         delay = b.get("max_queue_delay_ms", d2.max_queue_delay_ms)
         if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < float("inf"):
             raise InvalidValueError(f"{where}.max_queue_delay_ms must be a number >= 0, got {delay!r}")
@@ -193,6 +199,7 @@ class OptimizedModel(nn.Module):
         super().__init__()
         self.module, self.config, self.device = module, config, device
         self.autocast_dtype = autocast_dtype
+        self.train(module.training)  # a deployed (eval) model gives an eval wrapper
 
     def precision(self):
         """The autocast context of the configured precision (a no-op for fp32)."""
@@ -245,16 +252,19 @@ def optimize(
     model: nn.Module,
     config: Union[str, Path, Mapping[str, Any], OptimizationConfig],
     *,
-    stage: str = "deploy",
+    stage: str = "auto",
     device: Optional[Union[str, torch.device]] = None,
 ) -> OptimizedModel:
     """Apply an optimization config to ``model`` (modified in place) and wrap it.
 
     ``stage="train"`` prepares the model for quantization-aware training (fake-quantized
     ``QATLinear`` / experts; train it, then call ``optimize`` again with ``stage="deploy"``).
-    ``stage="deploy"`` converts it to int8 inference modules: after QAT this deploys what was
-    trained; on a float model with ``method: PTQ`` it is post-training quantization, and with
-    ``method: QAT`` it refuses, because QAT means the model must be trained first.
+    ``stage="deploy"`` converts it to int8 inference modules and puts it in eval mode: after
+    QAT this deploys what was trained; on a float model with ``method: PTQ`` it is
+    post-training quantization, and with ``method: QAT`` it refuses, because QAT means the
+    model must be trained first. ``stage="auto"`` (the default) is ``train`` for a ``QAT``
+    config on a model not yet prepared for QAT and ``deploy`` otherwise, so the same call
+    before and after fine-tuning does each step.
     ``device`` overrides the device of ``hardware.target`` (e.g. run a T4 config on the CPU).
     Quantized int8 products run on the CPU (``torch._int_mm``); mixed precision then applies
     to the layers that stay in floating point.
@@ -263,15 +273,22 @@ def optimize(
 
     if not isinstance(model, nn.Module):
         raise InvalidValueError(f"optimize needs an nn.Module, got {type(model).__name__}")
-    cfg = config if isinstance(config, OptimizationConfig) else parse_config(config)
-    _choice("stage", stage, ("train", "deploy"))
+    # A hand-built OptimizationConfig goes through the same validation as a YAML file.
+    cfg = parse_config(_as_mapping(config) if isinstance(config, OptimizationConfig) else config)
+    _choice("stage", stage, ("auto", "train", "deploy"))
     hw = cfg.hardware or HardwareConfig()
     dev, dtype = _resolve_hardware(hw, device)
     q = cfg.quantization
+    has_qat = any(isinstance(m, (QATLinear, QATSwiGLUExperts)) for m in model.modules())
+    if stage == "auto":
+        stage = "train" if q is not None and q.method == "QAT" and not has_qat else "deploy"
     if q is not None:
-        if dev.type != "cpu":
-            raise DeviceError(f"int8 quantization runs on the CPU here, but the target device is {dev}")
-        has_qat = any(isinstance(m, (QATLinear, QATSwiGLUExperts)) for m in model.modules())
+        # Fake quantization of Linear layers is plain torch and trains on any device; the
+        # experts' fake quantization and every int8 product run on the CPU.
+        on_cpu_only = stage == "deploy" or any(isinstance(m, SwiGLUExperts) for m in model.modules())
+        if dev.type != "cpu" and on_cpu_only:
+            what = "int8 inference" if stage == "deploy" else "QAT of MoE experts"
+            raise DeviceError(f"{what} runs on the CPU here, not on {dev}: pass device='cpu'")
         if stage == "train":
             if q.method != "QAT":
                 raise InvalidValueError(f"stage='train' is for method QAT, the config says {q.method!r}")
@@ -283,8 +300,14 @@ def optimize(
             )
         else:
             convert_int8(model)
+    if stage == "deploy":
+        model.eval()
     model.to(dev)
     return OptimizedModel(model, cfg, dev, dtype)
+
+
+def _as_mapping(cfg: OptimizationConfig) -> Mapping[str, Any]:
+    return {name: dataclasses.asdict(section) for name, section in vars(cfg).items() if section is not None}
 
 
 __all__ = [

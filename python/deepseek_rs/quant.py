@@ -110,6 +110,12 @@ class Int8Linear(nn.Module):
             y = y + self.bias
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized float32 weight, computed on each access: for code that reads a
+        Linear's ``.weight`` (e.g. ``nn.TransformerEncoderLayer``'s fast-path checks)."""
+        return self.weight_int8.float() * self.weight_scale.unsqueeze(-1)
+
     def extra_repr(self) -> str:
         bias = self.bias is not None
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, int8"
@@ -168,6 +174,16 @@ class QATSwiGLUExperts(nn.Module):
         return f"num_experts={e}, hidden_size={h}, intermediate_size={f}"
 
 
+def _quantize_stacked(w: Tensor) -> Tuple[Tensor, Tensor]:
+    """``quantize_rows`` of stacked expert weights [E, R, C], one expert at a time, so the
+    float temporaries are one expert's size rather than the whole stack's."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[:-1], dtype=torch.float32, device=w.device)
+    for e in range(w.shape[0]):
+        q[e], scale[e] = quantize_rows(w[e])
+    return q, scale
+
+
 class Int8SwiGLUExperts(nn.Module):
     """Inference-only int8 ``SwiGLUExperts``: int8 stacked weights with one float32 scale per
     expert output channel; every expert product is int8 x int8 -> int32 on its segment of
@@ -177,8 +193,8 @@ class Int8SwiGLUExperts(nn.Module):
         super().__init__()
         self.num_experts, self.hidden_size = experts.num_experts, experts.hidden_size
         self.intermediate_size = experts.intermediate_size
-        gate_up, gate_up_scale = quantize_rows(experts.gate_up_proj.detach())
-        down, down_scale = quantize_rows(experts.down_proj.detach())
+        gate_up, gate_up_scale = _quantize_stacked(experts.gate_up_proj.detach())
+        down, down_scale = _quantize_stacked(experts.down_proj.detach())
         self.register_buffer("gate_up_int8", gate_up)  # [E, 2F, H]
         self.register_buffer("gate_up_scale", gate_up_scale)  # [E, 2F]
         self.register_buffer("down_int8", down)  # [E, H, F]
@@ -209,8 +225,15 @@ class Int8SwiGLUExperts(nn.Module):
 
 
 def _swap(model: nn.Module, make) -> nn.Module:
-    """Replace, depth first, every submodule for which ``make`` returns a module."""
+    """Replace, depth first, every submodule for which ``make`` returns a module.
+
+    ``nn.MultiheadAttention`` is left alone: it reads its ``out_proj.weight`` directly instead
+    of calling the Linear (torch marks it ``NonDynamicallyQuantizableLinear`` for this reason),
+    so a swapped ``out_proj`` would be silently skipped in training and break inference.
+    """
     for name, child in list(model.named_children()):
+        if isinstance(child, nn.MultiheadAttention):
+            continue
         new = make(child)
         if new is not None:
             setattr(model, name, new)
