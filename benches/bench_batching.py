@@ -10,8 +10,9 @@
   request when the previous is answered), and open-loop Poisson arrivals at a fixed rate (twice
   the batching-off throughput at concurrency 32). Each request is ``[tokens, 256]`` floats.
 * Every 100th request is deliberately bad (255 features instead of 256) and must get a 400;
-  every good one a 200, or a 429 when the server's queue (1024 requests) is full. Each request carries a unique id that its answer must echo: the run
-  fails if a request is lost, answered twice, or answered with another request's id.
+  every good one a 200, or a 429 when the server's queue (1024 requests) is full. Each request
+  carries a unique id that its answer must echo: the run fails if a request is lost, answered
+  twice, or answered with another request's id. QPS counts the 200 answers.
 * Mean batch size comes from the server's Prometheus ``/metrics`` (deltas over each point).
 * Scheduler overhead: in-process ``DynamicBatcher`` around a no-op model (``nn.Identity``)
   with 64 requests outstanding, wall time per request of the whole path (submit, schedule,
