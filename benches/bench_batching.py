@@ -17,7 +17,7 @@
 * Scheduler overhead: in-process ``DynamicBatcher`` around a no-op model (``nn.Identity``)
   with 64 requests outstanding, wall time per request of the whole path (submit, schedule,
   stack, slice, answer the future); and the Rust scheduler's calls alone (submit + next_batch +
-  complete through the bindings) per request.
+  complete through the bindings) per request; each the best of 5 repeats.
 """
 
 from __future__ import annotations
@@ -266,26 +266,29 @@ def scheduler_overhead(n: int) -> Dict[str, float]:
     ) as b:
         for f in [b.submit(x) for _ in range(256)]:  # warm-up
             f.result()
-        window: List[Any] = []
-        start = time.perf_counter()
-        for _ in range(n):
-            window.append(b.submit(x))
-            if len(window) == 64:
-                wait(window)
-                window = []
-        wait(window)
-        batcher_s = (time.perf_counter() - start) / n
+        batcher_s = float("inf")
+        for _ in range(5):  # best of 5: the host is shared, the minimum is the code's cost
+            window: List[Any] = []
+            start = time.perf_counter()
+            for _ in range(n // 5):
+                window.append(b.submit(x))
+                if len(window) == 64:
+                    wait(window)
+                    window = []
+            wait(window)
+            batcher_s = min(batcher_s, (time.perf_counter() - start) / (n // 5))
         mean_batch = b.metrics()["mean_batch_size"]
     s = Scheduler(max_size=32, min_size=1, max_queue_delay=0.0, max_queue_size=n + 1)
-    start = time.perf_counter()
-    rid = 0
-    while rid < n:
-        for _ in range(32):
-            s.submit(rid)
-            rid += 1
-        kind, ids, _ = s.next_batch(None)
-        s.complete(ids)
-    scheduler_s = (time.perf_counter() - start) / rid
+    scheduler_s, rid = float("inf"), 0
+    for _ in range(5):
+        start, first = time.perf_counter(), rid
+        while rid < first + n // 5:
+            for _ in range(32):
+                s.submit(rid)
+                rid += 1
+            kind, ids, _ = s.next_batch(None)
+            s.complete(ids)
+        scheduler_s = min(scheduler_s, (time.perf_counter() - start) / (rid - first))
     return {"batcher_us": batcher_s * 1e6, "scheduler_us": scheduler_s * 1e6, "mean_batch": mean_batch}
 
 
@@ -325,9 +328,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         finally:
             server.stop()
 
-    header = (
-        "| load | QPS off | QPS on | ratio | p50 ms off / on | p99 ms off / on | mean batch on | bad -> 400 |"
-    )
+    header = "| load | QPS off | QPS on | ratio | p50 ms off / on | p99 ms off / on | mean batch on | 429 off / on |"  # noqa: E501
     print("\n" + header + "\n|---|---|---|---|---|---|---|---|")
     off = [r for r in rows if not r["batching"]]
     on = [r for r in rows if r["batching"]]

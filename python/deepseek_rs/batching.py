@@ -67,9 +67,12 @@ def _settle(future: Future, result: Any = None, error: Optional[BaseException] =
 
 
 def _first_param(model: Callable[..., Any]) -> Optional[Tensor]:
+    """The model's first floating-point parameter or buffer (int8 weights say nothing about
+    the input dtype)."""
     if isinstance(model, nn.Module):
         for p in itertools.chain(model.parameters(), model.buffers()):
-            return p
+            if p.is_floating_point():
+                return p
     return None
 
 

@@ -23,6 +23,7 @@ import importlib
 from collections import Counter
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -129,6 +130,17 @@ def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any
     from starlette.routing import Route
 
     NUMPY = orjson.OPT_SERIALIZE_NUMPY
+    dtype = batcher.dtype or torch.float32
+    try:  # numpy reads nested lists about 3x faster than torch.tensor
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:  # bfloat16 has no numpy dtype
+        np_dtype = None
+
+    def to_tensor(inputs: Any) -> torch.Tensor:
+        if np_dtype is None:
+            return torch.tensor(inputs, dtype=dtype)
+        return torch.from_numpy(np.array(inputs, dtype=np_dtype))
+
     responses: Counter = Counter()
     draining = False
 
@@ -147,7 +159,7 @@ def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any
                 raise InvalidValueError('the body must be a JSON object with an "inputs" array')
             rid = body.get("id")
             try:
-                x = torch.tensor(body["inputs"], dtype=batcher.dtype or torch.float32)
+                x = to_tensor(body["inputs"])
             except (ValueError, TypeError, RuntimeError) as e:
                 raise InvalidValueError(f'"inputs" must be a rectangular array of numbers: {e}') from None
             future = batcher.submit(x, timeout=body.get("timeout"), priority=body.get("priority", 0))
