@@ -13,6 +13,8 @@
   every good one a 200, or a 429 when the server's queue (1024 requests) is full. Each request
   carries a unique id that its answer must echo: the run fails if a request is lost, answered
   twice, or answered with another request's id. QPS counts the 200 answers.
+* The same model and batcher in process, without HTTP: 32 threads calling ``submit().result()``
+  (the batching gain of the model alone, before JSON and HTTP costs).
 * Mean batch size comes from the server's Prometheus ``/metrics`` (deltas over each point).
 * Scheduler overhead: in-process ``DynamicBatcher`` around a no-op model (``nn.Identity``)
   with 64 requests outstanding, wall time per request of the whole path (submit, schedule,
@@ -31,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import wait
@@ -258,6 +261,42 @@ def measure(server: Server, load: Load, run) -> Dict[str, Any]:
     }
 
 
+def in_process(batching: bool, tokens: int, concurrency: int, duration: float) -> Dict[str, Any]:
+    """The same model and batcher without HTTP: ``concurrency`` threads calling ``submit().result()``."""
+    from deepseek_rs.serve import default_model, make_batcher
+
+    x = torch.randn(tokens, DEFAULT_HIDDEN_SIZE)
+    latency: List[List[float]] = [[] for _ in range(concurrency)]
+    with make_batcher(
+        default_model(), batching=batching, collate="ragged", item_shape=(DEFAULT_HIDDEN_SIZE,)
+    ) as b:
+        b.submit(x).result()  # warm-up
+        stop = time.perf_counter() + duration
+
+        def client(i: int) -> None:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                b.submit(x).result()
+                latency[i].append(time.perf_counter() - t)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+        mean_batch = b.metrics()["mean_batch_size"]
+    lat = [v for per in latency for v in per]
+    return {
+        "qps": len(lat) / elapsed,
+        "p50_ms": percentile(lat, 0.5) * 1e3,
+        "p99_ms": percentile(lat, 0.99) * 1e3,
+        "mean_batch": mean_batch,
+        "rejected_429": 0,
+    }
+
+
 def scheduler_overhead(n: int) -> Dict[str, float]:
     """Per-request cost with a no-op model: the whole batcher path, and the scheduler alone."""
     x = torch.zeros(4)
@@ -328,6 +367,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         finally:
             server.stop()
 
+    c_in = concurrencies[-1] if args.quick else 32
+    torch.set_num_threads(args.threads)  # as the server's
+    for batching in (False, True):
+        r = in_process(batching, args.tokens, c_in, duration)
+        rows.append({"batching": batching, "load": f"in process c={c_in}, no HTTP", **r})
+
     header = "| load | QPS off | QPS on | ratio | p50 ms off / on | p99 ms off / on | mean batch on | 429 off / on |"  # noqa: E501
     print("\n" + header + "\n|---|---|---|---|---|---|---|---|")
     off = [r for r in rows if not r["batching"]]
@@ -339,8 +384,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"| {a['p50_ms']:.1f} / {b['p50_ms']:.1f} | {a['p99_ms']:.1f} / {b['p99_ms']:.1f} "
             f"| {b['mean_batch']:.1f} | {a['rejected_429']} / {b['rejected_429']} |"
         )
-    total = sum(r["requests"] for r in rows)
-    bad = sum(r["bad_400"] for r in rows)
+    total = sum(r.get("requests", 0) for r in rows)
+    bad = sum(r.get("bad_400", 0) for r in rows)
     print(
         f"\n{total} requests, none lost or answered twice; all {bad} bad ones got 400, every good one 200 "
         "(or 429 when the queue was full)"
