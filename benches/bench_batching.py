@@ -337,9 +337,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--duration", type=float, default=6.0, help="seconds per measurement point")
     ap.add_argument("--tokens", type=int, default=4, help="tokens per request")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    ap.add_argument("--concurrency", type=int, nargs="+", help="closed-loop points (default 1 8 32 64)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args(argv)
-    concurrencies = [1, 8] if args.quick else [1, 8, 32, 64]
+    concurrencies = args.concurrency or ([1, 8] if args.quick else [1, 8, 32, 64])
     duration = 0.7 if args.quick else args.duration
     machine = machine_info()
     print(
