@@ -231,6 +231,8 @@ def run(
     if model_spec is None:
         batcher_kwargs.setdefault("collate", "ragged")
         batcher_kwargs.setdefault("item_shape", (DEFAULT_HIDDEN_SIZE,))
+        with torch.inference_mode():  # the first call pays one-time set-up: not a client's
+            model(torch.zeros(4, DEFAULT_HIDDEN_SIZE))
     batcher = make_batcher(model, **batcher_kwargs)
     app = create_app(batcher)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
