@@ -411,3 +411,21 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 SchedulerMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=50, deadline=None)
 TestSchedulerMachine = SchedulerMachine.TestCase
+
+
+def test_the_worker_runs_with_the_creators_torch_thread_count():
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with DynamicBatcher(Probe(), dtype=None, min_size=1) as b:
+            b.submit(torch.zeros(2)).result(timeout=RESULT_TIMEOUT)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]

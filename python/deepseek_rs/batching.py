@@ -67,9 +67,12 @@ def _settle(future: Future, result: Any = None, error: Optional[BaseException] =
 
 
 def _first_param(model: Callable[..., Any]) -> Optional[Tensor]:
+    """The model's first floating-point parameter or buffer (int8 weights say nothing about
+    the input dtype)."""
     if isinstance(model, nn.Module):
         for p in itertools.chain(model.parameters(), model.buffers()):
-            return p
+            if p.is_floating_point():
+                return p
     return None
 
 
@@ -155,7 +158,7 @@ class DynamicBatcher:
         self._workers = [
             threading.Thread(
                 target=_serve,
-                args=(self._scheduler, self._pending, self._run),
+                args=(self._scheduler, self._pending, self._run, torch.get_num_threads()),
                 name=f"DynamicBatcher-{i}",
                 daemon=True,
             )
@@ -338,25 +341,20 @@ class DynamicBatcher:
             return [type(out)(cut(p, i) for p in parts) for i in range(len(xs))]
         return [cut(out, i) for i in range(len(xs))]
 
-    def _run(self, batch: List[Tuple[int, _Request]]) -> Tuple[List[int], List[int]]:
-        """Run one batch, isolating failures by bisection: returns (completed, failed) ids."""
+    def _run(
+        self, batch: List[Tuple[int, _Request]]
+    ) -> List[Tuple[int, _Request, Any, Optional[BaseException]]]:
+        """Run one batch, isolating failures by bisection: (id, request, output, error) each."""
         try:
             outs = self._forward([r.x for _, r in batch])
         except _BatchShapeError as e:
-            for _, r in batch:
-                _settle(r.future, error=e)
-            return [], [rid for rid, _ in batch]
+            return [(rid, r, None, e) for rid, r in batch]
         except Exception as e:
             if len(batch) == 1:
-                _settle(batch[0][1].future, error=e)
-                return [], [batch[0][0]]
+                return [(batch[0][0], batch[0][1], None, e)]
             half = len(batch) // 2
-            ok1, bad1 = self._run(batch[:half])
-            ok2, bad2 = self._run(batch[half:])
-            return ok1 + ok2, bad1 + bad2
-        for (_, r), y in zip(batch, outs):
-            _settle(r.future, result=y)
-        return [rid for rid, _ in batch], []
+            return self._run(batch[:half]) + self._run(batch[half:])
+        return [(rid, r, y, None) for (rid, r), y in zip(batch, outs)]
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -398,9 +396,13 @@ class DynamicBatcher:
 def _serve(
     scheduler: _core.Scheduler,
     pending: Dict[int, _Request],
-    run: Callable[[List[Tuple[int, _Request]]], Tuple[List[int], List[int]]],
+    run: Callable[[List[Tuple[int, _Request]]], List[Tuple[int, _Request, Any, Optional[BaseException]]]],
+    threads: int,
 ) -> None:
     """A worker: wait (in Rust, GIL released) for the scheduler's next decision and carry it out."""
+    # torch's intra-op thread count (OpenMP's) is per thread: a new thread would get one per
+    # core whatever the creator set, and oversubscribed OpenMP spinning costs 100x on a busy host.
+    torch.set_num_threads(threads)
     while True:
         kind, ids, _ = scheduler.next_batch(None)
         if kind == "closed":
@@ -428,14 +430,16 @@ def _serve(
         if not batch:
             continue
         try:
-            ok, failed = run(batch)
+            answers = run(batch)
         except BaseException as e:  # a bug here must not strand the callers
-            for _, r in batch:
-                _settle(r.future, error=e)
-            ok, failed = [], [rid for rid, _ in batch]
-        scheduler.complete(ok, "completed")
+            answers = [(rid, r, None, e) for rid, r in batch]
+        # Count before answering, so a caller that has its answer sees it in the metrics.
+        failed = [rid for rid, _, _, error in answers if error is not None]
+        scheduler.complete([rid for rid, _, _, error in answers if error is None], "completed")
         if failed:
             scheduler.complete(failed, "failed")
+        for _, r, y, error in answers:
+            _settle(r.future, y, error)
 
 
 __all__ = ["COLLATE_MODES", "DynamicBatcher"]

@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import json
 from collections import Counter
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -108,13 +108,38 @@ def prometheus_text(metrics: Dict[str, Any], responses: Optional[Dict[int, int]]
     return "\n".join(lines) + "\n"
 
 
+def _jsonable(y: Any) -> Any:
+    """A model output as something orjson writes fast: numpy arrays (float32/float64/ints)."""
+    if isinstance(y, (tuple, list)):
+        return [_jsonable(p) for p in y]
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu()
+        if y.dtype in (torch.float16, torch.bfloat16):
+            y = y.float()
+        return y.contiguous().numpy()
+    return y
+
+
 def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any:
     """A Starlette app serving ``batcher``; with ``shutdown_batcher`` its lifespan shuts the
     batcher down when the server stops (after uvicorn has answered the requests in flight)."""
+    import orjson
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
+
+    NUMPY = orjson.OPT_SERIALIZE_NUMPY
+    dtype = batcher.dtype or torch.float32
+    try:  # numpy reads nested lists about 3x faster than torch.tensor
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:  # bfloat16 has no numpy dtype
+        np_dtype = None
+
+    def to_tensor(inputs: Any) -> torch.Tensor:
+        if np_dtype is None:
+            return torch.tensor(inputs, dtype=dtype)
+        return torch.from_numpy(np.array(inputs, dtype=np_dtype))
 
     responses: Counter = Counter()
     draining = False
@@ -129,12 +154,12 @@ def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any
     async def infer(request: Request) -> Response:
         rid = None
         try:
-            body = json.loads(await request.body())
+            body = orjson.loads(await request.body())
             if not isinstance(body, dict) or "inputs" not in body:
                 raise InvalidValueError('the body must be a JSON object with an "inputs" array')
             rid = body.get("id")
             try:
-                x = torch.tensor(body["inputs"], dtype=batcher.dtype or torch.float32)
+                x = to_tensor(body["inputs"])
             except (ValueError, TypeError, RuntimeError) as e:
                 raise InvalidValueError(f'"inputs" must be a rectangular array of numbers: {e}') from None
             future = batcher.submit(x, timeout=body.get("timeout"), priority=body.get("priority", 0))
@@ -142,7 +167,7 @@ def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any
             return error(429, e, rid, {"Retry-After": "1"})
         except ShutdownError as e:
             return error(503, e, rid)
-        except (ValueError, DeepseekError) as e:  # bad JSON, bad inputs, bad options
+        except (ValueError, orjson.JSONDecodeError, DeepseekError) as e:  # bad JSON, inputs, options
             return error(400, e, rid)
         try:
             y = await asyncio.wrap_future(future)
@@ -150,7 +175,10 @@ def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any
             return error(504, e, rid)
         except Exception as e:
             return error(500, e, rid)
-        return reply(200, {"outputs": y.tolist(), "id": rid})
+        responses[200] += 1
+        return Response(
+            orjson.dumps({"outputs": _jsonable(y), "id": rid}, option=NUMPY), media_type="application/json"
+        )
 
     async def health(request: Request) -> Response:
         if draining or batcher.closed:
@@ -203,6 +231,8 @@ def run(
     if model_spec is None:
         batcher_kwargs.setdefault("collate", "ragged")
         batcher_kwargs.setdefault("item_shape", (DEFAULT_HIDDEN_SIZE,))
+        with torch.inference_mode():  # the first call pays one-time set-up: not a client's
+            model(torch.zeros(4, DEFAULT_HIDDEN_SIZE))
     batcher = make_batcher(model, **batcher_kwargs)
     app = create_app(batcher)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")

@@ -1,0 +1,408 @@
+"""Dynamic batching measured over HTTP: the same server with batching off and on, in one run.
+
+``python benches/bench_batching.py [--quick] [--duration S] [--tokens N] [--json PATH]``
+
+* Server: ``deepseek-rs serve`` (the built-in PEAMoE: H=256, 16 experts of width 512, top-p
+  routing; one torch thread) started twice on loopback, as a separate process: batching off
+  (``--no-batching``: one request per model call) and on (the article's min 4 / max 32, 5 ms).
+* Load: a keep-alive HTTP/1.1 load generator in this process (asyncio, raw sockets, bodies
+  encoded in advance). Closed loop at concurrency 1, 8, 32 and 64 (each client sends its next
+  request when the previous is answered), and open-loop Poisson arrivals at a fixed rate (twice
+  the batching-off throughput at concurrency 32). Each request is ``[tokens, 256]`` floats.
+* Every 100th request is deliberately bad (255 features instead of 256) and must get a 400;
+  every good one a 200, or a 429 when the server's queue (1024 requests) is full. Each request
+  carries a unique id that its answer must echo: the run fails if a request is lost, answered
+  twice, or answered with another request's id. QPS counts the 200 answers.
+* The same model and batcher in process, without HTTP: 32 threads calling ``submit().result()``
+  (the batching gain of the model alone, before JSON and HTTP costs).
+* Mean batch size comes from the server's Prometheus ``/metrics`` (deltas over each point).
+* Scheduler overhead: in-process ``DynamicBatcher`` around a no-op model (``nn.Identity``)
+  with 64 requests outstanding, wall time per request of the whole path (submit, schedule,
+  stack, slice, answer the future); and the Rust scheduler's calls alone (submit + next_batch +
+  complete through the bindings) per request; each the best of 5 repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import wait
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from deepseek_rs import DynamicBatcher
+from deepseek_rs._core import Scheduler
+from deepseek_rs.benchmarks import machine_info
+from deepseek_rs.serve import DEFAULT_HIDDEN_SIZE
+from torch import nn
+
+BAD_EVERY = 100
+
+
+class Server:
+    """``deepseek-rs serve`` in a child process."""
+
+    def __init__(self, batching: bool, threads: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepseek_rs",
+            "serve",
+            "--port",
+            str(self.port),
+            "--threads",
+            str(threads),
+        ]
+        if not batching:
+            cmd.append("--no-batching")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {' '.join(cmd)}")
+            try:
+                if asyncio.run(self._get("/health"))[0] == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start within 120 s")
+            time.sleep(0.2)
+
+    async def _get(self, path: str) -> Tuple[int, bytes]:
+        conn = await Connection.open(self.port)
+        try:
+            return await conn.request("GET", path)
+        finally:
+            conn.close()
+
+    def metrics(self) -> Dict[str, float]:
+        text = asyncio.run(self._get("/metrics"))[1].decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> Tuple[int, bytes]:
+        head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        self.writer.write(head.encode() + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("the server closed the connection")
+        status, length = int(status_line.split()[1]), 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == b"content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Load:
+    """Request bodies and the answer bookkeeping of one measurement point."""
+
+    def __init__(self, tokens: int, seed: int):
+        rng = random.Random(seed)
+        self.good = [self._inputs(rng, tokens, DEFAULT_HIDDEN_SIZE) for _ in range(16)]
+        self.bad = self._inputs(rng, tokens, DEFAULT_HIDDEN_SIZE - 1)
+        self.next_id = 0
+        self.sent = 0
+        self.answers: Counter = Counter()
+        self.latency: List[float] = []
+        self.statuses: Counter = Counter()
+        self.errors: List[str] = []
+
+    @staticmethod
+    def _inputs(rng: random.Random, tokens: int, features: int) -> bytes:
+        rows = [[round(rng.gauss(0, 1), 4) for _ in range(features)] for _ in range(tokens)]
+        return json.dumps(rows, separators=(",", ":")).encode()
+
+    def body(self) -> Tuple[int, bool, bytes]:
+        rid = self.next_id
+        self.next_id += 1
+        bad = rid % BAD_EVERY == BAD_EVERY - 1
+        inputs = self.bad if bad else self.good[rid % len(self.good)]
+        return rid, bad, b'{"inputs":' + inputs + b',"id":%d}' % rid
+
+    async def one(self, conn: Connection, start: Optional[float] = None) -> None:
+        rid, bad, body = self.body()
+        start = time.perf_counter() if start is None else start
+        self.sent += 1
+        status, data = await conn.request("POST", "/v1/infer", body)
+        elapsed = time.perf_counter() - start
+        got = data[data.rfind(b'"id":') + 5 : -1]
+        if got != b"%d" % rid:
+            self.errors.append(f"request {rid} answered with id {got!r}")
+        self.answers[rid] += 1
+        self.statuses[status] += 1
+        # 429 is the server's backpressure (queue full): an answer, counted apart.
+        if status != (400 if bad else 200) and not (status == 429 and not bad):
+            self.errors.append(f"request {rid} ({'bad' if bad else 'good'}) got {status}")
+        if status == 200:
+            self.latency.append(elapsed)
+
+    def check(self) -> None:
+        lost = self.sent - len(self.answers)
+        twice = sum(1 for c in self.answers.values() if c > 1)
+        if lost or twice or self.errors:
+            raise AssertionError(f"lost {lost}, answered twice {twice}, errors: {self.errors[:5]}")
+
+
+async def closed_loop(port: int, load: Load, concurrency: int, duration: float) -> float:
+    conns = [await Connection.open(port) for _ in range(concurrency)]
+    stop = time.perf_counter() + duration
+
+    async def client(conn: Connection) -> None:
+        while time.perf_counter() < stop:
+            await load.one(conn)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in conns))
+    elapsed = time.perf_counter() - start
+    for c in conns:
+        c.close()
+    return elapsed
+
+
+async def open_loop(port: int, load: Load, rate: float, duration: float, seed: int) -> float:
+    rng = random.Random(seed)
+    idle: List[Connection] = []
+    tasks = []
+
+    async def send(at: float) -> None:
+        conn = idle.pop() if idle else await Connection.open(port)
+        await load.one(conn, start=at)
+        idle.append(conn)
+
+    start = time.perf_counter()
+    t = start
+    while t < start + duration:
+        t += rng.expovariate(rate)
+        delay = t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(send(t)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    for c in idle:
+        c.close()
+    return elapsed
+
+
+def percentile(xs: List[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def measure(server: Server, load: Load, run) -> Dict[str, Any]:
+    before = server.metrics()
+    elapsed = asyncio.run(run)
+    after = server.metrics()
+    load.check()
+    batches = after["deepseek_batcher_batch_size_count"] - before["deepseek_batcher_batch_size_count"]
+    requests = after["deepseek_batcher_batch_size_sum"] - before["deepseek_batcher_batch_size_sum"]
+    completed_key = 'deepseek_batcher_requests_total{outcome="completed"}'
+    completed = after[completed_key] - before[completed_key]
+    if completed != load.statuses[200]:
+        raise AssertionError(
+            f"the server completed {completed} requests, the client got {load.statuses[200]} answers"
+        )
+    return {
+        "requests": load.sent,
+        "ok": load.statuses[200],
+        "bad_400": load.statuses[400],
+        "rejected_429": load.statuses[429],
+        "qps": load.statuses[200] / elapsed,
+        "p50_ms": percentile(load.latency, 0.5) * 1e3,
+        "p99_ms": percentile(load.latency, 0.99) * 1e3,
+        "mean_batch": requests / batches if batches else float("nan"),
+    }
+
+
+def in_process(batching: bool, tokens: int, concurrency: int, duration: float) -> Dict[str, Any]:
+    """The same model and batcher without HTTP: ``concurrency`` threads calling ``submit().result()``."""
+    from deepseek_rs.serve import default_model, make_batcher
+
+    x = torch.randn(tokens, DEFAULT_HIDDEN_SIZE)
+    latency: List[List[float]] = [[] for _ in range(concurrency)]
+    with make_batcher(
+        default_model(), batching=batching, collate="ragged", item_shape=(DEFAULT_HIDDEN_SIZE,)
+    ) as b:
+        b.submit(x).result()  # warm-up
+        stop = time.perf_counter() + duration
+
+        def client(i: int) -> None:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                b.submit(x).result()
+                latency[i].append(time.perf_counter() - t)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+        mean_batch = b.metrics()["mean_batch_size"]
+    lat = [v for per in latency for v in per]
+    return {
+        "qps": len(lat) / elapsed,
+        "p50_ms": percentile(lat, 0.5) * 1e3,
+        "p99_ms": percentile(lat, 0.99) * 1e3,
+        "mean_batch": mean_batch,
+        "rejected_429": 0,
+    }
+
+
+def scheduler_overhead(n: int) -> Dict[str, float]:
+    """Per-request cost with a no-op model: the whole batcher path, and the scheduler alone."""
+    x = torch.zeros(4)
+    with DynamicBatcher(
+        nn.Identity(), min_size=1, max_size=32, max_queue_delay=0.0, max_queue_size=n + 1
+    ) as b:
+        for f in [b.submit(x) for _ in range(256)]:  # warm-up
+            f.result()
+        batcher_s = float("inf")
+        for _ in range(5):  # best of 5: the host is shared, the minimum is the code's cost
+            window: List[Any] = []
+            start = time.perf_counter()
+            for _ in range(n // 5):
+                window.append(b.submit(x))
+                if len(window) == 64:
+                    wait(window)
+                    window = []
+            wait(window)
+            batcher_s = min(batcher_s, (time.perf_counter() - start) / (n // 5))
+        mean_batch = b.metrics()["mean_batch_size"]
+    s = Scheduler(max_size=32, min_size=1, max_queue_delay=0.0, max_queue_size=n + 1)
+    scheduler_s, rid = float("inf"), 0
+    for _ in range(5):
+        start, first = time.perf_counter(), rid
+        while rid < first + n // 5:
+            for _ in range(32):
+                s.submit(rid)
+                rid += 1
+            kind, ids, _ = s.next_batch(None)
+            s.complete(ids)
+        scheduler_s = min(scheduler_s, (time.perf_counter() - start) / (rid - first))
+    return {"batcher_us": batcher_s * 1e6, "scheduler_us": scheduler_s * 1e6, "mean_batch": mean_batch}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    ap.add_argument("--duration", type=float, default=6.0, help="seconds per measurement point")
+    ap.add_argument("--tokens", type=int, default=4, help="tokens per request")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    ap.add_argument("--concurrency", type=int, nargs="+", help="closed-loop points (default 1 8 32 64)")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    concurrencies = args.concurrency or ([1, 8] if args.quick else [1, 8, 32, 64])
+    duration = 0.7 if args.quick else args.duration
+    machine = machine_info()
+    print(
+        f"machine: {machine['cpus']} CPUs ({machine['cpu_model']}), torch {machine['torch']}, "
+        f"server torch threads {args.threads}; {args.tokens} tokens x {DEFAULT_HIDDEN_SIZE} per request, "
+        f"1 in {BAD_EVERY} requests bad; {duration:g} s per point",
+        flush=True,
+    )
+    rows: List[Dict[str, Any]] = []
+    rate: Optional[float] = None
+    for batching in (False, True):
+        server = Server(batching, args.threads)
+        try:
+            asyncio.run(closed_loop(server.port, Load(args.tokens, seed=99), 8, 0.5))  # warm-up
+            for c in concurrencies:
+                load = Load(args.tokens, seed=c)
+                r = measure(server, load, closed_loop(server.port, load, c, duration))
+                rows.append({"batching": batching, "load": f"closed c={c}", **r})
+            if rate is None:  # set by the batching-off run, used by both
+                ref = [r for r in rows if r["load"] in ("closed c=32", f"closed c={concurrencies[-1]}")]
+                rate = 2 * ref[0]["qps"]
+            load = Load(args.tokens, seed=7)
+            r = measure(server, load, open_loop(server.port, load, rate, duration, seed=7))
+            rows.append({"batching": batching, "load": f"Poisson {rate:.0f}/s", "rate": rate, **r})
+        finally:
+            server.stop()
+
+    c_in = concurrencies[-1] if args.quick else 32
+    torch.set_num_threads(args.threads)  # as the server's
+    for batching in (False, True):
+        r = in_process(batching, args.tokens, c_in, duration)
+        rows.append({"batching": batching, "load": f"in process c={c_in}, no HTTP", **r})
+
+    header = "| load | QPS off | QPS on | ratio | p50 ms off / on | p99 ms off / on | mean batch on | 429 off / on |"  # noqa: E501
+    print("\n" + header + "\n|---|---|---|---|---|---|---|---|")
+    off = [r for r in rows if not r["batching"]]
+    on = [r for r in rows if r["batching"]]
+    for a, b in zip(off, on):
+        ratio = b["qps"] / a["qps"]
+        print(
+            f"| {a['load']} | {a['qps']:.0f} | {b['qps']:.0f} | {ratio:.2f}x "
+            f"| {a['p50_ms']:.1f} / {b['p50_ms']:.1f} | {a['p99_ms']:.1f} / {b['p99_ms']:.1f} "
+            f"| {b['mean_batch']:.1f} | {a['rejected_429']} / {b['rejected_429']} |"
+        )
+    total = sum(r.get("requests", 0) for r in rows)
+    bad = sum(r.get("bad_400", 0) for r in rows)
+    print(
+        f"\n{total} requests, none lost or answered twice; all {bad} bad ones got 400, every good one 200 "
+        "(or 429 when the queue was full)"
+    )
+    over = scheduler_overhead(2000 if args.quick else 50000)
+    print(
+        f"no-op model, in process: {over['batcher_us']:.1f} us per request through DynamicBatcher "
+        f"(mean batch {over['mean_batch']:.1f}), {over['scheduler_us']:.2f} us per request in the "
+        "scheduler's calls alone (target < 20 us)"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "rows": rows, "overhead": over}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
