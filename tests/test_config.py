@@ -161,3 +161,15 @@ def test_the_batching_section_configures_the_batcher():
         assert batcher.config()["max_size"] == 1
     with optimize(model, {}).batcher() as batcher:  # no section: the article's defaults
         assert (batcher.config()["min_size"], batcher.config()["max_size"]) == (4, 32)
+
+
+def test_an_int8_model_is_served_through_its_batcher():
+    # A fully quantized model has no float parameters left; the batcher still takes float input.
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(6, 8)
+    opt = optimize(model, {"quantization": {"method": "PTQ"}, "batching": {"min_size": 1, "max_size": 4}})
+    with torch.no_grad():
+        want = opt(x)
+    with opt.batcher() as batcher:
+        got = torch.stack([f.result(timeout=30) for f in [batcher.submit(row) for row in x]])
+    torch.testing.assert_close(got, want)
