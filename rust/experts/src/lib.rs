@@ -103,7 +103,7 @@ pub fn swiglu_forward(
         return Ok(0);
     }
 
-    // One task per small expert, each owning its rows of `out` and `h`.
+    // Tasks over blocks of the small experts' rows, each owning its rows of `out` and `h`.
     let mut tasks = Vec::new();
     let mut out_rest = out;
     let mut h_rest = h;
@@ -126,13 +126,15 @@ pub fn swiglu_forward(
         }
         let wgu = &gate_up[e * 2 * intermediate * hidden..(e + 1) * 2 * intermediate * hidden];
         let wd = &down[e * hidden * intermediate..(e + 1) * hidden * intermediate];
-        tasks.push(Expert {
-            x: &buf[s * hidden..t * hidden],
-            wgu,
-            wd,
-            out: seg_out,
-            h: seg_h,
-        });
+        let x = &buf[s * hidden..t * hidden];
+        // One task per block of rows: the block's rows stay in L2 while the expert's weights
+        // stream past them, and a large segment still spreads over the threads.
+        let out_blocks = seg_out.chunks_mut(ROW_BLOCK * hidden);
+        let mut h_blocks = seg_h.map(|h| h.chunks_mut(ROW_BLOCK * 2 * intermediate));
+        for (x, out) in x.chunks(ROW_BLOCK * hidden).zip(out_blocks) {
+            let h = h_blocks.as_mut().and_then(|b| b.next());
+            tasks.push(Expert { x, wgu, wd, out, h });
+        }
         done += 1;
     }
     let dot = dot::best();
@@ -142,7 +144,10 @@ pub fn swiglu_forward(
     Ok(done)
 }
 
-/// One expert's rows and weights.
+/// Rows per task: 64 rows of a 1024-wide hidden state are 256 KiB, which stay in L2.
+const ROW_BLOCK: usize = 64;
+
+/// A block of one expert's rows, and the expert's weights.
 struct Expert<'a> {
     x: &'a [f32],
     wgu: &'a [f32],

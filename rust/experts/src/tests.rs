@@ -152,3 +152,40 @@ fn bad_shapes_are_errors() {
     assert!(matches!(run(&[0, 1, 2], &mut out), Err(ExpertsError::Shape(_))));
     assert_eq!(run(&[0, 1, 3], &mut out), Ok(2));
 }
+
+#[test]
+fn segments_longer_than_a_row_block_match_the_definition() {
+    let dims = Dims {
+        hidden: 20,
+        intermediate: 9,
+        experts: 2,
+    };
+    let offsets = [0i64, 2 * ROW_BLOCK as i64 + 22, 2 * ROW_BLOCK as i64 + 23];
+    let rows = offsets[2] as usize;
+    let wave =
+        |n: usize, a: usize, m: usize| -> Vec<f32> { (0..n).map(|i| ((i * a) % m) as f32 / m as f32 - 0.5).collect() };
+    let buf = wave(rows * 20, 37, 101);
+    let gate_up = wave(2 * 18 * 20, 53, 97);
+    let down = wave(2 * 20 * 9, 29, 89);
+    let (mut out, mut h) = (vec![0f32; rows * 20], vec![0f32; rows * 18]);
+    assert_eq!(
+        swiglu_forward(
+            &buf,
+            &gate_up,
+            &down,
+            dims,
+            &offsets,
+            usize::MAX,
+            &mut out,
+            Some(&mut h)
+        ),
+        Ok(2)
+    );
+    let (want_out, want_h) = reference(&buf, &gate_up, &down, dims, &offsets);
+    for (got, want) in out.iter().zip(&want_out).chain(h.iter().zip(&want_h)) {
+        assert!(
+            (*got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+            "{got} vs {want}"
+        );
+    }
+}
