@@ -29,6 +29,7 @@ __all__ = [
     "route_top_p",
     "signal_names",
     "sort_by_expert",
+    "swiglu_experts_backward",
     "swiglu_experts_forward",
 ]
 
@@ -54,6 +55,18 @@ def gather_scaled(src: _Floats, index: _I64, scale: _Floats, out: _Floats) -> No
 def combine(
     buf: _Floats, pair_position: _I64, token_offsets: _I64, weights: Optional[_Floats], out: _Floats
 ) -> None: ...
+def swiglu_experts_backward(
+    grad_out: _Floats,
+    buf: _Floats,
+    gate_up: _Floats,
+    down: _Floats,
+    h: _Floats,
+    expert_offsets: _I64,
+    max_rows: int,
+    grad_buf: _Floats,
+    grad_gate_up: _Floats,
+    grad_down: _Floats,
+) -> int: ...
 def swiglu_experts_forward(
     buf: _Floats,
     gate_up: _Floats,

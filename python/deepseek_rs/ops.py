@@ -370,16 +370,22 @@ def expert_ffn_backward(
     if h.shape[0] != buf.shape[0]:
         raise RuntimeError("expert_ffn ran with save_h=False, so it has no backward; run it with save_h=True")
     f = down_proj.shape[2]
-    segments = _active_segments(expert_offsets)
-    longest = _longest(segments)
     grad_out = grad_out.contiguous()
     grad_buf = torch.empty_like(buf)
     grad_gate_up = torch.empty_like(gate_up_proj)
     grad_down = torch.empty_like(down_proj)
-    active = torch.zeros(gate_up_proj.shape[0], dtype=torch.bool)
-    active[[e for e, _, _ in segments]] = True
-    grad_gate_up[~active] = 0
-    grad_down[~active] = 0
+    counts = expert_offsets.diff()
+    grad_gate_up[counts == 0] = 0
+    grad_down[counts == 0] = 0
+    same = grad_out.dtype == h.dtype == torch.float32 and h.is_contiguous()
+    small = _small_segment_rows(buf, gate_up_proj, down_proj) if same else 0
+    if small:
+        _core.swiglu_experts_backward(
+            _np(grad_out), _np(buf), _np(gate_up_proj), _np(down_proj), _np(h), _np(expert_offsets), small,
+            _np(grad_buf), _np(grad_gate_up), _np(grad_down),
+        )
+    segments = _active_segments(expert_offsets, above=small)
+    longest = _longest(segments)
     act, grad_act = buf.new_empty(longest, f), buf.new_empty(longest, f)
     grad_h = buf.new_empty(longest, 2 * f)
     for e, s, t in segments:

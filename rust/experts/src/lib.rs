@@ -14,6 +14,7 @@
 use rayon::prelude::*;
 
 mod dot;
+mod gemm;
 
 /// Why the experts could not run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -38,6 +39,29 @@ pub struct Dims {
     pub intermediate: usize,
     /// Number of experts (`E`).
     pub experts: usize,
+}
+
+/// Checks `experts + 1` offsets rising from 0 and returns the number of rows.
+fn check_offsets(expert_offsets: &[i64], experts: usize) -> Result<usize> {
+    if expert_offsets.len() != experts + 1 {
+        return Err(ExpertsError::Shape(format!(
+            "expert_offsets has {} entries, expected experts + 1 = {}",
+            expert_offsets.len(),
+            experts + 1
+        )));
+    }
+    if expert_offsets[0] != 0 || expert_offsets.windows(2).any(|w| w[0] > w[1]) {
+        return Err(ExpertsError::Offsets("expert_offsets must rise from 0".into()));
+    }
+    Ok(expert_offsets[experts] as usize)
+}
+
+/// The experts whose segment holds 1 to `max_rows` rows, with their row ranges.
+fn small_experts(expert_offsets: &[i64], max_rows: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    expert_offsets.windows(2).enumerate().filter_map(move |(e, w)| {
+        let (s, t) = (w[0] as usize, w[1] as usize);
+        (t > s && t - s <= max_rows).then_some((e, s, t))
+    })
 }
 
 fn check_len(what: &str, len: usize, want: usize) -> Result<()> {
@@ -73,18 +97,7 @@ pub fn swiglu_forward(
         intermediate,
         experts,
     } = dims;
-    if expert_offsets.len() != experts + 1 {
-        return Err(ExpertsError::Shape(format!(
-            "expert_offsets has {} entries, expected experts + 1 = {}",
-            expert_offsets.len(),
-            experts + 1
-        )));
-    }
-    let rows = *expert_offsets.last().unwrap_or(&0);
-    if expert_offsets[0] != 0 || expert_offsets.windows(2).any(|w| w[0] > w[1]) {
-        return Err(ExpertsError::Offsets("expert_offsets must rise from 0".into()));
-    }
-    let rows = rows as usize;
+    let rows = check_offsets(expert_offsets, experts)?;
     check_len("buf", buf.len(), rows * hidden)?;
     check_len("out", out.len(), rows * hidden)?;
     check_len("gate_up", gate_up.len(), experts * 2 * intermediate * hidden)?;
@@ -94,13 +107,12 @@ pub fn swiglu_forward(
     }
     if hidden == 0 || intermediate == 0 {
         // Empty products: the output rows are sums of nothing.
-        for e in 0..experts {
-            let (s, t) = (expert_offsets[e] as usize, expert_offsets[e + 1] as usize);
-            if t > s && t - s <= max_rows {
-                out[s * hidden..t * hidden].fill(0.0);
-            }
+        let mut done = 0;
+        for (_, s, t) in small_experts(expert_offsets, max_rows) {
+            out[s * hidden..t * hidden].fill(0.0);
+            done += 1;
         }
-        return Ok(0);
+        return Ok(done);
     }
 
     // Tasks over blocks of the small experts' rows, each owning its rows of `out` and `h`.
@@ -142,6 +154,187 @@ pub fn swiglu_forward(
         .into_par_iter()
         .for_each_init(Vec::new, |act, task| task.run(dims, dot, act));
     Ok(done)
+}
+
+/// Gradients of [`swiglu_forward`] for the experts whose segment holds 1 to `max_rows` rows,
+/// from `h`, the pre-activations the forward saved: writes those experts' rows of `grad_buf`
+/// and their whole slices of `grad_gate_up` and `grad_down`, and leaves everything else
+/// untouched. Shapes as in [`swiglu_forward`], with `grad_out` like `out`, `grad_buf` like
+/// `buf`, and the weight gradients like the weights. Returns how many experts ran.
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_backward(
+    grad_out: &[f32],
+    buf: &[f32],
+    gate_up: &[f32],
+    down: &[f32],
+    h: &[f32],
+    dims: Dims,
+    expert_offsets: &[i64],
+    max_rows: usize,
+    grad_buf: &mut [f32],
+    grad_gate_up: &mut [f32],
+    grad_down: &mut [f32],
+) -> Result<usize> {
+    let Dims {
+        hidden,
+        intermediate,
+        experts,
+    } = dims;
+    let rows = check_offsets(expert_offsets, experts)?;
+    for (what, len, want) in [
+        ("grad_out", grad_out.len(), rows * hidden),
+        ("buf", buf.len(), rows * hidden),
+        ("grad_buf", grad_buf.len(), rows * hidden),
+        ("h", h.len(), rows * 2 * intermediate),
+        ("gate_up", gate_up.len(), experts * 2 * intermediate * hidden),
+        ("grad_gate_up", grad_gate_up.len(), experts * 2 * intermediate * hidden),
+        ("down", down.len(), experts * hidden * intermediate),
+        ("grad_down", grad_down.len(), experts * hidden * intermediate),
+    ] {
+        check_len(what, len, want)?;
+    }
+    if hidden == 0 || intermediate == 0 {
+        // The output is identically zero, so is the input's gradient; the weights are empty.
+        let mut done = 0;
+        for (_, s, t) in small_experts(expert_offsets, max_rows) {
+            grad_buf[s * hidden..t * hidden].fill(0.0);
+            done += 1;
+        }
+        return Ok(done);
+    }
+    let (gu_size, d_size) = (2 * intermediate * hidden, hidden * intermediate);
+    let mut tasks = Vec::new();
+    let mut grad_buf_rest = grad_buf;
+    let weight_grads = grad_gate_up.chunks_mut(gu_size).zip(grad_down.chunks_mut(d_size));
+    for (e, (grad_gu, grad_d)) in weight_grads.enumerate() {
+        let (s, t) = (expert_offsets[e] as usize, expert_offsets[e + 1] as usize);
+        let (seg, rest) = grad_buf_rest.split_at_mut((t - s) * hidden);
+        grad_buf_rest = rest;
+        if t == s || t - s > max_rows {
+            continue;
+        }
+        tasks.push(ExpertGrad {
+            grad_out: &grad_out[s * hidden..t * hidden],
+            x: &buf[s * hidden..t * hidden],
+            h: &h[s * 2 * intermediate..t * 2 * intermediate],
+            wgu: &gate_up[e * gu_size..(e + 1) * gu_size],
+            wd: &down[e * d_size..(e + 1) * d_size],
+            grad_x: seg,
+            grad_wgu: grad_gu,
+            grad_wd: grad_d,
+        });
+    }
+    let done = tasks.len();
+    let gemm = gemm::best();
+    tasks
+        .into_par_iter()
+        .for_each_init(GradScratch::default, |scratch, task| task.run(dims, gemm, scratch));
+    Ok(done)
+}
+
+/// One expert's rows, saved pre-activations, weights and the gradients it owns.
+struct ExpertGrad<'a> {
+    grad_out: &'a [f32],
+    x: &'a [f32],
+    h: &'a [f32],
+    wgu: &'a [f32],
+    wd: &'a [f32],
+    grad_x: &'a mut [f32],
+    grad_wgu: &'a mut [f32],
+    grad_wd: &'a mut [f32],
+}
+
+#[derive(Default)]
+struct GradScratch {
+    act: Vec<f32>,
+    grad_act: Vec<f32>,
+    grad_h: Vec<f32>,
+}
+
+impl ExpertGrad<'_> {
+    fn run(self, dims: Dims, gemm: gemm::Gemm, scratch: &mut GradScratch) {
+        use gemm::Strided;
+        let (hd, f) = (dims.hidden, dims.intermediate);
+        let n = self.x.len() / hd;
+        let GradScratch { act, grad_act, grad_h } = scratch;
+        for v in [&mut *act, &mut *grad_act] {
+            v.clear();
+            v.resize(n * f, 0.0);
+        }
+        grad_h.clear();
+        grad_h.resize(n * 2 * f, 0.0);
+        // grad_act = grad_out @ down
+        gemm(
+            Strided {
+                data: self.grad_out,
+                rs: hd,
+                ks: 1,
+            },
+            self.wd,
+            f,
+            hd,
+            grad_act,
+            f,
+            n,
+            f,
+        );
+        for m in 0..n {
+            for j in 0..f {
+                let (g, u) = (self.h[m * 2 * f + j], self.h[m * 2 * f + f + j]);
+                let sig = 1.0 / (1.0 + (-g).exp());
+                let silu = g * sig;
+                let ga = grad_act[m * f + j];
+                act[m * f + j] = silu * u;
+                grad_h[m * 2 * f + j] = ga * u * sig * (1.0 + g * (1.0 - sig));
+                grad_h[m * 2 * f + f + j] = ga * silu;
+            }
+        }
+        // grad_down = grad_out^T @ act
+        gemm(
+            Strided {
+                data: self.grad_out,
+                rs: 1,
+                ks: hd,
+            },
+            act,
+            f,
+            n,
+            self.grad_wd,
+            f,
+            hd,
+            f,
+        );
+        // grad_x = grad_h @ gate_up
+        gemm(
+            Strided {
+                data: grad_h,
+                rs: 2 * f,
+                ks: 1,
+            },
+            self.wgu,
+            hd,
+            2 * f,
+            self.grad_x,
+            hd,
+            n,
+            hd,
+        );
+        // grad_gate_up = grad_h^T @ x
+        gemm(
+            Strided {
+                data: grad_h,
+                rs: 1,
+                ks: 2 * f,
+            },
+            self.x,
+            hd,
+            n,
+            self.grad_wgu,
+            hd,
+            2 * f,
+            hd,
+        );
+    }
 }
 
 /// Rows per task: 64 rows of a 1024-wide hidden state are 256 KiB, which stay in L2.

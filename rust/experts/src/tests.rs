@@ -189,3 +189,102 @@ fn segments_longer_than_a_row_block_match_the_definition() {
         );
     }
 }
+
+/// Gradients of the definition, in f64: (grad_buf, grad_gate_up, grad_down).
+fn reference_grads(
+    grad_out: &[f32],
+    buf: &[f32],
+    gate_up: &[f32],
+    down: &[f32],
+    dims: Dims,
+    offsets: &[i64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let Dims {
+        hidden: hd,
+        intermediate: f,
+        experts,
+    } = dims;
+    let rows = buf.len() / hd;
+    let (mut gx, mut ggu, mut gd) = (
+        vec![0f64; rows * hd],
+        vec![0f64; experts * 2 * f * hd],
+        vec![0f64; experts * hd * f],
+    );
+    for e in 0..experts {
+        let wgu = |r: usize, c: usize| gate_up[(e * 2 * f + r) * hd + c] as f64;
+        let wd = |r: usize, c: usize| down[(e * hd + r) * f + c] as f64;
+        for m in offsets[e] as usize..offsets[e + 1] as usize {
+            let x = |c: usize| buf[m * hd + c] as f64;
+            let dy = |c: usize| grad_out[m * hd + c] as f64;
+            for j in 0..f {
+                let g: f64 = (0..hd).map(|c| wgu(j, c) * x(c)).sum();
+                let u: f64 = (0..hd).map(|c| wgu(f + j, c) * x(c)).sum();
+                let sig = 1.0 / (1.0 + (-g).exp());
+                let act = g * sig * u;
+                let ga: f64 = (0..hd).map(|c| wd(c, j) * dy(c)).sum();
+                let (gg, gu) = (ga * u * sig * (1.0 + g * (1.0 - sig)), ga * g * sig);
+                for c in 0..hd {
+                    gd[(e * hd + c) * f + j] += dy(c) * act;
+                    gx[m * hd + c] += wgu(j, c) * gg + wgu(f + j, c) * gu;
+                    ggu[(e * 2 * f + j) * hd + c] += gg * x(c);
+                    ggu[(e * 2 * f + f + j) * hd + c] += gu * x(c);
+                }
+            }
+        }
+    }
+    (gx, ggu, gd)
+}
+
+proptest! {
+    #[test]
+    fn small_expert_gradients_match_the_definition(
+        (dims, offsets, buf, gate_up, down, max_rows) in case(),
+        seed in any::<u64>(),
+    ) {
+        let Dims { hidden: hd, intermediate: f, experts } = dims;
+        let rows = buf.len() / hd;
+        let grad_out: Vec<f32> = (0..rows * hd).map(|i| ((i as u64 * 2654435761 ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
+        let mut h = vec![0f32; rows * 2 * f];
+        let mut out = vec![0f32; rows * hd];
+        swiglu_forward(&buf, &gate_up, &down, dims, &offsets, usize::MAX, &mut out, Some(&mut h)).unwrap();
+        let sentinel = -3.25f32;
+        let (mut gx, mut ggu, mut gd) = (vec![sentinel; rows * hd], vec![sentinel; gate_up.len()], vec![sentinel; down.len()]);
+        let ran = swiglu_backward(&grad_out, &buf, &gate_up, &down, &h, dims, &offsets, max_rows, &mut gx, &mut ggu, &mut gd).unwrap();
+        let (want_x, want_gu, want_d) = reference_grads(&grad_out, &buf, &gate_up, &down, dims, &offsets);
+        let close = |got: f32, want: f64| (got as f64 - want).abs() <= 1e-3 * (1.0 + want.abs());
+        let mut expected_ran = 0;
+        for e in 0..experts {
+            let (s, t) = (offsets[e] as usize, offsets[e + 1] as usize);
+            let small = t > s && t - s <= max_rows;
+            expected_ran += small as usize;
+            let weights = (e * 2 * f * hd..(e + 1) * 2 * f * hd).map(|i| (ggu[i], want_gu[i]))
+                .chain((e * hd * f..(e + 1) * hd * f).map(|i| (gd[i], want_d[i])));
+            for (got, want) in (s * hd..t * hd).map(|i| (gx[i], want_x[i])).chain(weights) {
+                if small {
+                    prop_assert!(close(got, want), "{got} vs {want}");
+                } else {
+                    prop_assert_eq!(got, sentinel, "an expert outside the small ones was touched");
+                }
+            }
+        }
+        prop_assert_eq!(ran, expected_ran);
+    }
+
+    #[test]
+    fn gemm_kernels_agree(rows in 0usize..9, cols in 0usize..80, k in 0usize..20, transposed in any::<bool>()) {
+        let a_data: Vec<f32> = (0..rows.max(1) * k.max(1)).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+        let (rs, ks) = if transposed { (1, rows.max(1)) } else { (k.max(1), 1) };
+        let a = gemm::Strided { data: &a_data, rs, ks };
+        let b: Vec<f32> = (0..k * cols).map(|i| ((i * 7) % 13) as f32 / 6.0 - 1.0).collect();
+        let (mut fast, mut slow) = (vec![9f32; rows * cols], vec![9f32; rows * cols]);
+        gemm::best()(a, &b, cols, k, &mut fast, cols, rows, cols);
+        gemm::portable(a, &b, cols, k, &mut slow, cols, rows, cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                let exact: f64 = (0..k).map(|kk| a_data[r * rs + kk * ks] as f64 * b[kk * cols + c] as f64).sum();
+                prop_assert!((fast[r * cols + c] as f64 - exact).abs() <= 1e-4 * (1.0 + k as f64));
+                prop_assert!((slow[r * cols + c] as f64 - exact).abs() <= 1e-4 * (1.0 + k as f64));
+            }
+        }
+    }
+}

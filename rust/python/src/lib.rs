@@ -170,7 +170,7 @@ mod _core {
     use super::*;
 
     #[pymodule_export]
-    use crate::experts::swiglu_experts_forward;
+    use crate::experts::{swiglu_experts_backward, swiglu_experts_forward};
     #[pymodule_export]
     use crate::scheduler::Scheduler;
     #[pymodule_export]
