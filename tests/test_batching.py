@@ -429,3 +429,14 @@ def test_the_worker_runs_with_the_creators_torch_thread_count():
     finally:
         torch.set_num_threads(before)
     assert seen == [1]
+
+
+def test_from_config_reads_the_articles_yaml_block():
+    yaml_text = "optimization:\n  batching: {strategy: dynamic, min_size: 4, max_size: 32}\n"
+    with DynamicBatcher.from_config(nn.Linear(4, 2), yaml_text, max_queue_size=7) as b:
+        c = b.config()
+        assert (c["min_size"], c["max_size"], c["max_queue_delay"], c["max_queue_size"]) == (4, 32, 0.005, 7)
+    with DynamicBatcher.from_config(nn.Linear(4, 2), {"batching": {"strategy": "none"}}) as b:
+        assert (b.config()["min_size"], b.config()["max_size"]) == (1, 1)
+    with pytest.raises(InvalidValueError, match=r"optimization\.batching: min_size must be in"):
+        DynamicBatcher.from_config(nn.Linear(4, 2), {"batching": {"min_size": 40}})

@@ -264,6 +264,67 @@ fn next_batch_blocks_until_a_batch_is_due_and_close_drains() {
     assert_eq!(s.metrics().completed, 5);
 }
 
+#[test]
+fn many_producers_and_consumers_lose_nothing_and_duplicate_nothing() {
+    use std::sync::Arc;
+    let cfg = Config {
+        max_size: 8,
+        min_size: 3,
+        max_queue_delay: ms(1),
+        max_queue_size: 100_000,
+        ..Config::default()
+    };
+    let s = Arc::new(Scheduler::new(cfg).unwrap());
+    let consumers: Vec<_> = (0..3)
+        .map(|_| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                loop {
+                    match s.next_batch(None) {
+                        Next::Batch(b) => {
+                            assert!(!b.ids.is_empty() && b.ids.len() <= 8);
+                            assert!(b.ids.iter().all(|id| id % 3 == b.bucket), "mixed buckets");
+                            s.complete(&b.ids, Outcome::Completed);
+                            got.extend(b.ids);
+                        }
+                        Next::Closed => return got,
+                        other => panic!("{other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let producers: Vec<_> = (0..8u64)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for i in 0..500 {
+                    let id = t * 1000 + i;
+                    s.submit(Request {
+                        bucket: id % 3,
+                        ..Request::new(id)
+                    })
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().unwrap();
+    }
+    s.close();
+    let mut got: Vec<u64> = consumers.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    got.sort_unstable();
+    let want: Vec<u64> = (0..8u64).flat_map(|t| (0..500).map(move |i| t * 1000 + i)).collect();
+    assert_eq!(got, want);
+    let m = s.metrics();
+    assert_eq!(
+        (m.accepted, m.completed, m.in_flight, m.queue_depth),
+        (4000, 4000, 0, 0)
+    );
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Submit {
