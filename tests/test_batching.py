@@ -273,7 +273,8 @@ def test_async_infer():
         torch.testing.assert_close(torch.stack(ys), model.lin(torch.stack(xs)))
 
 
-def test_many_threads_no_request_lost_or_answered_twice():
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_many_threads_no_request_lost_or_answered_twice(num_workers):
     model = Recorder()
     n_threads, per_thread = 16, 40
     got = [[] for _ in range(n_threads)]
@@ -287,7 +288,7 @@ def test_many_threads_no_request_lost_or_answered_twice():
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    with DynamicBatcher(model, min_size=4, max_size=8, max_queue_delay=0.002) as b:
+    with DynamicBatcher(model, min_size=4, max_size=8, max_queue_delay=0.002, num_workers=num_workers) as b:
         threads = [threading.Thread(target=client, args=(t, b)) for t in range(n_threads)]
         for t in threads:
             t.start()

@@ -189,6 +189,20 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
         server.stop()
 
 
+def test_the_yaml_batching_section_and_flags_configure_the_server(tmp_path):
+    config = tmp_path / "optimization.yaml"
+    config.write_text("optimization:\n  batching: {strategy: dynamic, min_size: 2, max_size: 8}\n")
+    server = Server("--config", str(config), "--max-queue-delay-ms", "1", "--max-queue-size", "9")
+    try:
+        status, text, _ = server.get("/health")
+        policy = json.loads(text)["batching"]
+        assert status == 200
+        assert (policy["min_size"], policy["max_size"], policy["max_queue_size"]) == (2, 8, 9)
+        assert policy["max_queue_delay"] == 0.001
+    finally:
+        assert server.stop()
+
+
 def test_model_specs_are_checked():
     assert isinstance(load_model("serve_models:gated"), torch.nn.Module)
     for spec in ("serve_models", "no_such_module:f", "serve_models:nope", "json:dumps"):

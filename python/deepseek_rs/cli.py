@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument(
-        "--config", metavar="YAML", help="the article's optimization YAML; its batching section applies"
+        "--config",
+        metavar="YAML",
+        help="the article's optimization YAML: its batching section applies (flags win)",
     )
     srv.add_argument("--min-batch-size", type=int, help="requests a batch waits for (default 4)")
     srv.add_argument("--max-batch-size", type=int, help="requests per batch at most (default 32)")

@@ -6,7 +6,8 @@
   "timeout": seconds}`` (only ``inputs`` is required) answers ``{"outputs": [...], "id": ...}``.
   Bad JSON or input is 400, a full queue 429 (with ``Retry-After``), a request that waited past
   its timeout 504, a request arriving while the server drains 503, a model error 500.
-* ``GET /health``: 200 ``{"status": "ok"}`` while serving, 503 while draining.
+* ``GET /health``: 200 ``{"status": "ok", "batching": {...}}`` (the policy in force) while
+  serving, 503 while draining.
 * ``GET /metrics``: the batcher's counters and histograms and the HTTP response counts in the
   Prometheus text format.
 
@@ -183,7 +184,7 @@ def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any
     async def health(request: Request) -> Response:
         if draining or batcher.closed:
             return reply(503, {"status": "draining"})
-        return reply(200, {"status": "ok"})
+        return reply(200, {"status": "ok", "batching": batcher.config()})
 
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(
