@@ -441,3 +441,51 @@ def test_from_config_reads_the_articles_yaml_block():
         assert (b.config()["min_size"], b.config()["max_size"]) == (1, 1)
     with pytest.raises(InvalidValueError, match=r"optimization\.batching: min_size must be in"):
         DynamicBatcher.from_config(nn.Linear(4, 2), {"batching": {"min_size": 40}})
+
+
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["good", "poison", "cancel", "late"]),
+            st.integers(1, 5),  # length
+            st.integers(0, 2),  # priority
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    collate=st.sampled_from(["pad", "ragged"]),
+)
+@settings(max_examples=15)
+def test_every_future_settles_once_with_its_own_answer(ops, collate):
+    """Random mixes of good, failing, cancelled and expiring requests, then shutdown: every
+    future ends, good ones with exactly their rows, failing ones with the model's error."""
+
+    class Doubler(nn.Module):
+        def forward(self, x):
+            if (x < 0).any():
+                raise RuntimeError("negative input")
+            return x * 2
+
+    b = DynamicBatcher(Doubler(), dtype=None, collate=collate, min_size=3, max_size=4, max_queue_delay=0.001)
+    submitted = []
+    for i, (kind, length, priority) in enumerate(ops):
+        x = torch.full((length, 2), float(i + 1)) * (-1 if kind == "poison" else 1)
+        f = b.submit(x, priority=priority, timeout=0.0 if kind == "late" else None)
+        if kind == "cancel":
+            f.cancel()  # may be too late if the batch already started: then it is answered
+        submitted.append((kind, x, f))
+    b.shutdown(wait=True)
+    for kind, x, f in submitted:
+        assert f.done()
+        if f.cancelled():
+            assert kind == "cancel"
+        elif kind in ("good", "cancel"):
+            torch.testing.assert_close(f.result(), x * 2)
+        elif kind == "poison":
+            with pytest.raises(RuntimeError, match="negative input"):
+                f.result()
+        else:  # "late": its deadline is its arrival, so it can never be dispatched
+            assert isinstance(f.exception(), RequestTimeoutError)
+    m = b.metrics()
+    assert m["accepted"] == len(ops) and m["in_flight"] == 0 and m["queue_depth"] == 0
+    assert m["completed"] + m["failed"] + m["cancelled"] + m["timed_out"] == len(ops)
