@@ -168,6 +168,11 @@ def test_bad_inputs_are_refused_at_submit():
         ({"preferred_sizes": [64]}, "preferred"),
         ({"collate": "zip"}, "collate"),
         ({"bucket_width": 0}, "bucket_width"),
+        ({"max_size": -1}, "max_size must be a non-negative integer"),
+        ({"max_size": 2.5}, "max_size must be a non-negative integer"),
+        ({"preferred_sizes": [2, -3]}, r"preferred_sizes\[1\]"),
+        ({"max_queue_delay": "5ms"}, "max_queue_delay must be a number"),
+        ({"max_batch_cost": 0}, "max_batch_cost"),
     ]:
         with pytest.raises(InvalidValueError, match=match):
             DynamicBatcher(nn.Linear(4, 2), **kwargs)

@@ -129,7 +129,17 @@ class DynamicBatcher:
             raise InvalidValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
         if timeout is not None:
             self._check_timeout(timeout)
-        # The engine validates the sizes, the delay and the budget (one place for those rules).
+        sizes = {"max_size": max_size, "min_size": min_size, "max_queue_size": max_queue_size}
+        if max_batch_cost is not None:
+            sizes["max_batch_cost"] = max_batch_cost
+        for i, p in enumerate(preferred_sizes or ()):
+            sizes[f"preferred_sizes[{i}]"] = p
+        for name, v in sizes.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InvalidValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if isinstance(max_queue_delay, bool) or not isinstance(max_queue_delay, (int, float)):
+            raise InvalidValueError(f"max_queue_delay must be a number of seconds, got {max_queue_delay!r}")
+        # The engine validates the ranges of the sizes, the delay and the budget (one place).
         self._scheduler = _core.Scheduler(
             max_size=max_size,
             min_size=min_size,
