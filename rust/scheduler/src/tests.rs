@@ -171,7 +171,8 @@ fn deadlines_cancel_queue_full_and_duplicates() {
     assert_eq!(q.submit(Request::new(4), t0), Err(SchedulerError::QueueFull(3)));
     assert!(q.cancel(3));
     assert!(!q.cancel(3));
-    assert_eq!(q.poll(t0 + ms(1)), Poll::Wait(Some(t0 + ms(3))));
+    // (No poll before t0 + 3 ms: the executor was busy. A poll in time would have dispatched
+    // request 1 at once, its deadline coming before the batch's delay.)
     assert_eq!(q.poll(t0 + ms(3)), Poll::TimedOut(vec![1]));
     q.close();
     assert_eq!(q.submit(Request::new(5), t0), Err(SchedulerError::Closed));
@@ -262,6 +263,75 @@ fn next_batch_blocks_until_a_batch_is_due_and_close_drains() {
     got.sort_unstable();
     assert_eq!(got, vec![0, 1, 2, 3, 4]);
     assert_eq!(s.metrics().completed, 5);
+}
+
+#[test]
+fn delays_and_timeouts_too_long_for_the_clock_do_not_panic() {
+    let t0 = Instant::now();
+    let mut q = BatchQueue::new(Config {
+        max_queue_delay: Duration::MAX,
+        ..config(4, 8)
+    })
+    .unwrap();
+    q.submit(Request::new(1), t0).unwrap();
+    assert_eq!(q.poll(t0 + ms(10)), Poll::Wait(None)); // never due: waits for min_size
+    let s = Scheduler::new(Config {
+        max_queue_delay: Duration::MAX,
+        ..config(1, 8)
+    })
+    .unwrap();
+    s.submit(Request::new(1)).unwrap();
+    assert!(matches!(s.next_batch(Some(Duration::MAX)), Next::Batch(_)));
+    assert_eq!(s.expire_wait(Some(ms(1))), Some(vec![]));
+}
+
+#[test]
+fn a_deadline_before_the_delay_dispatches_at_once() {
+    let t0 = Instant::now();
+    let mut q = BatchQueue::new(Config {
+        max_queue_delay: ms(50),
+        ..config(4, 8)
+    })
+    .unwrap();
+    q.submit(Request::new(1), t0).unwrap();
+    q.submit(
+        Request {
+            deadline: Some(t0 + ms(10)),
+            ..Request::new(2)
+        },
+        t0,
+    )
+    .unwrap();
+    assert_eq!(batch(q.poll(t0 + ms(1))), vec![1, 2]);
+    q.submit(
+        Request {
+            deadline: Some(t0 + ms(80)),
+            ..Request::new(3)
+        },
+        t0 + ms(2),
+    )
+    .unwrap();
+    assert_eq!(q.poll(t0 + ms(3)), Poll::Wait(Some(t0 + ms(52))));
+}
+
+#[test]
+fn expire_wait_answers_timeouts_while_executors_are_busy() {
+    let s = Scheduler::new(Config {
+        max_queue_delay: Duration::from_secs(10),
+        ..config(1, 8)
+    })
+    .unwrap();
+    let start = Instant::now();
+    s.submit(Request {
+        deadline: Some(start + ms(20)),
+        ..Request::new(7)
+    })
+    .unwrap();
+    assert_eq!(s.expire_wait(None), Some(vec![7])); // no executor ever polled
+    assert!(start.elapsed() >= ms(20));
+    s.close();
+    assert_eq!(s.expire_wait(None), None);
+    assert_eq!(s.metrics().timed_out, 1);
 }
 
 #[test]
@@ -388,7 +458,9 @@ proptest! {
                     prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "not priority-then-FIFO: {:?}", keys);
                     let oldest = reqs.iter().map(|r| r.1).min().unwrap();
                     if b.ids.len() < min_size {
-                        prop_assert!(q.is_closed() || now >= oldest + cfg.max_queue_delay || budget.is_some());
+                        let due = oldest + cfg.max_queue_delay;
+                        let deadline_first = reqs.iter().any(|r| r.0.deadline.is_some_and(|d| d <= due));
+                        prop_assert!(q.is_closed() || now >= due || budget.is_some() || deadline_first);
                     }
                     for (id, r) in b.ids.iter().zip(&reqs) {
                         prop_assert!(ended.insert(*id), "request {} ended twice", id);
@@ -408,6 +480,12 @@ proptest! {
                 Poll::Wait(wake) => {
                     prop_assert!(!q.is_closed() || !q.is_empty());
                     prop_assert!(wake.is_none_or(|w| w > now));
+                    // Liveness: the scheduler wakes before any waiting request's deadline.
+                    for (id, r) in accepted.iter() {
+                        if let (false, Some(d)) = (ended.contains(id), r.0.deadline) {
+                            prop_assert!(wake.is_some_and(|w| w < d), "would sleep past the deadline of {}", id);
+                        }
+                    }
                     Ok(false)
                 }
                 Poll::Closed => { prop_assert!(q.is_closed() && q.is_empty()); Ok(false) }
