@@ -229,7 +229,7 @@ def test_queue_full_is_immediate_and_deadlines_cancel_and_priorities_apply():
     first = b.submit(torch.tensor([0.0]))
     assert gate.entered.wait(RESULT_TIMEOUT)  # the worker is busy with request 0
     low = b.submit(torch.tensor([1.0]), priority=5)
-    late = b.submit(torch.tensor([2.0]), timeout=0.0)
+    late = b.submit(torch.tensor([2.0]), timeout=1.0)
     cancelled = b.submit(torch.tensor([3.0]))
     high = b.submit(torch.tensor([4.0]), priority=0)
     start = time.monotonic()
@@ -238,6 +238,7 @@ def test_queue_full_is_immediate_and_deadlines_cancel_and_priorities_apply():
     assert time.monotonic() - start < 1.0
     assert cancelled.cancel()
     assert b.submit(torch.tensor([6.0]), priority=9) is not None  # the cancelled slot is free again
+    assert isinstance(late.exception(timeout=RESULT_TIMEOUT), RequestTimeoutError)  # while busy
     gate.release.set()
     assert [y.item() for y in results([first, high, low])] == [0.0, 8.0, 2.0]
     with pytest.raises(RequestTimeoutError):
@@ -494,3 +495,71 @@ def test_every_future_settles_once_with_its_own_answer(ops, collate):
     m = b.metrics()
     assert m["accepted"] == len(ops) and m["in_flight"] == 0 and m["queue_depth"] == 0
     assert m["completed"] + m["failed"] + m["cancelled"] + m["timed_out"] == len(ops)
+
+
+def test_huge_delays_and_timeouts_are_no_limit_not_a_crash():
+    s = Scheduler(max_queue_delay=1e19)
+    s.submit(1, timeout=1e19)
+    assert s.expire_wait(0.001) == []
+    with DynamicBatcher(Recorder(), min_size=2, max_queue_delay=1e19, timeout=1e19) as b:
+        futures = [b.submit(torch.randn(4)) for _ in range(2)]  # min_size reached: no delay needed
+        assert all(f.result(timeout=RESULT_TIMEOUT).shape == (3,) for f in futures)
+        late = b.submit(torch.randn(4))  # waits for a companion, forever
+    assert late.result(timeout=RESULT_TIMEOUT).shape == (3,)  # ... until shutdown drains it
+
+
+def test_timeouts_are_answered_while_the_worker_is_busy_and_short_deadlines_do_not_wait():
+    gate = Gate()
+    with DynamicBatcher(gate, dtype=None, min_size=1, max_size=1) as b:
+        running = b.submit(torch.tensor([1.0]))
+        assert gate.entered.wait(RESULT_TIMEOUT)
+        start = time.monotonic()
+        doomed = b.submit(torch.tensor([2.0]), timeout=0.05)
+        with pytest.raises(RequestTimeoutError):
+            doomed.result(timeout=RESULT_TIMEOUT)
+        assert time.monotonic() - start < RESULT_TIMEOUT / 2 and not gate.release.is_set()
+        gate.release.set()
+        assert running.result(timeout=RESULT_TIMEOUT).item() == 2.0
+    # A deadline shorter than max_queue_delay: an idle worker runs the request at once.
+    with DynamicBatcher(Recorder(), min_size=4, max_queue_delay=5.0) as b:
+        assert b.submit(torch.randn(4), timeout=0.5).result(timeout=RESULT_TIMEOUT).shape == (3,)
+
+
+def test_the_worker_survives_a_future_its_caller_already_ran_and_a_model_calling_exit():
+    gate = Gate()
+    with DynamicBatcher(gate, dtype=None, min_size=1, max_size=1) as b:
+        first = b.submit(torch.tensor([1.0]))
+        assert gate.entered.wait(RESULT_TIMEOUT)
+        hijacked = b.submit(torch.tensor([2.0]))
+        assert hijacked.set_running_or_notify_cancel()  # the caller misuses its future
+        after = b.submit(torch.tensor([3.0]))
+        gate.release.set()
+        assert first.result(timeout=RESULT_TIMEOUT).item() == 2.0
+        assert after.result(timeout=RESULT_TIMEOUT).item() == 6.0  # the worker is alive
+
+    class Exits(nn.Module):
+        def forward(self, x):
+            if (x < 0).any():
+                raise SystemExit("bye")
+            return x + 1
+
+    with DynamicBatcher(Exits(), dtype=None, min_size=4, max_queue_delay=1.0) as b:
+        futures = [b.submit(torch.tensor([v])) for v in (1.0, -1.0, 2.0, 3.0)]
+        with pytest.raises(RuntimeError, match="the model raised SystemExit: bye") as info:
+            futures[1].result(timeout=RESULT_TIMEOUT)
+        assert isinstance(info.value.__cause__, SystemExit)
+        assert [futures[i].result(timeout=RESULT_TIMEOUT).item() for i in (0, 2, 3)] == [2.0, 3.0, 4.0]
+
+
+def test_namedtuple_outputs_keep_their_type():
+    from collections import namedtuple
+
+    Out = namedtuple("Out", "double total")
+
+    class Model(nn.Module):
+        def forward(self, x):
+            return Out(x * 2, x.sum(-1))
+
+    with DynamicBatcher(Model(), dtype=None, collate="ragged", min_size=2, max_queue_delay=0.05) as b:
+        a, c = results([b.submit(torch.ones(2, 3)), b.submit(torch.ones(1, 3))])
+    assert isinstance(a, Out) and a.double.shape == (2, 3) and c.total.tolist() == [3.0]

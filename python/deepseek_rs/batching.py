@@ -94,6 +94,9 @@ class DynamicBatcher:
     model's first parameter's; None if it has none). ``device``: where batches are moved before
     the model runs (default: the model's first parameter's device). ``num_workers``: threads
     running the model (one is right for one model on one device).
+
+    Futures are answered on a worker thread, so their done callbacks run there: a callback
+    must not wait for another request of the same batcher.
     """
 
     def __init__(
@@ -174,7 +177,14 @@ class DynamicBatcher:
             )
             for i in range(num_workers)
         ]
+        # The reaper answers timeouts while every worker is busy with a batch.
+        self._workers.append(
+            threading.Thread(
+                target=_reap, args=(self._scheduler, self._pending), name="DynamicBatcher-reaper"
+            )
+        )
         for w in self._workers:  # daemon threads: a batcher never shut down does not block exit
+            w.daemon = True
             w.start()
 
     @classmethod
@@ -268,13 +278,15 @@ class DynamicBatcher:
         future: Future = Future()
         # The payload must be in place before the scheduler can hand the id to a worker.
         self._pending[rid] = _Request(x, future)
+        queued = False
         try:
             self._scheduler.submit(
                 rid, cost=cost, bucket=self._bucket_id(key), priority=priority, timeout=timeout
             )
-        except BaseException:
-            del self._pending[rid]
-            raise
+            queued = True
+        finally:
+            if not queued:  # refused (or interrupted before the engine took it)
+                self._pending.pop(rid, None)
         future.add_done_callback(self._on_done(rid))
         return future
 
@@ -347,6 +359,8 @@ class DynamicBatcher:
                     f"the model returned {tuple(p.shape)} for a padded batch {tuple(batch.shape[:2])}; "
                     "with unpad_output=True outputs must be [B, L_max, ...]"
                 )
+        if isinstance(out, tuple) and hasattr(out, "_fields"):  # a namedtuple
+            return [type(out)(*(cut(p, i) for p in parts)) for i in range(len(xs))]
         if isinstance(out, (tuple, list)):
             return [type(out)(cut(p, i) for p in parts) for i in range(len(xs))]
         return [cut(out, i) for i in range(len(xs))]
@@ -359,9 +373,9 @@ class DynamicBatcher:
             outs = self._forward([r.x for _, r in batch])
         except _BatchShapeError as e:
             return [(rid, r, None, e) for rid, r in batch]
-        except Exception as e:
+        except BaseException as e:  # even SystemExit from the model: isolate, then wrap it
             if len(batch) == 1:
-                return [(batch[0][0], batch[0][1], None, e)]
+                return [(batch[0][0], batch[0][1], None, _as_exception(e))]
             half = len(batch) // 2
             return self._run(batch[:half]) + self._run(batch[half:])
         return [(rid, r, y, None) for (rid, r), y in zip(batch, outs)]
@@ -403,13 +417,31 @@ class DynamicBatcher:
         return dict(self._scheduler.metrics())
 
 
+def _timeout_error() -> RequestTimeoutError:
+    return RequestTimeoutError("the request waited past its timeout; it was not run")
+
+
+def _as_exception(e: BaseException) -> Exception:
+    """What a caller's future may carry: a SystemExit or KeyboardInterrupt raised by the model
+    would escape ``asyncio.run`` or kill the caller's thread, so it is wrapped."""
+    if isinstance(e, Exception):
+        return e
+    err = RuntimeError(f"the model raised {type(e).__name__}: {e}")
+    err.__cause__ = e
+    return err
+
+
 def _serve(
     scheduler: _core.Scheduler,
     pending: Dict[int, _Request],
     run: Callable[[List[Tuple[int, _Request]]], List[Tuple[int, _Request, Any, Optional[BaseException]]]],
     threads: int,
 ) -> None:
-    """A worker: wait (in Rust, GIL released) for the scheduler's next decision and carry it out."""
+    """A worker: wait (in Rust, GIL released) for the scheduler's next decision and carry it out.
+
+    The loop survives anything raised while carrying out a decision (every request it had taken
+    is then failed and reported), because a dead worker would leave every later caller hanging.
+    """
     # torch's intra-op thread count (OpenMP's) is per thread: a new thread would get one per
     # core whatever the creator set, and oversubscribed OpenMP spinning costs 100x on a busy host.
     torch.set_num_threads(threads)
@@ -417,39 +449,68 @@ def _serve(
         kind, ids, _ = scheduler.next_batch(None)
         if kind == "closed":
             return
-        if kind == "timed_out":
+        taken: List[Tuple[int, _Request]] = []
+        try:
+            if kind == "timed_out":
+                for rid in ids:
+                    req = pending.pop(rid, None)
+                    if req is not None:
+                        _settle(req.future, error=_timeout_error())
+            elif kind == "batch":
+                _execute(scheduler, pending, run, ids, taken)
+        except BaseException as e:
+            error = _as_exception(e)
+            for _, r in taken:
+                _settle(r.future, error=error)
+            scheduler.complete([rid for rid, _ in taken], "failed")  # ids already reported are ignored
+
+
+def _execute(
+    scheduler: _core.Scheduler,
+    pending: Dict[int, _Request],
+    run: Callable[[List[Tuple[int, _Request]]], List[Tuple[int, _Request, Any, Optional[BaseException]]]],
+    ids: List[int],
+    taken: List[Tuple[int, _Request]],
+) -> None:
+    cancelled = []
+    for rid in ids:
+        req = pending.pop(rid, None)
+        try:
+            # False: cancelled by its caller; RuntimeError: the caller already ran or settled it.
+            runnable = req is not None and req.future.set_running_or_notify_cancel()
+        except RuntimeError:
+            runnable = False
+        if runnable:
+            taken.append((rid, req))
+        else:
+            cancelled.append(rid)
+    if cancelled:
+        scheduler.complete(cancelled, "cancelled")
+    if not taken:
+        return
+    answers = run(taken)
+    # Count before answering, so a caller that has its answer sees it in the metrics.
+    failed = [rid for rid, _, _, error in answers if error is not None]
+    scheduler.complete([rid for rid, _, _, error in answers if error is None], "completed")
+    if failed:
+        scheduler.complete(failed, "failed")
+    for _, r, y, error in answers:
+        _settle(r.future, y, error)
+
+
+def _reap(scheduler: _core.Scheduler, pending: Dict[int, _Request]) -> None:
+    """Answers timeouts on time even while the workers are busy running batches."""
+    while True:
+        try:
+            ids = scheduler.expire_wait(None)
+            if ids is None:  # closed and drained
+                return
             for rid in ids:
                 req = pending.pop(rid, None)
                 if req is not None:
-                    _settle(
-                        req.future,
-                        error=RequestTimeoutError("the request waited past its timeout; it was not run"),
-                    )
+                    _settle(req.future, error=_timeout_error())
+        except Exception:  # never let a timeout go unanswered because of one bad future
             continue
-        if kind != "batch":
-            continue
-        batch, cancelled = [], []
-        for rid in ids:
-            req = pending.pop(rid)
-            if req.future.set_running_or_notify_cancel():
-                batch.append((rid, req))
-            else:
-                cancelled.append(rid)
-        if cancelled:
-            scheduler.complete(cancelled, "cancelled")
-        if not batch:
-            continue
-        try:
-            answers = run(batch)
-        except BaseException as e:  # a bug here must not strand the callers
-            answers = [(rid, r, None, e) for rid, r in batch]
-        # Count before answering, so a caller that has its answer sees it in the metrics.
-        failed = [rid for rid, _, _, error in answers if error is not None]
-        scheduler.complete([rid for rid, _, _, error in answers if error is None], "completed")
-        if failed:
-            scheduler.complete(failed, "failed")
-        for _, r, y, error in answers:
-            _settle(r.future, y, error)
 
 
 __all__ = ["COLLATE_MODES", "DynamicBatcher"]
