@@ -563,3 +563,13 @@ def test_namedtuple_outputs_keep_their_type():
     with DynamicBatcher(Model(), dtype=None, collate="ragged", min_size=2, max_queue_delay=0.05) as b:
         a, c = results([b.submit(torch.ones(2, 3)), b.submit(torch.ones(1, 3))])
     assert isinstance(a, Out) and a.double.shape == (2, 3) and c.total.tolist() == [3.0]
+
+
+def test_distinct_bucket_keys_are_bounded():
+    with DynamicBatcher(nn.Identity(), max_buckets=2, min_size=1) as b:
+        b.submit(torch.zeros(1)).result(timeout=RESULT_TIMEOUT)
+        b.submit(torch.zeros(2)).result(timeout=RESULT_TIMEOUT)
+        b.submit(torch.ones(2)).result(timeout=RESULT_TIMEOUT)  # a known key is fine
+        with pytest.raises(ShapeError, match="max_buckets 2"):
+            b.submit(torch.zeros(3))
+        assert b.metrics()["accepted"] == 3

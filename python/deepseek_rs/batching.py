@@ -93,7 +93,8 @@ class DynamicBatcher:
     ``ragged``); None checks nothing. ``dtype``: the dtype inputs must have (default: the
     model's first parameter's; None if it has none). ``device``: where batches are moved before
     the model runs (default: the model's first parameter's device). ``num_workers``: threads
-    running the model (one is right for one model on one device).
+    running the model (one is right for one model on one device). ``max_buckets``: distinct
+    bucket keys (input shapes, length buckets) allowed over the batcher's life.
 
     Futures are answered on a worker thread, so their done callbacks run there: a callback
     must not wait for another request of the same batcher.
@@ -121,6 +122,7 @@ class DynamicBatcher:
         device: Optional[Union[str, torch.device]] = None,
         num_workers: int = 1,
         inference_mode: bool = True,
+        max_buckets: int = 1024,
     ):
         if not callable(model):
             raise InvalidValueError(f"model must be callable (an nn.Module), got {type(model).__name__}")
@@ -133,6 +135,7 @@ class DynamicBatcher:
         if timeout is not None:
             self._check_timeout(timeout)
         sizes = {"max_size": max_size, "min_size": min_size, "max_queue_size": max_queue_size}
+        sizes["max_buckets"] = max_buckets
         if max_batch_cost is not None:
             sizes["max_batch_cost"] = max_batch_cost
         for i, p in enumerate(preferred_sizes or ()):
@@ -168,6 +171,7 @@ class DynamicBatcher:
         self._pending: Dict[int, _Request] = {}
         self._bucket_ids: Dict[Any, int] = {}
         self._bucket_lock = threading.Lock()
+        self.max_buckets = max_buckets
         self._workers = [
             threading.Thread(
                 target=_serve,
@@ -259,6 +263,13 @@ class DynamicBatcher:
         bid = self._bucket_ids.get(key)
         if bid is None:
             with self._bucket_lock:
+                if key not in self._bucket_ids and len(self._bucket_ids) >= self.max_buckets:
+                    # Keys are kept for the batcher's life: bound them (any client could send
+                    # a new shape per request).
+                    raise ShapeError(
+                        f"this input would make bucket key {len(self._bucket_ids) + 1} (max_buckets "
+                        f"{self.max_buckets}): too many distinct input shapes; set item_shape or bucket_width"
+                    )
                 bid = self._bucket_ids.setdefault(key, len(self._bucket_ids))
         return bid
 
