@@ -198,10 +198,13 @@ def create_app(
             return error(504, e, rid)
         except Exception as e:
             return error(500, e, rid)
-        responses[200] += 1
-        return Response(
-            orjson.dumps({"outputs": _jsonable(y), "id": rid}, option=NUMPY), media_type="application/json"
-        )
+        try:
+            payload = orjson.dumps({"outputs": _jsonable(y), "id": rid}, option=NUMPY)
+        except TypeError as e:  # an output JSON cannot carry
+            return error(500, e, rid)
+        response = Response(payload, media_type="application/json")
+        responses[200] += 1  # counted once the answer is serialised
+        return response
 
     async def health(request: Request) -> Response:
         if app.state.draining or batcher.closed:
