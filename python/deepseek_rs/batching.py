@@ -33,6 +33,7 @@ intake and answers every request already accepted.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import threading
 from concurrent.futures import Future, InvalidStateError
@@ -383,7 +384,7 @@ class DynamicBatcher:
         try:
             outs = self._forward([r.x for _, r in batch])
         except _BatchShapeError as e:
-            return [(rid, r, None, e) for rid, r in batch]
+            return [(rid, r, None, _own_copy(e)) for rid, r in batch]
         except BaseException as e:  # even SystemExit from the model: isolate, then wrap it
             if len(batch) == 1:
                 return [(batch[0][0], batch[0][1], None, _as_exception(e))]
@@ -432,6 +433,16 @@ def _timeout_error() -> RequestTimeoutError:
     return RequestTimeoutError("the request waited past its timeout; it was not run")
 
 
+def _own_copy(e: Exception) -> Exception:
+    """One exception object per caller: raising it in each caller's thread grows its traceback."""
+    try:
+        c = copy.copy(e)
+    except Exception:  # an exception type that cannot be copied: share it
+        return e
+    c.__cause__, c.__context__ = e.__cause__, e.__context__
+    return c
+
+
 def _as_exception(e: BaseException) -> Exception:
     """What a caller's future may carry: a SystemExit or KeyboardInterrupt raised by the model
     would escape ``asyncio.run`` or kill the caller's thread, so it is wrapped."""
@@ -472,7 +483,7 @@ def _serve(
         except BaseException as e:
             error = _as_exception(e)
             for _, r in taken:
-                _settle(r.future, error=error)
+                _settle(r.future, error=_own_copy(error))
             scheduler.complete([rid for rid, _ in taken], "failed")  # ids already reported are ignored
 
 
