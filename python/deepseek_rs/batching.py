@@ -384,7 +384,7 @@ class DynamicBatcher:
         try:
             outs = self._forward([r.x for _, r in batch])
         except _BatchShapeError as e:
-            return [(rid, r, None, _own_copy(e)) for rid, r in batch]
+            return [(rid, r, None, ShapeError(str(e))) for rid, r in batch]
         except BaseException as e:  # even SystemExit from the model: isolate, then wrap it
             if len(batch) == 1:
                 return [(batch[0][0], batch[0][1], None, _as_exception(e))]
