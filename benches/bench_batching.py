@@ -18,8 +18,9 @@
 * Mean batch size comes from the server's Prometheus ``/metrics`` (deltas over each point).
 * Scheduler overhead: in-process ``DynamicBatcher`` around a no-op model (``nn.Identity``)
   with 64 requests outstanding, wall time per request of the whole path (submit, schedule,
-  stack, slice, answer the future); and the Rust scheduler's calls alone (submit + next_batch +
-  complete through the bindings) per request; each the best of 5 repeats.
+  stack, slice, answer the future); the same for one request at a time (submit, then wait for
+  the result: thread hand-offs included); and the Rust scheduler's calls alone (submit +
+  next_batch + complete through the bindings) per request; each the best of 5 repeats.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from deepseek_rs.serve import DEFAULT_HIDDEN_SIZE
 from torch import nn
 
 BAD_EVERY = 100
+ANSWER_TIMEOUT = 120  # seconds: a request unanswered by then is reported lost
 
 
 class Server:
@@ -168,7 +170,11 @@ class Load:
         rid, bad, body = self.body()
         start = time.perf_counter() if start is None else start
         self.sent += 1
-        status, data = await conn.request("POST", "/v1/infer", body)
+        try:
+            status, data = await asyncio.wait_for(conn.request("POST", "/v1/infer", body), ANSWER_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.errors.append(f"request {rid} not answered within {ANSWER_TIMEOUT} s")
+            raise
         elapsed = time.perf_counter() - start
         got = data[data.rfind(b'"id":') + 5 : -1]
         if got != b"%d" % rid:
@@ -328,7 +334,19 @@ def scheduler_overhead(n: int) -> Dict[str, float]:
             kind, ids, _ = s.next_batch(None)
             s.complete(ids)
         scheduler_s = min(scheduler_s, (time.perf_counter() - start) / (rid - first))
-    return {"batcher_us": batcher_s * 1e6, "scheduler_us": scheduler_s * 1e6, "mean_batch": mean_batch}
+    with DynamicBatcher(nn.Identity(), min_size=1, max_size=32, max_queue_delay=0.0) as b:
+        sequential_s = float("inf")
+        for _ in range(5):  # one request at a time: the latency the batcher adds to a lone call
+            start = time.perf_counter()
+            for _ in range(n // 25):
+                b.submit(x).result()
+            sequential_s = min(sequential_s, (time.perf_counter() - start) / (n // 25))
+    return {
+        "batcher_us": batcher_s * 1e6,
+        "sequential_us": sequential_s * 1e6,
+        "scheduler_us": scheduler_s * 1e6,
+        "mean_batch": mean_batch,
+    }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -394,8 +412,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     over = scheduler_overhead(2000 if args.quick else 50000)
     print(
         f"no-op model, in process: {over['batcher_us']:.1f} us per request through DynamicBatcher "
-        f"(mean batch {over['mean_batch']:.1f}), {over['scheduler_us']:.2f} us per request in the "
-        "scheduler's calls alone (target < 20 us)"
+        f"with 64 outstanding (mean batch {over['mean_batch']:.1f}); {over['sequential_us']:.1f} us "
+        f"for one request at a time (submit to result); {over['scheduler_us']:.2f} us per request "
+        "in the scheduler's calls alone (target < 20 us)"
     )
     if args.json:
         with open(args.json, "w") as f:

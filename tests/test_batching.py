@@ -168,6 +168,11 @@ def test_bad_inputs_are_refused_at_submit():
         ({"preferred_sizes": [64]}, "preferred"),
         ({"collate": "zip"}, "collate"),
         ({"bucket_width": 0}, "bucket_width"),
+        ({"max_size": -1}, "max_size must be a non-negative integer"),
+        ({"max_size": 2.5}, "max_size must be a non-negative integer"),
+        ({"preferred_sizes": [2, -3]}, r"preferred_sizes\[1\]"),
+        ({"max_queue_delay": "5ms"}, "max_queue_delay must be a number"),
+        ({"max_batch_cost": 0}, "max_batch_cost"),
     ]:
         with pytest.raises(InvalidValueError, match=match):
             DynamicBatcher(nn.Linear(4, 2), **kwargs)
@@ -224,7 +229,7 @@ def test_queue_full_is_immediate_and_deadlines_cancel_and_priorities_apply():
     first = b.submit(torch.tensor([0.0]))
     assert gate.entered.wait(RESULT_TIMEOUT)  # the worker is busy with request 0
     low = b.submit(torch.tensor([1.0]), priority=5)
-    late = b.submit(torch.tensor([2.0]), timeout=0.0)
+    late = b.submit(torch.tensor([2.0]), timeout=1.0)
     cancelled = b.submit(torch.tensor([3.0]))
     high = b.submit(torch.tensor([4.0]), priority=0)
     start = time.monotonic()
@@ -233,6 +238,7 @@ def test_queue_full_is_immediate_and_deadlines_cancel_and_priorities_apply():
     assert time.monotonic() - start < 1.0
     assert cancelled.cancel()
     assert b.submit(torch.tensor([6.0]), priority=9) is not None  # the cancelled slot is free again
+    assert isinstance(late.exception(timeout=RESULT_TIMEOUT), RequestTimeoutError)  # while busy
     gate.release.set()
     assert [y.item() for y in results([first, high, low])] == [0.0, 8.0, 2.0]
     with pytest.raises(RequestTimeoutError):
@@ -273,7 +279,8 @@ def test_async_infer():
         torch.testing.assert_close(torch.stack(ys), model.lin(torch.stack(xs)))
 
 
-def test_many_threads_no_request_lost_or_answered_twice():
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_many_threads_no_request_lost_or_answered_twice(num_workers):
     model = Recorder()
     n_threads, per_thread = 16, 40
     got = [[] for _ in range(n_threads)]
@@ -287,7 +294,7 @@ def test_many_threads_no_request_lost_or_answered_twice():
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    with DynamicBatcher(model, min_size=4, max_size=8, max_queue_delay=0.002) as b:
+    with DynamicBatcher(model, min_size=4, max_size=8, max_queue_delay=0.002, num_workers=num_workers) as b:
         threads = [threading.Thread(target=client, args=(t, b)) for t in range(n_threads)]
         for t in threads:
             t.start()
@@ -429,3 +436,140 @@ def test_the_worker_runs_with_the_creators_torch_thread_count():
     finally:
         torch.set_num_threads(before)
     assert seen == [1]
+
+
+def test_from_config_reads_the_articles_yaml_block():
+    yaml_text = "optimization:\n  batching: {strategy: dynamic, min_size: 4, max_size: 32}\n"
+    with DynamicBatcher.from_config(nn.Linear(4, 2), yaml_text, max_queue_size=7) as b:
+        c = b.config()
+        assert (c["min_size"], c["max_size"], c["max_queue_delay"], c["max_queue_size"]) == (4, 32, 0.005, 7)
+    with DynamicBatcher.from_config(nn.Linear(4, 2), {"batching": {"strategy": "none"}}) as b:
+        assert (b.config()["min_size"], b.config()["max_size"]) == (1, 1)
+    with pytest.raises(InvalidValueError, match=r"optimization\.batching: min_size must be in"):
+        DynamicBatcher.from_config(nn.Linear(4, 2), {"batching": {"min_size": 40}})
+
+
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["good", "poison", "cancel", "late"]),
+            st.integers(1, 5),  # length
+            st.integers(0, 2),  # priority
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    collate=st.sampled_from(["pad", "ragged"]),
+)
+@settings(max_examples=15)
+def test_every_future_settles_once_with_its_own_answer(ops, collate):
+    """Random mixes of good, failing, cancelled and expiring requests, then shutdown: every
+    future ends, good ones with exactly their rows, failing ones with the model's error."""
+
+    class Doubler(nn.Module):
+        def forward(self, x):
+            if (x < 0).any():
+                raise RuntimeError("negative input")
+            return x * 2
+
+    b = DynamicBatcher(Doubler(), dtype=None, collate=collate, min_size=3, max_size=4, max_queue_delay=0.001)
+    submitted = []
+    for i, (kind, length, priority) in enumerate(ops):
+        x = torch.full((length, 2), float(i + 1)) * (-1 if kind == "poison" else 1)
+        f = b.submit(x, priority=priority, timeout=0.0 if kind == "late" else None)
+        if kind == "cancel":
+            f.cancel()  # may be too late if the batch already started: then it is answered
+        submitted.append((kind, x, f))
+    b.shutdown(wait=True)
+    for kind, x, f in submitted:
+        assert f.done()
+        if f.cancelled():
+            assert kind == "cancel"
+        elif kind in ("good", "cancel"):
+            torch.testing.assert_close(f.result(), x * 2)
+        elif kind == "poison":
+            with pytest.raises(RuntimeError, match="negative input"):
+                f.result()
+        else:  # "late": its deadline is its arrival, so it can never be dispatched
+            assert isinstance(f.exception(), RequestTimeoutError)
+    m = b.metrics()
+    assert m["accepted"] == len(ops) and m["in_flight"] == 0 and m["queue_depth"] == 0
+    assert m["completed"] + m["failed"] + m["cancelled"] + m["timed_out"] == len(ops)
+
+
+def test_huge_delays_and_timeouts_are_no_limit_not_a_crash():
+    s = Scheduler(max_queue_delay=1e19)
+    s.submit(1, timeout=1e19)
+    assert s.expire_wait(0.001) == []
+    with DynamicBatcher(Recorder(), min_size=2, max_queue_delay=1e19, timeout=1e19) as b:
+        futures = [b.submit(torch.randn(4)) for _ in range(2)]  # min_size reached: no delay needed
+        assert all(f.result(timeout=RESULT_TIMEOUT).shape == (3,) for f in futures)
+        late = b.submit(torch.randn(4))  # waits for a companion, forever
+    assert late.result(timeout=RESULT_TIMEOUT).shape == (3,)  # ... until shutdown drains it
+
+
+def test_timeouts_are_answered_while_the_worker_is_busy_and_short_deadlines_do_not_wait():
+    gate = Gate()
+    with DynamicBatcher(gate, dtype=None, min_size=1, max_size=1) as b:
+        running = b.submit(torch.tensor([1.0]))
+        assert gate.entered.wait(RESULT_TIMEOUT)
+        start = time.monotonic()
+        doomed = b.submit(torch.tensor([2.0]), timeout=0.05)
+        with pytest.raises(RequestTimeoutError):
+            doomed.result(timeout=RESULT_TIMEOUT)
+        assert time.monotonic() - start < RESULT_TIMEOUT / 2 and not gate.release.is_set()
+        gate.release.set()
+        assert running.result(timeout=RESULT_TIMEOUT).item() == 2.0
+    # A deadline shorter than max_queue_delay: an idle worker runs the request at once.
+    with DynamicBatcher(Recorder(), min_size=4, max_queue_delay=5.0) as b:
+        assert b.submit(torch.randn(4), timeout=0.5).result(timeout=RESULT_TIMEOUT).shape == (3,)
+
+
+def test_the_worker_survives_a_future_its_caller_already_ran_and_a_model_calling_exit():
+    gate = Gate()
+    with DynamicBatcher(gate, dtype=None, min_size=1, max_size=1) as b:
+        first = b.submit(torch.tensor([1.0]))
+        assert gate.entered.wait(RESULT_TIMEOUT)
+        hijacked = b.submit(torch.tensor([2.0]))
+        assert hijacked.set_running_or_notify_cancel()  # the caller misuses its future
+        after = b.submit(torch.tensor([3.0]))
+        gate.release.set()
+        assert first.result(timeout=RESULT_TIMEOUT).item() == 2.0
+        assert after.result(timeout=RESULT_TIMEOUT).item() == 6.0  # the worker is alive
+
+    class Exits(nn.Module):
+        def forward(self, x):
+            if (x < 0).any():
+                raise SystemExit("bye")
+            return x + 1
+
+    with DynamicBatcher(Exits(), dtype=None, min_size=4, max_queue_delay=1.0) as b:
+        futures = [b.submit(torch.tensor([v])) for v in (1.0, -1.0, 2.0, 3.0)]
+        with pytest.raises(RuntimeError, match="the model raised SystemExit: bye") as info:
+            futures[1].result(timeout=RESULT_TIMEOUT)
+        assert isinstance(info.value.__cause__, SystemExit)
+        assert [futures[i].result(timeout=RESULT_TIMEOUT).item() for i in (0, 2, 3)] == [2.0, 3.0, 4.0]
+
+
+def test_namedtuple_outputs_keep_their_type():
+    from collections import namedtuple
+
+    Out = namedtuple("Out", "double total")
+
+    class Model(nn.Module):
+        def forward(self, x):
+            return Out(x * 2, x.sum(-1))
+
+    with DynamicBatcher(Model(), dtype=None, collate="ragged", min_size=2, max_queue_delay=0.05) as b:
+        a, c = results([b.submit(torch.ones(2, 3)), b.submit(torch.ones(1, 3))])
+    assert isinstance(a, Out) and a.double.shape == (2, 3) and c.total.tolist() == [3.0]
+
+
+def test_distinct_bucket_keys_are_bounded():
+    with DynamicBatcher(nn.Identity(), max_buckets=2, min_size=1) as b:
+        b.submit(torch.zeros(1)).result(timeout=RESULT_TIMEOUT)
+        b.submit(torch.zeros(2)).result(timeout=RESULT_TIMEOUT)
+        b.submit(torch.ones(2)).result(timeout=RESULT_TIMEOUT)  # a known key is fine
+        with pytest.raises(ShapeError, match="max_buckets 2"):
+            b.submit(torch.zeros(3))
+        assert b.metrics()["accepted"] == 3

@@ -98,6 +98,8 @@ def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400()
             ({"inputs": [[1.0] * 256, [1.0]]}, "InvalidValueError"),
             ({"inputs": [["a"] * 256]}, "InvalidValueError"),
             ({"inputs": [[1.0] * 256], "priority": "high"}, "InvalidValueError"),
+            ({"inputs": [[None] * 256]}, "InvalidValueError"),  # null would be NaN
+            ({"inputs": [[1e39] * 256]}, "InvalidValueError"),  # inf in float32
             ({"inputs": [[1.0] * 256], "timeout": -1}, "InvalidValueError"),
         ]:
             status, body, _ = server.infer(bad)
@@ -105,7 +107,7 @@ def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400()
         status, text, _ = server.get("/metrics")
         assert status == 200
         assert 'deepseek_batcher_requests_total{outcome="completed"} 1' in text
-        assert 'deepseek_http_responses_total{code="400"} 7' in text
+        assert 'deepseek_http_responses_total{code="400"} 9' in text
         assert "deepseek_batcher_latency_seconds_count 1" in text
     finally:
         assert server.stop()
@@ -127,6 +129,7 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
     try:
         server = Server(
             *("--model", "serve_models:gated", "--collate", "stack", "--max-queue-size", "2"),
+            *("--item-shape", "1", "--max-body-bytes", "200"),
             *("--max-batch-size", "1", "--min-batch-size", "1"),
         )
     finally:
@@ -143,6 +146,10 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
         return threads
 
     try:
+        status, body, _ = server.infer({"inputs": [1.0] * 40})
+        assert status == 413 and "more than 200" in body["detail"]
+        status, body, _ = server.infer({"inputs": [1.0, 2.0]})
+        assert status == 400 and "item_shape (1,)" in body["detail"]
         gate.touch()
         threads = start(0)
         wait_for(server, "in_flight", 1)
@@ -187,6 +194,20 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
     finally:
         gate.unlink(missing_ok=True)
         server.stop()
+
+
+def test_the_yaml_batching_section_and_flags_configure_the_server(tmp_path):
+    config = tmp_path / "optimization.yaml"
+    config.write_text("optimization:\n  batching: {strategy: dynamic, min_size: 2, max_size: 8}\n")
+    server = Server("--config", str(config), "--max-queue-delay-ms", "1", "--max-queue-size", "9")
+    try:
+        status, text, _ = server.get("/health")
+        policy = json.loads(text)["batching"]
+        assert status == 200
+        assert (policy["min_size"], policy["max_size"], policy["max_queue_size"]) == (2, 8, 9)
+        assert policy["max_queue_delay"] == 0.001
+    finally:
+        assert server.stop()
 
 
 def test_model_specs_are_checked():

@@ -33,6 +33,7 @@ intake and answers every request already accepted.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import threading
 from concurrent.futures import Future, InvalidStateError
@@ -93,7 +94,11 @@ class DynamicBatcher:
     ``ragged``); None checks nothing. ``dtype``: the dtype inputs must have (default: the
     model's first parameter's; None if it has none). ``device``: where batches are moved before
     the model runs (default: the model's first parameter's device). ``num_workers``: threads
-    running the model (one is right for one model on one device).
+    running the model (one is right for one model on one device). ``max_buckets``: distinct
+    bucket keys (input shapes, length buckets) allowed over the batcher's life.
+
+    Futures are answered on a worker thread, so their done callbacks run there: a callback
+    must not wait for another request of the same batcher.
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class DynamicBatcher:
         device: Optional[Union[str, torch.device]] = None,
         num_workers: int = 1,
         inference_mode: bool = True,
+        max_buckets: int = 1024,
     ):
         if not callable(model):
             raise InvalidValueError(f"model must be callable (an nn.Module), got {type(model).__name__}")
@@ -129,7 +135,18 @@ class DynamicBatcher:
             raise InvalidValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
         if timeout is not None:
             self._check_timeout(timeout)
-        # The engine validates the sizes, the delay and the budget (one place for those rules).
+        sizes = {"max_size": max_size, "min_size": min_size, "max_queue_size": max_queue_size}
+        sizes["max_buckets"] = max_buckets
+        if max_batch_cost is not None:
+            sizes["max_batch_cost"] = max_batch_cost
+        for i, p in enumerate(preferred_sizes or ()):
+            sizes[f"preferred_sizes[{i}]"] = p
+        for name, v in sizes.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InvalidValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if isinstance(max_queue_delay, bool) or not isinstance(max_queue_delay, (int, float)):
+            raise InvalidValueError(f"max_queue_delay must be a number of seconds, got {max_queue_delay!r}")
+        # The engine validates the ranges of the sizes, the delay and the budget (one place).
         self._scheduler = _core.Scheduler(
             max_size=max_size,
             min_size=min_size,
@@ -155,6 +172,7 @@ class DynamicBatcher:
         self._pending: Dict[int, _Request] = {}
         self._bucket_ids: Dict[Any, int] = {}
         self._bucket_lock = threading.Lock()
+        self.max_buckets = max_buckets
         self._workers = [
             threading.Thread(
                 target=_serve,
@@ -164,7 +182,14 @@ class DynamicBatcher:
             )
             for i in range(num_workers)
         ]
+        # The reaper answers timeouts while every worker is busy with a batch.
+        self._workers.append(
+            threading.Thread(
+                target=_reap, args=(self._scheduler, self._pending), name="DynamicBatcher-reaper"
+            )
+        )
         for w in self._workers:  # daemon threads: a batcher never shut down does not block exit
+            w.daemon = True
             w.start()
 
     @classmethod
@@ -239,6 +264,13 @@ class DynamicBatcher:
         bid = self._bucket_ids.get(key)
         if bid is None:
             with self._bucket_lock:
+                if key not in self._bucket_ids and len(self._bucket_ids) >= self.max_buckets:
+                    # Keys are kept for the batcher's life: bound them (any client could send
+                    # a new shape per request).
+                    raise ShapeError(
+                        f"this input would make bucket key {len(self._bucket_ids) + 1} (max_buckets "
+                        f"{self.max_buckets}): too many distinct input shapes; set item_shape or bucket_width"
+                    )
                 bid = self._bucket_ids.setdefault(key, len(self._bucket_ids))
         return bid
 
@@ -258,13 +290,15 @@ class DynamicBatcher:
         future: Future = Future()
         # The payload must be in place before the scheduler can hand the id to a worker.
         self._pending[rid] = _Request(x, future)
+        queued = False
         try:
             self._scheduler.submit(
                 rid, cost=cost, bucket=self._bucket_id(key), priority=priority, timeout=timeout
             )
-        except BaseException:
-            del self._pending[rid]
-            raise
+            queued = True
+        finally:
+            if not queued:  # refused (or interrupted before the engine took it)
+                self._pending.pop(rid, None)
         future.add_done_callback(self._on_done(rid))
         return future
 
@@ -337,6 +371,8 @@ class DynamicBatcher:
                     f"the model returned {tuple(p.shape)} for a padded batch {tuple(batch.shape[:2])}; "
                     "with unpad_output=True outputs must be [B, L_max, ...]"
                 )
+        if isinstance(out, tuple) and hasattr(out, "_fields"):  # a namedtuple
+            return [type(out)(*(cut(p, i) for p in parts)) for i in range(len(xs))]
         if isinstance(out, (tuple, list)):
             return [type(out)(cut(p, i) for p in parts) for i in range(len(xs))]
         return [cut(out, i) for i in range(len(xs))]
@@ -348,10 +384,10 @@ class DynamicBatcher:
         try:
             outs = self._forward([r.x for _, r in batch])
         except _BatchShapeError as e:
-            return [(rid, r, None, e) for rid, r in batch]
-        except Exception as e:
+            return [(rid, r, None, ShapeError(str(e))) for rid, r in batch]
+        except BaseException as e:  # even SystemExit from the model: isolate, then wrap it
             if len(batch) == 1:
-                return [(batch[0][0], batch[0][1], None, e)]
+                return [(batch[0][0], batch[0][1], None, _as_exception(e))]
             half = len(batch) // 2
             return self._run(batch[:half]) + self._run(batch[half:])
         return [(rid, r, y, None) for (rid, r), y in zip(batch, outs)]
@@ -393,13 +429,41 @@ class DynamicBatcher:
         return dict(self._scheduler.metrics())
 
 
+def _timeout_error() -> RequestTimeoutError:
+    return RequestTimeoutError("the request waited past its timeout; it was not run")
+
+
+def _own_copy(e: Exception) -> Exception:
+    """One exception object per caller: raising it in each caller's thread grows its traceback."""
+    try:
+        c = copy.copy(e)
+    except Exception:  # an exception type that cannot be copied: share it
+        return e
+    c.__cause__, c.__context__ = e.__cause__, e.__context__
+    return c
+
+
+def _as_exception(e: BaseException) -> Exception:
+    """What a caller's future may carry: a SystemExit or KeyboardInterrupt raised by the model
+    would escape ``asyncio.run`` or kill the caller's thread, so it is wrapped."""
+    if isinstance(e, Exception):
+        return e
+    err = RuntimeError(f"the model raised {type(e).__name__}: {e}")
+    err.__cause__ = e
+    return err
+
+
 def _serve(
     scheduler: _core.Scheduler,
     pending: Dict[int, _Request],
     run: Callable[[List[Tuple[int, _Request]]], List[Tuple[int, _Request, Any, Optional[BaseException]]]],
     threads: int,
 ) -> None:
-    """A worker: wait (in Rust, GIL released) for the scheduler's next decision and carry it out."""
+    """A worker: wait (in Rust, GIL released) for the scheduler's next decision and carry it out.
+
+    The loop survives anything raised while carrying out a decision (every request it had taken
+    is then failed and reported), because a dead worker would leave every later caller hanging.
+    """
     # torch's intra-op thread count (OpenMP's) is per thread: a new thread would get one per
     # core whatever the creator set, and oversubscribed OpenMP spinning costs 100x on a busy host.
     torch.set_num_threads(threads)
@@ -407,39 +471,68 @@ def _serve(
         kind, ids, _ = scheduler.next_batch(None)
         if kind == "closed":
             return
-        if kind == "timed_out":
+        taken: List[Tuple[int, _Request]] = []
+        try:
+            if kind == "timed_out":
+                for rid in ids:
+                    req = pending.pop(rid, None)
+                    if req is not None:
+                        _settle(req.future, error=_timeout_error())
+            elif kind == "batch":
+                _execute(scheduler, pending, run, ids, taken)
+        except BaseException as e:
+            error = _as_exception(e)
+            for _, r in taken:
+                _settle(r.future, error=_own_copy(error))
+            scheduler.complete([rid for rid, _ in taken], "failed")  # ids already reported are ignored
+
+
+def _execute(
+    scheduler: _core.Scheduler,
+    pending: Dict[int, _Request],
+    run: Callable[[List[Tuple[int, _Request]]], List[Tuple[int, _Request, Any, Optional[BaseException]]]],
+    ids: List[int],
+    taken: List[Tuple[int, _Request]],
+) -> None:
+    cancelled = []
+    for rid in ids:
+        req = pending.pop(rid, None)
+        try:
+            # False: cancelled by its caller; RuntimeError: the caller already ran or settled it.
+            runnable = req is not None and req.future.set_running_or_notify_cancel()
+        except RuntimeError:
+            runnable = False
+        if runnable:
+            taken.append((rid, req))
+        else:
+            cancelled.append(rid)
+    if cancelled:
+        scheduler.complete(cancelled, "cancelled")
+    if not taken:
+        return
+    answers = run(taken)
+    # Count before answering, so a caller that has its answer sees it in the metrics.
+    failed = [rid for rid, _, _, error in answers if error is not None]
+    scheduler.complete([rid for rid, _, _, error in answers if error is None], "completed")
+    if failed:
+        scheduler.complete(failed, "failed")
+    for _, r, y, error in answers:
+        _settle(r.future, y, error)
+
+
+def _reap(scheduler: _core.Scheduler, pending: Dict[int, _Request]) -> None:
+    """Answers timeouts on time even while the workers are busy running batches."""
+    while True:
+        try:
+            ids = scheduler.expire_wait(None)
+            if ids is None:  # closed and drained
+                return
             for rid in ids:
                 req = pending.pop(rid, None)
                 if req is not None:
-                    _settle(
-                        req.future,
-                        error=RequestTimeoutError("the request waited past its timeout; it was not run"),
-                    )
+                    _settle(req.future, error=_timeout_error())
+        except Exception:  # never let a timeout go unanswered because of one bad future
             continue
-        if kind != "batch":
-            continue
-        batch, cancelled = [], []
-        for rid in ids:
-            req = pending.pop(rid)
-            if req.future.set_running_or_notify_cancel():
-                batch.append((rid, req))
-            else:
-                cancelled.append(rid)
-        if cancelled:
-            scheduler.complete(cancelled, "cancelled")
-        if not batch:
-            continue
-        try:
-            answers = run(batch)
-        except BaseException as e:  # a bug here must not strand the callers
-            answers = [(rid, r, None, e) for rid, r in batch]
-        # Count before answering, so a caller that has its answer sees it in the metrics.
-        failed = [rid for rid, _, _, error in answers if error is not None]
-        scheduler.complete([rid for rid, _, _, error in answers if error is None], "completed")
-        if failed:
-            scheduler.complete(failed, "failed")
-        for _, r, y, error in answers:
-            _settle(r.future, y, error)
 
 
 __all__ = ["COLLATE_MODES", "DynamicBatcher"]

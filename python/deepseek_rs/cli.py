@@ -60,6 +60,16 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if args.collate is not None:
         kwargs["collate"] = args.collate
+    if args.item_shape is not None:
+        try:
+            kwargs["item_shape"] = tuple(int(d) for d in args.item_shape.split(",") if d.strip())
+        except ValueError:
+            print(
+                f"--item-shape must be integers separated by commas, got {args.item_shape!r}", file=sys.stderr
+            )
+            return 2
+    if args.max_batch_cost is not None:
+        kwargs["max_batch_cost"] = args.max_batch_cost
     enabled = not args.no_batching and batching.strategy == "dynamic"
     print(
         f"deepseek-rs serve: {args.model or 'built-in PEAMoE'} on http://{args.host}:{args.port} "
@@ -68,7 +78,13 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     serve.run(
-        args.model, host=args.host, port=args.port, log_level=args.log_level, batching=enabled, **kwargs
+        args.model,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        batching=enabled,
+        max_body_bytes=args.max_body_bytes,
+        **kwargs,
     )
     return 0
 
@@ -135,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument(
-        "--config", metavar="YAML", help="the article's optimization YAML; its batching section applies"
+        "--config",
+        metavar="YAML",
+        help="the article's optimization YAML: its batching section applies (flags win)",
     )
     srv.add_argument("--min-batch-size", type=int, help="requests a batch waits for (default 4)")
     srv.add_argument("--max-batch-size", type=int, help="requests per batch at most (default 32)")
@@ -145,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--timeout", type=float, help="default per-request deadline in seconds (504 past it)")
     srv.add_argument("--collate", choices=["stack", "pad", "ragged"], help="how inputs are batched")
+    srv.add_argument(
+        "--item-shape",
+        metavar="D[,D...]",
+        help="shape every input must have (its trailing shape for pad/ragged)",
+    )
+    srv.add_argument(
+        "--max-batch-cost", type=int, help="rows per batch at most (pad/ragged); a longer request is a 400"
+    )
+    srv.add_argument(
+        "--max-body-bytes", type=int, default=16 << 20, help="larger bodies get 413 (default 16 MiB)"
+    )
     srv.add_argument("--no-batching", action="store_true", help="one request per model call (the baseline)")
     srv.add_argument("--threads", type=int, help="torch intra-op threads")
     srv.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")

@@ -4,9 +4,11 @@
 
 * ``POST /v1/infer`` with JSON ``{"inputs": [[...], ...], "id": any, "priority": int,
   "timeout": seconds}`` (only ``inputs`` is required) answers ``{"outputs": [...], "id": ...}``.
-  Bad JSON or input is 400, a full queue 429 (with ``Retry-After``), a request that waited past
-  its timeout 504, a request arriving while the server drains 503, a model error 500.
-* ``GET /health``: 200 ``{"status": "ok"}`` while serving, 503 while draining.
+  Bad JSON or input is 400, a body over the size limit 413, a full queue 429 (with
+  ``Retry-After``), a request that waited past its timeout 504, a request arriving while the
+  server drains 503, a model error 500.
+* ``GET /health``: 200 ``{"status": "ok", "batching": {...}}`` (the policy in force) while
+  serving, 503 while draining.
 * ``GET /metrics``: the batcher's counters and histograms and the HTTP response counts in the
   Prometheus text format.
 
@@ -108,6 +110,10 @@ def prometheus_text(metrics: Dict[str, Any], responses: Optional[Dict[int, int]]
     return "\n".join(lines) + "\n"
 
 
+class _TooLarge(DeepseekError, ValueError):
+    """A request body over the server's limit (413)."""
+
+
 def _jsonable(y: Any) -> Any:
     """A model output as something orjson writes fast: numpy arrays (float32/float64/ints)."""
     if isinstance(y, (tuple, list)):
@@ -120,9 +126,12 @@ def _jsonable(y: Any) -> Any:
     return y
 
 
-def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any:
+def create_app(
+    batcher: DynamicBatcher, *, shutdown_batcher: bool = True, max_body_bytes: int = 16 << 20
+) -> Any:
     """A Starlette app serving ``batcher``; with ``shutdown_batcher`` its lifespan shuts the
-    batcher down when the server stops (after uvicorn has answered the requests in flight)."""
+    batcher down when the server stops (after uvicorn has answered the requests in flight).
+    Bodies over ``max_body_bytes`` get 413. Set ``app.state.draining`` to report 503 on /health."""
     import orjson
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -138,11 +147,15 @@ def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any
 
     def to_tensor(inputs: Any) -> torch.Tensor:
         if np_dtype is None:
-            return torch.tensor(inputs, dtype=dtype)
-        return torch.from_numpy(np.array(inputs, dtype=np_dtype))
+            x = torch.tensor(inputs, dtype=dtype)
+        else:
+            x = torch.from_numpy(np.array(inputs, dtype=np_dtype))
+        # JSON has no NaN or infinity: they come from null or from overflowing the dtype.
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise InvalidValueError(f'"inputs" must be finite numbers representable as {dtype}')
+        return x
 
     responses: Counter = Counter()
-    draining = False
 
     def reply(status: int, body: Dict[str, Any], headers: Optional[Dict[str, str]] = None) -> Response:
         responses[status] += 1
@@ -154,7 +167,15 @@ def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any
     async def infer(request: Request) -> Response:
         rid = None
         try:
-            body = orjson.loads(await request.body())
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+                raise _TooLarge(f"the body has {declared} bytes, more than {max_body_bytes}")
+            raw = bytearray()
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > max_body_bytes:
+                    raise _TooLarge(f"the body has more than {max_body_bytes} bytes")
+            body = orjson.loads(raw)
             if not isinstance(body, dict) or "inputs" not in body:
                 raise InvalidValueError('the body must be a JSON object with an "inputs" array')
             rid = body.get("id")
@@ -163,6 +184,8 @@ def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any
             except (ValueError, TypeError, RuntimeError) as e:
                 raise InvalidValueError(f'"inputs" must be a rectangular array of numbers: {e}') from None
             future = batcher.submit(x, timeout=body.get("timeout"), priority=body.get("priority", 0))
+        except _TooLarge as e:
+            return error(413, e, rid)
         except QueueFullError as e:
             return error(429, e, rid, {"Retry-After": "1"})
         except ShutdownError as e:
@@ -175,15 +198,18 @@ def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any
             return error(504, e, rid)
         except Exception as e:
             return error(500, e, rid)
-        responses[200] += 1
-        return Response(
-            orjson.dumps({"outputs": _jsonable(y), "id": rid}, option=NUMPY), media_type="application/json"
-        )
+        try:
+            payload = orjson.dumps({"outputs": _jsonable(y), "id": rid}, option=NUMPY)
+        except TypeError as e:  # an output JSON cannot carry
+            return error(500, e, rid)
+        response = Response(payload, media_type="application/json")
+        responses[200] += 1  # counted once the answer is serialised
+        return response
 
     async def health(request: Request) -> Response:
-        if draining or batcher.closed:
+        if app.state.draining or batcher.closed:
             return reply(503, {"status": "draining"})
-        return reply(200, {"status": "ok"})
+        return reply(200, {"status": "ok", "batching": batcher.config()})
 
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(
@@ -191,14 +217,13 @@ def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any
         )
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Any):
-        nonlocal draining
+    async def lifespan(_app: Any):
         yield
-        draining = True
+        app.state.draining = True
         if shutdown_batcher:
             await asyncio.get_running_loop().run_in_executor(None, batcher.shutdown)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/infer", infer, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
@@ -206,6 +231,8 @@ def create_app(batcher: DynamicBatcher, *, shutdown_batcher: bool = True) -> Any
         ],
         lifespan=lifespan,
     )
+    app.state.draining = False
+    return app
 
 
 def make_batcher(model: nn.Module, *, batching: bool = True, **kwargs: Any) -> DynamicBatcher:
@@ -222,6 +249,7 @@ def run(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "warning",
+    max_body_bytes: int = 16 << 20,
     **batcher_kwargs: Any,
 ) -> None:
     """Serve until SIGTERM / SIGINT, then drain."""
@@ -234,9 +262,15 @@ def run(
         with torch.inference_mode():  # the first call pays one-time set-up: not a client's
             model(torch.zeros(4, DEFAULT_HIDDEN_SIZE))
     batcher = make_batcher(model, **batcher_kwargs)
-    app = create_app(batcher)
+    app = create_app(batcher, max_body_bytes=max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.draining = True  # /health says 503 from the signal on
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     try:
         server.run()
     finally:

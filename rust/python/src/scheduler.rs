@@ -71,10 +71,9 @@ impl Scheduler {
     /// Queue request `id`; raises QueueFullError, ShutdownError or InvalidValueError at once.
     #[pyo3(signature = (id, cost=1, bucket=0, priority=0, timeout=None))]
     fn submit(&self, id: u64, cost: u64, bucket: u64, priority: u32, timeout: Option<f64>) -> PyResult<()> {
-        let deadline = timeout
-            .map(|t| seconds("timeout", t))
-            .transpose()?
-            .map(|t| Instant::now() + t);
+        // A timeout too long for the clock is no deadline.
+        let timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let req = engine::Request {
             id,
             cost,
@@ -101,6 +100,14 @@ impl Scheduler {
             engine::Next::Idle => ("idle", Vec::new(), 0),
             engine::Next::Closed => ("closed", Vec::new(), 0),
         })
+    }
+
+    /// Wait (GIL released) for waiting requests to pass their deadline and return their ids
+    /// (taken out of the queue); [] when `timeout` passes first, None once closed and empty.
+    #[pyo3(signature = (timeout=None))]
+    fn expire_wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Vec<u64>>> {
+        let timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
+        Ok(py.detach(|| self.inner.expire_wait(timeout)))
     }
 
     /// Report dispatched requests as "completed", "failed" or "cancelled"; returns how many were

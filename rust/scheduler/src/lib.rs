@@ -174,6 +174,8 @@ pub enum Next {
 pub struct Scheduler {
     queue: Mutex<BatchQueue>,
     changed: Condvar,
+    /// Wakes [`Scheduler::expire_wait`]: a new deadline, close, or the queue drained.
+    deadlines_changed: Condvar,
 }
 
 impl Scheduler {
@@ -182,6 +184,7 @@ impl Scheduler {
         Ok(Scheduler {
             queue: Mutex::new(BatchQueue::new(config)?),
             changed: Condvar::new(),
+            deadlines_changed: Condvar::new(),
         })
     }
 
@@ -200,6 +203,9 @@ impl Scheduler {
     pub fn submit(&self, req: Request) -> Result<()> {
         self.lock().submit(req, Instant::now())?;
         self.changed.notify_one();
+        if req.deadline.is_some() {
+            self.deadlines_changed.notify_all();
+        }
         Ok(())
     }
 
@@ -212,6 +218,7 @@ impl Scheduler {
     pub fn close(&self) {
         self.lock().close();
         self.changed.notify_all();
+        self.deadlines_changed.notify_all();
     }
 
     /// Whether intake has stopped.
@@ -232,7 +239,8 @@ impl Scheduler {
     /// Blocks until a batch is due, requests time out, the scheduler is closed and drained, or
     /// `timeout` passes (None: no limit).
     pub fn next_batch(&self, timeout: Option<Duration>) -> Next {
-        let give_up = timeout.map(|t| Instant::now() + t);
+        // A timeout too long for the clock is no limit.
+        let give_up = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut q = self.lock();
         loop {
             let now = Instant::now();
@@ -250,6 +258,7 @@ impl Scheduler {
                 Poll::Closed => {
                     drop(q);
                     self.changed.notify_all();
+                    self.deadlines_changed.notify_all();
                     return Next::Closed;
                 }
                 Poll::Wait(wake) => wake,
@@ -265,6 +274,41 @@ impl Scheduler {
                 None => self.changed.wait(q).unwrap_or_else(|e| e.into_inner()),
                 Some(u) => {
                     self.changed
+                        .wait_timeout(q, u.saturating_duration_since(now))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Blocks until waiting requests pass their deadline and returns them (removed from the
+    /// queue), so that timeouts are answered on time even while every executor is busy running
+    /// a batch. Returns an empty list when `timeout` passes first, and None once the scheduler
+    /// is closed and empty.
+    pub fn expire_wait(&self, timeout: Option<Duration>) -> Option<Vec<u64>> {
+        let give_up = timeout.and_then(|t| Instant::now().checked_add(t));
+        let mut q = self.lock();
+        loop {
+            let now = Instant::now();
+            let expired = q.expire(now);
+            if !expired.is_empty() {
+                return Some(expired);
+            }
+            if q.is_closed() && q.is_empty() {
+                return None;
+            }
+            if give_up.is_some_and(|g| g <= now) {
+                return Some(Vec::new());
+            }
+            let until = match (q.next_deadline(), give_up) {
+                (Some(d), Some(g)) => Some(d.min(g)),
+                (d, g) => d.or(g),
+            };
+            q = match until {
+                None => self.deadlines_changed.wait(q).unwrap_or_else(|e| e.into_inner()),
+                Some(u) => {
+                    self.deadlines_changed
                         .wait_timeout(q, u.saturating_duration_since(now))
                         .unwrap_or_else(|e| e.into_inner())
                         .0

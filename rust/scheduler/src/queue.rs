@@ -24,6 +24,8 @@ struct Bucket {
     order: BTreeSet<(u32, u64, u64)>,
     /// arrival sequence -> arrival time: the oldest request starts the bucket's delay clock.
     ages: BTreeMap<u64, Instant>,
+    /// (deadline, id): a request must not wait for companions past its own deadline.
+    deadlines: BTreeSet<(Instant, u64)>,
 }
 
 /// What the executor should do next.
@@ -131,6 +133,7 @@ impl BatchQueue {
         bucket.order.insert((req.priority, seq, req.id));
         bucket.ages.insert(seq, arrival);
         if let Some(d) = req.deadline {
+            bucket.deadlines.insert((d, req.id));
             self.deadlines.insert((d, req.id));
         }
         self.pending.insert(req.id, entry);
@@ -143,6 +146,9 @@ impl BatchQueue {
         if let Some(b) = self.buckets.get_mut(&e.bucket) {
             b.order.remove(&(e.priority, e.seq, id));
             b.ages.remove(&e.seq);
+            if let Some(d) = e.deadline {
+                b.deadlines.remove(&(d, id));
+            }
             if b.order.is_empty() {
                 self.buckets.remove(&e.bucket);
             }
@@ -168,8 +174,9 @@ impl BatchQueue {
         self.closed = true;
     }
 
-    /// How many requests of `bucket` to dispatch now, or the instant it becomes due.
-    fn ready(&self, bucket: &Bucket, now: Instant) -> std::result::Result<usize, Instant> {
+    /// How many requests of `bucket` to dispatch now, or the instant it becomes due (None: only
+    /// a new request can make it ready).
+    fn ready(&self, bucket: &Bucket, now: Instant) -> std::result::Result<usize, Option<Instant>> {
         let cfg = &self.config;
         let (mut take, mut cost, mut budget_full) = (0usize, 0u64, false);
         for &(_, _, id) in &bucket.order {
@@ -185,8 +192,15 @@ impl BatchQueue {
             cost += c;
         }
         let oldest = *bucket.ages.values().next().expect("a bucket is never empty");
-        let due = oldest + cfg.max_queue_delay;
-        if self.closed || take == cfg.max_size || budget_full || due <= now {
+        // A delay too long for the clock means "never due" (the batch waits for min_size).
+        let due = oldest.checked_add(cfg.max_queue_delay);
+        // Waiting for companions until `due` would time out a request whose deadline comes
+        // first: such a bucket goes now.
+        let deadline_first = bucket
+            .deadlines
+            .first()
+            .is_some_and(|&(d, _)| due.is_none_or(|due| d <= due));
+        if self.closed || take == cfg.max_size || budget_full || deadline_first || due.is_some_and(|d| d <= now) {
             return Ok(take);
         }
         if take >= cfg.min_size {
@@ -205,9 +219,8 @@ impl BatchQueue {
         Err(due)
     }
 
-    /// The next thing to do at `now`: time out expired requests first, then dispatch the ready
-    /// bucket whose best request comes first (priority, then arrival).
-    pub fn poll(&mut self, now: Instant) -> Poll {
+    /// Removes the requests whose deadline is `now` or earlier and returns their ids.
+    pub fn expire(&mut self, now: Instant) -> Vec<u64> {
         let mut expired = Vec::new();
         while let Some(&(d, id)) = self.deadlines.first() {
             if d > now {
@@ -216,8 +229,20 @@ impl BatchQueue {
             self.remove(id);
             expired.push(id);
         }
+        self.metrics.timed_out += expired.len() as u64;
+        expired
+    }
+
+    /// The earliest deadline of a waiting request.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|&(d, _)| d)
+    }
+
+    /// The next thing to do at `now`: time out expired requests first, then dispatch the ready
+    /// bucket whose best request comes first (priority, then arrival).
+    pub fn poll(&mut self, now: Instant) -> Poll {
+        let expired = self.expire(now);
         if !expired.is_empty() {
-            self.metrics.timed_out += expired.len() as u64;
             return Poll::TimedOut(expired);
         }
         if self.pending.is_empty() {
@@ -233,7 +258,8 @@ impl BatchQueue {
                         best = Some(((priority, seq), key, n));
                     }
                 }
-                Err(due) => wake = Some(wake.map_or(due, |w| w.min(due))),
+                Err(Some(due)) => wake = Some(wake.map_or(due, |w| w.min(due))),
+                Err(None) => {}
             }
         }
         let Some((_, key, n)) = best else {

@@ -171,7 +171,8 @@ fn deadlines_cancel_queue_full_and_duplicates() {
     assert_eq!(q.submit(Request::new(4), t0), Err(SchedulerError::QueueFull(3)));
     assert!(q.cancel(3));
     assert!(!q.cancel(3));
-    assert_eq!(q.poll(t0 + ms(1)), Poll::Wait(Some(t0 + ms(3))));
+    // (No poll before t0 + 3 ms: the executor was busy. A poll in time would have dispatched
+    // request 1 at once, its deadline coming before the batch's delay.)
     assert_eq!(q.poll(t0 + ms(3)), Poll::TimedOut(vec![1]));
     q.close();
     assert_eq!(q.submit(Request::new(5), t0), Err(SchedulerError::Closed));
@@ -264,6 +265,136 @@ fn next_batch_blocks_until_a_batch_is_due_and_close_drains() {
     assert_eq!(s.metrics().completed, 5);
 }
 
+#[test]
+fn delays_and_timeouts_too_long_for_the_clock_do_not_panic() {
+    let t0 = Instant::now();
+    let mut q = BatchQueue::new(Config {
+        max_queue_delay: Duration::MAX,
+        ..config(4, 8)
+    })
+    .unwrap();
+    q.submit(Request::new(1), t0).unwrap();
+    assert_eq!(q.poll(t0 + ms(10)), Poll::Wait(None)); // never due: waits for min_size
+    let s = Scheduler::new(Config {
+        max_queue_delay: Duration::MAX,
+        ..config(1, 8)
+    })
+    .unwrap();
+    s.submit(Request::new(1)).unwrap();
+    assert!(matches!(s.next_batch(Some(Duration::MAX)), Next::Batch(_)));
+    assert_eq!(s.expire_wait(Some(ms(1))), Some(vec![]));
+}
+
+#[test]
+fn a_deadline_before_the_delay_dispatches_at_once() {
+    let t0 = Instant::now();
+    let mut q = BatchQueue::new(Config {
+        max_queue_delay: ms(50),
+        ..config(4, 8)
+    })
+    .unwrap();
+    q.submit(Request::new(1), t0).unwrap();
+    q.submit(
+        Request {
+            deadline: Some(t0 + ms(10)),
+            ..Request::new(2)
+        },
+        t0,
+    )
+    .unwrap();
+    assert_eq!(batch(q.poll(t0 + ms(1))), vec![1, 2]);
+    q.submit(
+        Request {
+            deadline: Some(t0 + ms(80)),
+            ..Request::new(3)
+        },
+        t0 + ms(2),
+    )
+    .unwrap();
+    assert_eq!(q.poll(t0 + ms(3)), Poll::Wait(Some(t0 + ms(52))));
+}
+
+#[test]
+fn expire_wait_answers_timeouts_while_executors_are_busy() {
+    let s = Scheduler::new(Config {
+        max_queue_delay: Duration::from_secs(10),
+        ..config(1, 8)
+    })
+    .unwrap();
+    let start = Instant::now();
+    s.submit(Request {
+        deadline: Some(start + ms(20)),
+        ..Request::new(7)
+    })
+    .unwrap();
+    assert_eq!(s.expire_wait(None), Some(vec![7])); // no executor ever polled
+    assert!(start.elapsed() >= ms(20));
+    s.close();
+    assert_eq!(s.expire_wait(None), None);
+    assert_eq!(s.metrics().timed_out, 1);
+}
+
+#[test]
+fn many_producers_and_consumers_lose_nothing_and_duplicate_nothing() {
+    use std::sync::Arc;
+    let cfg = Config {
+        max_size: 8,
+        min_size: 3,
+        max_queue_delay: ms(1),
+        max_queue_size: 100_000,
+        ..Config::default()
+    };
+    let s = Arc::new(Scheduler::new(cfg).unwrap());
+    let consumers: Vec<_> = (0..3)
+        .map(|_| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                loop {
+                    match s.next_batch(None) {
+                        Next::Batch(b) => {
+                            assert!(!b.ids.is_empty() && b.ids.len() <= 8);
+                            assert!(b.ids.iter().all(|id| id % 3 == b.bucket), "mixed buckets");
+                            s.complete(&b.ids, Outcome::Completed);
+                            got.extend(b.ids);
+                        }
+                        Next::Closed => return got,
+                        other => panic!("{other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let producers: Vec<_> = (0..8u64)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for i in 0..500 {
+                    let id = t * 1000 + i;
+                    s.submit(Request {
+                        bucket: id % 3,
+                        ..Request::new(id)
+                    })
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().unwrap();
+    }
+    s.close();
+    let mut got: Vec<u64> = consumers.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    got.sort_unstable();
+    let want: Vec<u64> = (0..8u64).flat_map(|t| (0..500).map(move |i| t * 1000 + i)).collect();
+    assert_eq!(got, want);
+    let m = s.metrics();
+    assert_eq!(
+        (m.accepted, m.completed, m.in_flight, m.queue_depth),
+        (4000, 4000, 0, 0)
+    );
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Submit {
@@ -327,7 +458,9 @@ proptest! {
                     prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "not priority-then-FIFO: {:?}", keys);
                     let oldest = reqs.iter().map(|r| r.1).min().unwrap();
                     if b.ids.len() < min_size {
-                        prop_assert!(q.is_closed() || now >= oldest + cfg.max_queue_delay || budget.is_some());
+                        let due = oldest + cfg.max_queue_delay;
+                        let deadline_first = reqs.iter().any(|r| r.0.deadline.is_some_and(|d| d <= due));
+                        prop_assert!(q.is_closed() || now >= due || budget.is_some() || deadline_first);
                     }
                     for (id, r) in b.ids.iter().zip(&reqs) {
                         prop_assert!(ended.insert(*id), "request {} ended twice", id);
@@ -347,6 +480,12 @@ proptest! {
                 Poll::Wait(wake) => {
                     prop_assert!(!q.is_closed() || !q.is_empty());
                     prop_assert!(wake.is_none_or(|w| w > now));
+                    // Liveness: the scheduler wakes before any waiting request's deadline.
+                    for (id, r) in accepted.iter() {
+                        if let (false, Some(d)) = (ended.contains(id), r.0.deadline) {
+                            prop_assert!(wake.is_some_and(|w| w < d), "would sleep past the deadline of {}", id);
+                        }
+                    }
                     Ok(false)
                 }
                 Poll::Closed => { prop_assert!(q.is_closed() && q.is_empty()); Ok(false) }
