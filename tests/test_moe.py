@@ -285,13 +285,13 @@ def test_a_trained_layer_can_be_copied_and_pickled():
     small=st.sampled_from([0, 1, 4, 32, 1000]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_expert_ffn_small_segment_path_matches_reference(sizes, h, f, small, seed):
-    # The float32 expert FFN runs segments of up to SMALL_SEGMENT_ROWS rows in Rust and the rest
+def test_expert_ffn_rust_and_torch_paths_match_reference(sizes, h, f, small, seed):
+    # The float32 expert FFN runs segments of up to RUST_SEGMENT_ROWS rows in Rust and the rest
     # with torch GEMMs; every split must give the per-expert SwiGLU of the definition.
     from deepseek_rs import ops
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "SMALL_SEGMENT_ROWS", small)
+        mp.setattr(ops, "RUST_SEGMENT_ROWS", small)
         _check_expert_ffn(ops, sizes, h, f, seed)
 
 

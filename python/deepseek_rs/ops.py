@@ -280,18 +280,19 @@ combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 # --------------------------------------------------------------------------------------------
 # Expert FFN over the expert-sorted buffer
 # --------------------------------------------------------------------------------------------
-# Each expert's rows are one contiguous segment, so every expert is dense GEMMs into slices of
-# preallocated outputs, never a loop over tokens. Small segments (serving batches: a few tokens
-# per expert) run in Rust (`deepseek-experts`): one task per expert streams its weights once
-# and applies SwiGLU between the two products, where BLAS runs well below the weight-read floor.
-# Larger segments are torch's GEMMs (MKL/oneDNN), with the SwiGLU elementwise work done per
-# segment in small reused scratch buffers that stay in cache, instead of over [N, F]
-# temporaries that would each be a fresh, page-faulting allocation. torch._grouped_mm was
-# measured slower than this on the CPU with torch 2.15, and its weight gradient fails there.
+# Each expert's rows are one contiguous segment, so every expert is dense products over its
+# segment, never a loop over tokens. In float32 they run in Rust (`deepseek-experts`): tasks
+# over blocks of an expert's rows stream its weights past the rows, with SwiGLU applied between
+# the two products and the backward's four products in the same kernels; this was measured
+# faster than torch's GEMMs at every segment size on the development machine (2-core AMD EPYC,
+# `benches/bench_moe.py`), most at serving sizes, where BLAS runs far below the weight-read
+# floor. Other dtypes (and segments longer than RUST_SEGMENT_ROWS) use torch's GEMMs, with the
+# SwiGLU elementwise work done per segment in small reused scratch buffers that stay in cache.
+# torch._grouped_mm was measured slower than either on the CPU with torch 2.15, and its weight
+# gradient fails there.
 
-# Segments of up to this many rows take the Rust path; measured crossover against torch.mm
-# on a 2-core AVX-512 Xeon with H=1024, F=512 (benches/bench_moe.py, T=16 and T=256 rows).
-SMALL_SEGMENT_ROWS = 32
+# Segments of up to this many rows take the Rust path (0: never).
+RUST_SEGMENT_ROWS = 1 << 62
 
 
 def _active_segments(expert_offsets: Tensor, above: int = 0):
@@ -303,7 +304,7 @@ def _longest(segments) -> int:
     return max((t - s for _, s, t in segments), default=0)
 
 
-def _small_segment_rows(buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> int:
+def _rust_segment_rows(buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> int:
     """How many rows a segment may have to run in Rust: 0 where the Rust path does not apply."""
     rust_ok = (
         buf.dtype == torch.float32
@@ -312,7 +313,7 @@ def _small_segment_rows(buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor) ->
         and gate_up_proj.is_contiguous()
         and down_proj.is_contiguous()
     )
-    return SMALL_SEGMENT_ROWS if rust_ok else 0
+    return RUST_SEGMENT_ROWS if rust_ok else 0
 
 
 @torch.library.custom_op("deepseek_rs::expert_ffn", mutates_args=())
@@ -328,13 +329,13 @@ def expert_ffn(
     f = down_proj.shape[2]
     out = buf.new_empty(buf.shape[0], down_proj.shape[1])
     h = buf.new_empty(buf.shape[0] if save_h else 0, 2 * f)
-    small = _small_segment_rows(buf, gate_up_proj, down_proj)
-    if small:
+    rust_rows = _rust_segment_rows(buf, gate_up_proj, down_proj)
+    if rust_rows:
         _core.swiglu_experts_forward(
-            _np(buf), _np(gate_up_proj), _np(down_proj), _np(expert_offsets), small, _np(out),
+            _np(buf), _np(gate_up_proj), _np(down_proj), _np(expert_offsets), rust_rows, _np(out),
             _np(h) if save_h else None,
         )
-    segments = _active_segments(expert_offsets, above=small)
+    segments = _active_segments(expert_offsets, above=rust_rows)
     longest = _longest(segments)
     h_scratch = None if save_h else buf.new_empty(longest, 2 * f)
     act = buf.new_empty(longest, f)
@@ -378,13 +379,13 @@ def expert_ffn_backward(
     grad_gate_up[counts == 0] = 0
     grad_down[counts == 0] = 0
     same = grad_out.dtype == h.dtype == torch.float32 and h.is_contiguous()
-    small = _small_segment_rows(buf, gate_up_proj, down_proj) if same else 0
-    if small:
+    rust_rows = _rust_segment_rows(buf, gate_up_proj, down_proj) if same else 0
+    if rust_rows:
         _core.swiglu_experts_backward(
-            _np(grad_out), _np(buf), _np(gate_up_proj), _np(down_proj), _np(h), _np(expert_offsets), small,
-            _np(grad_buf), _np(grad_gate_up), _np(grad_down),
+            _np(grad_out), _np(buf), _np(gate_up_proj), _np(down_proj), _np(h), _np(expert_offsets),
+            rust_rows, _np(grad_buf), _np(grad_gate_up), _np(grad_down),
         )
-    segments = _active_segments(expert_offsets, above=small)
+    segments = _active_segments(expert_offsets, above=rust_rows)
     longest = _longest(segments)
     act, grad_act = buf.new_empty(longest, f), buf.new_empty(longest, f)
     grad_h = buf.new_empty(longest, 2 * f)
