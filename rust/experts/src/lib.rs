@@ -150,9 +150,15 @@ pub fn swiglu_forward(
         done += 1;
     }
     let dot = dot::best();
-    tasks
-        .into_par_iter()
-        .for_each_init(Vec::new, |act, task| task.run(dims, dot, act));
+    let rows_run: usize = tasks.iter().map(|t| t.x.len() / hidden).sum();
+    if rows_run * 3 * hidden * intermediate < SERIAL_MACS {
+        let mut act = Vec::new();
+        tasks.into_iter().for_each(|task| task.run(dims, dot, &mut act));
+    } else {
+        tasks
+            .into_par_iter()
+            .for_each_init(Vec::new, |act, task| task.run(dims, dot, act));
+    }
     Ok(done)
 }
 
@@ -226,9 +232,15 @@ pub fn swiglu_backward(
     }
     let done = tasks.len();
     let gemm = gemm::best();
-    tasks
-        .into_par_iter()
-        .for_each_init(GradScratch::default, |scratch, task| task.run(dims, gemm, scratch));
+    let rows_run: usize = tasks.iter().map(|t| t.x.len() / hidden).sum();
+    if rows_run * 6 * hidden * intermediate < SERIAL_MACS {
+        let mut scratch = GradScratch::default();
+        tasks.into_iter().for_each(|task| task.run(dims, gemm, &mut scratch));
+    } else {
+        tasks
+            .into_par_iter()
+            .for_each_init(GradScratch::default, |scratch, task| task.run(dims, gemm, scratch));
+    }
     Ok(done)
 }
 
@@ -336,6 +348,10 @@ impl ExpertGrad<'_> {
         );
     }
 }
+
+/// Multiply-adds below which a call runs on the calling thread: tens of microseconds, about
+/// what handing tasks to the thread pool (and waking it) costs.
+const SERIAL_MACS: usize = 1 << 21;
 
 /// Rows per task: 64 rows of a 1024-wide hidden state are 256 KiB, which stay in L2.
 const ROW_BLOCK: usize = 64;
