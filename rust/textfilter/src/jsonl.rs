@@ -107,6 +107,8 @@ pub struct JsonlReader {
     limits: ReadLimits,
     line: u64,
     done: bool,
+    /// A read error met while a batch was being filled, returned after that batch.
+    pending: Option<FilterError>,
 }
 
 #[derive(Deserialize)]
@@ -157,6 +159,7 @@ impl JsonlReader {
             limits,
             line: 0,
             done: false,
+            pending: None,
         })
     }
 
@@ -208,6 +211,9 @@ impl JsonlReader {
     /// The next batch of documents and bad lines; `None` at the end of the shard. A read error
     /// (a truncated or corrupt compressed stream, say) ends the shard with that error.
     pub fn next_batch(&mut self) -> Result<Option<Batch>> {
+        if let Some(e) = self.pending.take() {
+            return Err(e);
+        }
         if self.done {
             return Ok(None);
         }
@@ -217,10 +223,19 @@ impl JsonlReader {
         let mut too_long = false;
         while lines.len() < self.limits.batch_docs && bytes < self.limits.batch_bytes {
             let mut buf = Vec::new();
-            let more = self
-                .read_line(&mut buf, &mut too_long)
-                .map_err(|e| io_error(&self.path, self.line + 1, e))
-                .inspect_err(|_| self.done = true)?;
+            let more = match self.read_line(&mut buf, &mut too_long) {
+                Ok(more) => more,
+                Err(e) => {
+                    // The lines read so far are still returned; the error comes next.
+                    self.done = true;
+                    let e = io_error(&self.path, self.line + 1, e);
+                    if lines.is_empty() && errors.is_empty() {
+                        return Err(e);
+                    }
+                    self.pending = Some(e);
+                    break;
+                }
+            };
             if !more {
                 self.done = true;
                 break;
@@ -428,6 +443,12 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
         assert!(read_all(&p, ReadLimits::default()).is_err());
+        // The documents before the damage come out first, then the error.
+        let mut r = JsonlReader::open(&p, ReadLimits::default()).unwrap();
+        let first = r.next_batch().unwrap().unwrap();
+        assert!(!first.records.is_empty() && first.records.len() < 2000);
+        assert!(r.next_batch().is_err());
+        assert!(r.next_batch().unwrap().is_none());
     }
 
     #[test]
