@@ -7,19 +7,41 @@ import math
 
 import numpy as np
 import pytest
+from deepseek_rs import ShardError, _core
+from deepseek_rs.datafilter import SIGNAL_NAMES, compute_signals
 from filter_reference import signals as reference_signals
 from hypothesis import example, given
 from hypothesis import strategies as st
-
-from deepseek_rs import ShardError, _core
-from deepseek_rs.datafilter import SIGNAL_NAMES, compute_signals
 
 # Python 3.11 knows Unicode 14; code points assigned later are category Cn here but letters or
 # marks in the Rust tables (Unicode 16), so the reference can only judge assigned characters.
 any_char = st.characters(exclude_categories=("Cs", "Cn"))
 fragments = st.sampled_from(
-    ["\n", "\n\n", " \n \n", "\r\n", "...", "\u2026", "#", "- ", "• ", "。", "模型", "数据很好", "カタカナ",
-     "한국어", "😀", "👩‍👩‍👧", "e\u0301", "\u3000", "\x1c", "\u00a0", "Ⅻ", "١٢٣", "the same words again"]
+    [
+        "\n",
+        "\n\n",
+        " \n \n",
+        "\r\n",
+        "...",
+        "\u2026",
+        "#",
+        "- ",
+        "• ",
+        "。",
+        "模型",
+        "数据很好",
+        "カタカナ",
+        "한국어",
+        "😀",
+        "👩‍👩‍👧",
+        "e\u0301",
+        "\u3000",
+        "\x1c",
+        "\u00a0",
+        "Ⅻ",
+        "١٢٣",
+        "the same words again",
+    ]
 )
 texts = st.lists(
     st.one_of(st.text(any_char, max_size=30), fragments, st.text(alphabet="ab .\n#", max_size=60)),

@@ -2,9 +2,6 @@
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 from deepseek_rs import InvalidValueError, ShapeError
 from deepseek_rs.datafilter import (
     KEEP,
@@ -19,6 +16,8 @@ from deepseek_rs.datafilter import (
     mine_hard_examples,
 )
 from deepseek_rs.datafilter.density import DEFAULT_THRESHOLDS
+from hypothesis import given
+from hypothesis import strategies as st
 
 PROSE = (
     "The committee met on Tuesday to review the budget for the coming year. Members raised questions "
@@ -53,8 +52,23 @@ def reference_decision(signals_row, thresholds):
     return None
 
 
-@given(st.lists(st.sampled_from([PROSE, PROSE + "\n" + PROSE, "short text.", "buy now " * 80,
-                                 "模型" * 60 + "。", COOKING[0], "# # # ... " * 20, ""]), max_size=8))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                PROSE,
+                PROSE + "\n" + PROSE,
+                "short text.",
+                "buy now " * 80,
+                "模型" * 60 + "。",
+                COOKING[0],
+                "# # # ... " * 20,
+                "",
+            ]
+        ),
+        max_size=8,
+    )
+)
 def test_density_filter_drops_by_the_first_failing_threshold(docs):
     f = DensityFilter()
     signals, codes = f(docs)
@@ -152,17 +166,25 @@ def test_hard_example_arguments_are_checked():
 
 def test_config_validates_every_field(tmp_path):
     c = FilterConfig.from_mapping(
-        {"density": {"thresholds": {"n_words": {"min": 10}, "dup_line_frac": None}},
-         "domain": {"enabled": True, "method": "dsir", "reference": "ref.jsonl"},
-         "hard_examples": {"enabled": True, "clusters": 5}},
+        {
+            "density": {"thresholds": {"n_words": {"min": 10}, "dup_line_frac": None}},
+            "domain": {"enabled": True, "method": "dsir", "reference": "ref.jsonl"},
+            "hard_examples": {"enabled": True, "clusters": 5},
+        },
         base_dir=tmp_path,
     )
     names = [t.signal for t in c.thresholds]
     assert "dup_line_frac" not in names and c.thresholds[names.index("n_words")].min == 10
     assert c.domain == "dsir" and c.reference == [str(tmp_path / "ref.jsonl")] and c.clusters == 5
-    for bad in ({"nope": 1}, {"output": {"compression": "bz2"}}, {"density": {"thresholds": {"x": {"min": 1}}}},
-                {"hard_examples": {"enabled": True, "keep_fraction": 2}}, {"domain": {"enabled": True}},
-                {"batch_docs": 0}, {"density": {"thresholds": {"n_words": 5}}}):
+    for bad in (
+        {"nope": 1},
+        {"output": {"compression": "bz2"}},
+        {"density": {"thresholds": {"x": {"min": 1}}}},
+        {"hard_examples": {"enabled": True, "keep_fraction": 2}},
+        {"domain": {"enabled": True}},
+        {"batch_docs": 0},
+        {"density": {"thresholds": {"n_words": 5}}},
+    ):
         with pytest.raises(InvalidValueError):
             FilterConfig.from_mapping(bad)
 
