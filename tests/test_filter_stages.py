@@ -191,3 +191,19 @@ def test_config_validates_every_field(tmp_path):
 
 def test_signals_of_an_empty_batch():
     assert compute_signals([]).shape == (0, len(SIGNAL_NAMES))
+
+
+@given(st.lists(st.text(max_size=80), max_size=6), st.integers(1, 50))
+def test_dsir_weights_are_the_hashed_counts_times_the_log_ratio(texts, buckets):
+    from deepseek_rs import _core
+
+    log_ratio = np.random.default_rng(buckets).normal(size=buckets)
+    indptr, idx, counts = _core.hashed_features(texts, buckets)
+    want = np.array([(counts[a:b] * log_ratio[idx[a:b]]).sum() for a, b in zip(indptr[:-1], indptr[1:])])
+    n = np.array([counts[a:b].sum() for a, b in zip(indptr[:-1], indptr[1:])])
+    np.testing.assert_allclose(_core.dsir_log_importance(texts, log_ratio), want, rtol=1e-12, atol=1e-12)
+    per = _core.dsir_log_importance(texts, log_ratio, per_feature=True)
+    want_per = np.divide(want, n, out=np.zeros_like(want), where=n > 0)
+    np.testing.assert_allclose(per, want_per, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="finite"):
+        _core.dsir_log_importance(texts, np.full(buckets, np.nan))
