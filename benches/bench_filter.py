@@ -151,7 +151,7 @@ def main() -> None:
         t = time.perf_counter()
         theirs = dt(texts)
         base1 = time.perf_counter() - t
-        print(row("stage 1", mb, ours1, base1, 10) + "   baseline: datatrove GopherQuality + GopherRepetition")
+        print(row("stage 1", mb, ours1, base1, 10) + "   baseline: datatrove GopherQuality+GopherRepetition")
         gopher = DensityFilter((*GOPHER_QUALITY, *GOPHER_REPETITION))
         ours_keep = gopher(texts)[1] == KEEP
         agree = sum(bool(a) == b for a, b in zip(ours_keep, theirs)) / len(texts)
