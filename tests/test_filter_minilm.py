@@ -37,6 +37,7 @@ def test_semantic_density_is_low_for_repetition(encoder):
 
 
 def test_minilm_embeddings_feed_semdedup(encoder):
-    docs = ["The cat sat on the mat.", "the CAT sat on the mat.", "Interest rates rose again today."]  # uncased
+    # the model is uncased: the first two are the same input
+    docs = ["The cat sat on the mat.", "the CAT sat on the mat.", "Interest rates rose again today."]
     r = mine_hard_examples(encoder(docs), clusters=1, dedup_threshold=0.95)
     assert r.decision.tolist().count(1) == 1 and r.decision[2] != 1
