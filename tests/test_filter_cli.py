@@ -224,3 +224,21 @@ def test_a_truncated_shard_is_reported_and_its_readable_part_kept(tmp_path):
     assert 0 < stats["read"] < 400 and "stream_error" in stats["shards"][0]
     kept, dropped = outputs(out)
     assert len(kept) + len(dropped) == stats["read"]
+
+
+def test_small_batches_and_an_overlong_line(tmp_path):
+    rng = random.Random(2)
+    src = tmp_path / "s.jsonl"
+    docs = [json.dumps({"id": i, "text": prose(rng, "cooking")}) for i in range(50)]
+    docs[7] = json.dumps({"id": 7, "text": "x " * 5000})
+    src.write_text("\n".join(docs) + "\n")
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text("batch_docs: 3\nmax_line_bytes: 4000\n")
+    one_batch = tmp_path / "one"
+    assert main(["filter", str(src), "-o", str(tmp_path / "out"), "--config", str(cfg), "-q"]) == 0
+    assert main(["filter", str(src), "-o", str(one_batch), "-q"]) == 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["read"] == 49 and stats["malformed"][0]["line"] == 8
+    assert "longer than 4000 bytes" in stats["malformed"][0]["error"]
+    small, big = outputs(tmp_path / "out"), outputs(one_batch)
+    assert [d for d in big[0] if d["id"] != 7] == small[0]  # batching changes nothing
