@@ -41,3 +41,32 @@ def test_minilm_embeddings_feed_semdedup(encoder):
     docs = ["The cat sat on the mat.", "the CAT sat on the mat.", "Interest rates rose again today."]
     r = mine_hard_examples(encoder(docs), clusters=1, dedup_threshold=0.95)
     assert r.decision.tolist().count(1) == 1 and r.decision[2] != 1
+
+
+def test_the_pipeline_with_model_density_and_minilm_hard_examples(tmp_path):
+    import json
+
+    from deepseek_rs.datafilter import FilterConfig, run_filter
+
+    lines = [
+        "The committee approved the new budget for schools and roads in the county.",
+        "Heavy rain flooded the valley roads overnight and closed two bridges.",
+        "A new species of frog was found in the rainforest by a team of students.",
+        "The orchestra rehearsed the symphony for hours before the opening night.",
+        "Farmers expect a late harvest because the spring was cold and wet.",
+        "The museum will open a new wing devoted to ancient maps next year.",
+    ]
+    docs = ["\n".join(lines[i:] + lines[:i]) for i in range(6)]
+    docs.append("\n".join([lines[0]] * 6))  # one sentence over and over: low semantic density
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(docs)))
+    config = FilterConfig.from_mapping(
+        {
+            "density": {"enabled": False, "model": {"enabled": True, "min_density": 0.5, "segments": 6}},
+            "hard_examples": {"enabled": True, "embedding": "minilm", "clusters": 2, "keep_fraction": 0.5},
+        }
+    )
+    stats = run_filter([src], tmp_path / "out", config)
+    assert stats["read"] == 7 == stats["kept"] + stats["dropped"]
+    assert stats["dropped_by_reason"].get("density:semantic_density<0.5") == 1
+    assert "hard_examples:prototypical" in stats["dropped_by_reason"]
