@@ -23,8 +23,21 @@ from .. import _core
 from ..errors import InvalidValueError
 
 
+def require_sklearn() -> None:
+    """Stages 2 and 3 use scikit-learn (and SciPy): the ``filter`` extra."""
+    try:
+        import scipy.sparse  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"domain screening and hard-example mining need scikit-learn: "
+            f"pip install 'deepseek-rs[filter]' ({e})"
+        ) from e
+
+
 def hashed_matrix(texts: Sequence[str], buckets: int):
     """Hashed n-gram counts as a scipy CSR matrix ``[len(texts), buckets]``."""
+    require_sklearn()
     from scipy.sparse import csr_matrix
 
     indptr, idx, counts = _core.hashed_features(list(texts), buckets)
@@ -71,6 +84,7 @@ class LDADomainFilter(_QuantileScreen):
         self.domain_mixture: Optional[np.ndarray] = None
 
     def fit(self, reference_texts: Sequence[str]) -> LDADomainFilter:
+        require_sklearn()
         from sklearn.decomposition import LatentDirichletAllocation
 
         if len(reference_texts) < 2:

@@ -185,7 +185,7 @@ impl JsonlReader {
                 break;
             }
             any = true;
-            let (take, end) = match memchr(b'\n', chunk) {
+            let (take, end) = match memchr::memchr(b'\n', chunk) {
                 Some(i) => (i, true),
                 None => (chunk.len(), false),
             };
@@ -265,10 +265,6 @@ impl JsonlReader {
         errors.sort_by_key(|e| e.line);
         Ok(Some(Batch { records, errors }))
     }
-}
-
-fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&b| b == needle)
 }
 
 enum Sink {
