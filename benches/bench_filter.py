@@ -32,6 +32,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections import Counter
 from typing import Callable, List
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
@@ -101,14 +102,18 @@ def datatrove_stage1():
 
     quality, repetition = GopherQualityFilter(), GopherRepetitionFilter()
 
-    def run(texts: List[str]) -> List[bool]:
-        keep = []
+    def run(texts: List[str]) -> List[str]:
+        """The drop reason of each text ("" when kept)."""
+        reasons = []
         for i, t in enumerate(texts):
             doc = Document(text=t, id=str(i))
-            ok = quality.filter(doc)
-            ok = (ok is True) and (repetition.filter(doc) is True)
-            keep.append(ok)
-        return keep
+            verdict = quality.filter(doc)
+            if verdict is True:
+                verdict = repetition.filter(doc)
+            if isinstance(verdict, tuple):  # (False, reason)
+                verdict = verdict[1]
+            reasons.append("" if verdict is True else str(verdict))
+        return reasons
 
     return run
 
@@ -154,12 +159,18 @@ def main() -> None:
         base1 = time.perf_counter() - t
         print(row("stage 1", mb, ours1, base1, 10) + "   baseline: datatrove GopherQuality+GopherRepetition")
         gopher = DensityFilter((*GOPHER_QUALITY, *GOPHER_REPETITION))
-        ours_keep = gopher(texts)[1] == KEEP
-        agree = sum(bool(a) == b for a, b in zip(ours_keep, theirs)) / len(texts)
+        codes = gopher(texts)[1]
+        ours_keep = codes == KEEP
+        kept_theirs = [r == "" for r in theirs]
+        agree = sum(bool(a) == b for a, b in zip(ours_keep, kept_theirs)) / len(texts)
         print(
             f"agreement: our Gopher thresholds and datatrove's decide the same on {agree:.1%} of documents "
-            f"(kept: ours {int(ours_keep.sum())}, datatrove {sum(theirs)})"
+            f"(kept: ours {int(ours_keep.sum())}, datatrove {sum(kept_theirs)})"
         )
+        top = Counter(r for r in theirs if r).most_common(3)
+        print("  datatrove drops by: " + ", ".join(f"{r} {n}" for r, n in top))
+        top = Counter(gopher.reasons[c] for c in codes if c != KEEP).most_common(3)
+        print("  ours drops by:      " + ", ".join(f"{r} {n}" for r, n in top))
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = []
