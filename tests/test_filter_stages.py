@@ -103,12 +103,27 @@ def test_bad_thresholds_and_signals_are_rejected():
         DensityFilter().decide(np.zeros((3, 2)))
 
 
-def test_lda_screen_prefers_the_reference_domain():
-    lda = LDADomainFilter(topics=4, buckets=4096, keep_quantile=0.1).fit(COOKING)
+@pytest.mark.parametrize("score", ["likelihood", "mixture"])
+def test_lda_screen_prefers_the_reference_domain(score):
+    lda = LDADomainFilter(topics=4, buckets=4096, keep_quantile=0.1, score=score).fit(COOKING)
     cook, fin = lda.score(COOKING[:5]), lda.score(FINANCE[:5])
     assert cook.min() > fin.max()
     assert lda.keep(COOKING[:5]).all() and not lda.keep(FINANCE[:5]).any()
-    assert ((0 <= cook) & (cook <= 1)).all()
+    if score == "mixture":
+        assert ((0 <= cook) & (cook <= 1)).all()
+    else:  # mean log2-probability of a feature
+        assert (cook < 0).all() and lda.score([""])[0] == -np.inf
+
+
+def test_lda_likelihood_is_the_mean_log_probability_of_the_features():
+    from deepseek_rs.datafilter.domain import hashed_matrix
+
+    lda = LDADomainFilter(topics=3, buckets=512).fit(COOKING)
+    docs = COOKING[:2] + FINANCE[:2]
+    x = hashed_matrix(docs, 512).toarray()
+    p = lda.lda.transform(hashed_matrix(docs, 512)) @ lda.topic_words
+    want = (x * np.log2(p)).sum(axis=1) / x.sum(axis=1)
+    np.testing.assert_allclose(lda.score(docs), want, rtol=1e-10)
 
 
 def test_dsir_screen_prefers_the_reference_domain():
@@ -125,6 +140,8 @@ def test_unfit_screens_and_bad_arguments_raise():
         DSIRDomainFilter().keep(["a"])
     with pytest.raises(InvalidValueError):
         LDADomainFilter(keep_quantile=1.5)
+    with pytest.raises(InvalidValueError, match="likelihood"):
+        LDADomainFilter(score="cosine")
     with pytest.raises(ValueError):
         _ = __import__("deepseek_rs")._core.hashed_features(["a"], 0)
 

@@ -20,6 +20,7 @@ Every section and key is optional; an unknown key raises ``InvalidValueError`` n
     domain:                     # stage 2
       enabled: false
       method: lda               # lda or dsir
+      score: likelihood         # lda: likelihood (how well the topics explain it) or mixture
       reference: [ref.jsonl]    # JSONL shards of the target domain
       keep_quantile: 0.05
       topics: 20                # lda
@@ -92,6 +93,7 @@ class FilterConfig:
     reference: List[str] = field(default_factory=list)
     keep_quantile: float = 0.05
     topics: int = 20
+    lda_score: str = "likelihood"
     buckets: int = 1 << 14
     raw_sample: int = 10_000
     hard_examples: bool = False
@@ -133,6 +135,7 @@ class FilterConfig:
             {
                 "enabled": False,
                 "method": "lda",
+                "score": "likelihood",
                 "reference": [],
                 "keep_quantile": 0.05,
                 "topics": 20,
@@ -152,6 +155,7 @@ class FilterConfig:
             c.reference = [str(Path(base_dir) / r) for r in refs]
             c.keep_quantile = _fraction("domain", "keep_quantile", dom["keep_quantile"], 0.0, 0.99)
             c.topics = _positive("domain", "topics", dom["topics"])
+            c.lda_score = _choice("domain", "score", dom["score"], ("likelihood", "mixture"))
             c.buckets = _positive("domain", "buckets", dom["buckets"])
             c.raw_sample = _positive("domain", "raw_sample", dom["raw_sample"])
 

@@ -105,7 +105,7 @@ class _Stages:
             reference = _read_texts(config.reference, None, config)
             if config.domain == "lda":
                 self.domain = LDADomainFilter(
-                    config.topics, config.buckets, config.keep_quantile, config.seed
+                    config.topics, config.buckets, config.keep_quantile, config.seed, config.lda_score
                 )
                 self.domain.fit(reference)
             else:
