@@ -47,15 +47,24 @@ class AccountingError(DeepseekError, RuntimeError):
 
 
 def _shard_names(inputs: Sequence[Path]) -> List[str]:
+    """A distinct output name per input (its file name without .jsonl/.gz/.zst, numbered on clashes)."""
+    seen: Dict[Path, Path] = {}
+    for p in inputs:
+        r = p.resolve()
+        if r in seen:
+            raise InvalidValueError(f"{p} is given twice (as {seen[r]})")
+        seen[r] = p
     names: List[str] = []
     for p in inputs:
         stem = p.name
         for suffix in (".gz", ".zst", ".zstd", ".jsonl", ".json"):
             if stem.endswith(suffix):
                 stem = stem[: -len(suffix)]
-        name = stem or "shard"
-        if name in names:
-            name = f"{name}-{len(names)}"
+        base = stem or "shard"
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}-{k}"
         names.append(name)
     return names
 
@@ -77,12 +86,22 @@ def _atomic_json(path: Path, obj: Any) -> None:
 
 
 def _read_texts(paths: Sequence[Union[str, Path]], limit: Optional[int], config: FilterConfig) -> List[str]:
+    """The texts of ``paths``; with ``limit``, about ``limit / len(paths)`` from each shard, so a
+    sample covers every shard. The readable part of a corrupt shard counts."""
+    per = None if limit is None else -(-limit // max(1, len(paths)))
     texts: List[str] = []
     for p in paths:
-        for batch in _core.JsonlReader(str(p), config.batch_docs, config.batch_bytes, config.max_line_bytes):
-            texts.extend(batch.texts)
-            if limit is not None and len(texts) >= limit:
-                return texts[:limit]
+        got: List[str] = []
+        try:
+            for batch in _core.JsonlReader(
+                str(p), config.batch_docs, config.batch_bytes, config.max_line_bytes
+            ):
+                got.extend(batch.texts)
+                if per is not None and len(got) >= per:
+                    break
+        except ShardError:
+            pass  # pass 1 reports the shard's stream error
+        texts.extend(got if per is None else got[:per])
     return texts
 
 
@@ -190,9 +209,18 @@ def _pass1(src: Path, paths: Dict[str, Path], stages: _Stages, config: FilterCon
     finally:
         for f in files.values():
             f.close()
+    blank = reader.blank_lines
+    if reader.lines_read != docs + n_errors + blank:
+        raise AccountingError(
+            f"{src}: {reader.lines_read} lines read but {docs} documents, {n_errors} malformed, {blank} blank"
+        )
     for k in arrays:
+        with open(f"{paths[k]}.tmp", "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(f"{paths[k]}.tmp", paths[k])
     meta = {
+        "input": str(src.resolve()),
+        "blank_lines": blank,
         "docs": docs,
         "survivors": alive,
         "embedding_dim": dim,
@@ -332,10 +360,14 @@ def run_filter(
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise InvalidValueError("no input shards")
+    out = Path(outdir)
     for p in inputs:
+        if p.is_dir():
+            raise InvalidValueError(f"{p} is a directory; give its shards (for example {p}/*.jsonl.gz)")
         if not p.is_file():
             raise ShardError(f"{p}: no such file")
-    out = Path(outdir)
+        if out.resolve() in p.resolve().parents:
+            raise InvalidValueError(f"{p} is inside the output directory {out}; it would be overwritten")
     work = out / ".work"
     for d in (work, out / "kept", out / "dropped"):
         d.mkdir(parents=True, exist_ok=True)
@@ -456,7 +488,9 @@ def _stats(inputs, names, metas, final_codes, reasons, config, work: Path, secon
         codes = final_codes(i)
         read, kept = len(codes), int((codes == KEEP).sum())
         dropped = read - kept
-        if written["kept_lines"] != kept or (written["dropped_lines"] not in (None, dropped)):
+        wrote = written["kept_lines"] + (written["dropped_lines"] or 0)
+        lines_ok = written["dropped_lines"] is None or wrote == meta["docs"]
+        if written["kept_lines"] != kept or written["dropped_lines"] not in (None, dropped) or not lines_ok:
             raise AccountingError(
                 f"{src}: {read} read, {kept} kept, {dropped} dropped, but {written['kept_lines']} kept and "
                 f"{written['dropped_lines']} dropped lines written"

@@ -12,9 +12,11 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use indexmap::IndexMap;
 use rayon::prelude::*;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::{FilterError, Result};
 
@@ -106,6 +108,7 @@ pub struct JsonlReader {
     input: Box<dyn BufRead + Send>,
     limits: ReadLimits,
     line: u64,
+    blank: u64,
     done: bool,
     /// A read error met while a batch was being filled, returned after that batch.
     pending: Option<FilterError>,
@@ -121,6 +124,10 @@ struct Doc<'a> {
 fn parse(line: u64, raw: Vec<u8>) -> std::result::Result<Record, LineError> {
     let bad = |message: String| LineError { line, message };
     let s = std::str::from_utf8(&raw).map_err(|e| bad(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+    // serde would also read a struct from a JSON array; a document is an object.
+    if !s.trim_start_matches([' ', '\t', '\r']).starts_with('{') {
+        return Err(bad("not a JSON object".into()));
+    }
     let doc: Doc = serde_json::from_str(s).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let text = match doc.text {
         Some(Value::String(t)) => t,
@@ -158,14 +165,20 @@ impl JsonlReader {
             input,
             limits,
             line: 0,
+            blank: 0,
             done: false,
             pending: None,
         })
     }
 
-    /// The number of lines read so far.
+    /// The number of lines read so far (documents, bad lines and blank lines).
     pub fn lines_read(&self) -> u64 {
         self.line
+    }
+
+    /// The number of blank (empty or whitespace-only) lines read so far; they are skipped.
+    pub fn blank_lines(&self) -> u64 {
+        self.blank
     }
 
     /// Reads one line into `buf` (without its terminator); `Ok(false)` at the end of the file.
@@ -246,7 +259,9 @@ impl JsonlReader {
                     line: self.line,
                     message: format!("line longer than {} bytes", self.limits.max_line_bytes),
                 });
-            } else if !buf.iter().all(u8::is_ascii_whitespace) {
+            } else if buf.iter().all(u8::is_ascii_whitespace) {
+                self.blank += 1;
+            } else {
                 bytes += buf.len();
                 lines.push((self.line, buf));
             }
@@ -349,9 +364,12 @@ impl Drop for JsonlWriter {
 }
 
 /// `raw` (a JSON object) with `key` set to `value`, keys kept in their order.
+/// The other values are kept as their raw JSON text, so numbers beyond f64 (`1e400`, 30-digit
+/// integers, long decimals) come out exactly as they came in.
 pub fn annotate(raw: &[u8], key: &str, value: Value) -> Result<Vec<u8>> {
-    let mut obj: Map<String, Value> =
+    let mut obj: IndexMap<String, Box<RawValue>> =
         serde_json::from_slice(raw).map_err(|e| FilterError::InvalidArgument(format!("not a JSON object: {e}")))?;
+    let value = serde_json::value::to_raw_value(&value).map_err(|e| FilterError::InvalidArgument(e.to_string()))?;
     obj.insert(key.to_string(), value);
     serde_json::to_vec(&obj).map_err(|e| FilterError::InvalidArgument(e.to_string()))
 }
@@ -445,6 +463,35 @@ mod tests {
         assert!(!first.records.is_empty() && first.records.len() < 2000);
         assert!(r.next_batch().is_err());
         assert!(r.next_batch().unwrap().is_none());
+    }
+
+    #[test]
+    fn annotate_keeps_numbers_beyond_f64_exactly() {
+        let raw = br#"{"big":123456789012345678901234567890,"huge":1e400,"dec":0.1000000000000000000001,"text":"a"}"#;
+        let out = annotate(raw, "filter", serde_json::json!(1)).unwrap();
+        let mut want = raw[..raw.len() - 1].to_vec();
+        want.extend_from_slice(br#","filter":1}"#);
+        assert_eq!(String::from_utf8(out).unwrap(), String::from_utf8(want).unwrap());
+    }
+
+    #[test]
+    fn arrays_and_scalars_are_not_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        std::fs::write(
+            &p,
+            b"[\"id\", \"text here\"]\n[1, 2]\n\"text\"\n  {\"text\": \"ok\"}\n \n",
+        )
+        .unwrap();
+        let mut r = JsonlReader::open(&p, ReadLimits::default()).unwrap();
+        let b = r.next_batch().unwrap().unwrap();
+        assert_eq!(b.records.len(), 1);
+        assert!(
+            b.errors.iter().all(|e| e.message == "not a JSON object"),
+            "{:?}",
+            b.errors
+        );
+        assert_eq!((r.lines_read(), r.blank_lines(), b.errors.len()), (5, 1, 3));
     }
 
     #[test]
