@@ -242,3 +242,87 @@ def test_small_batches_and_an_overlong_line(tmp_path):
     assert "longer than 4000 bytes" in stats["malformed"][0]["error"]
     small, big = outputs(tmp_path / "out"), outputs(one_batch)
     assert [d for d in big[0] if d["id"] != 7] == small[0]  # batching changes nothing
+
+
+def test_values_beyond_float64_and_array_lines(tmp_path):
+    rng = random.Random(3)
+    src = tmp_path / "n.jsonl"
+    text = json.dumps(prose(rng, "finance"))
+    src.write_text(
+        f'{{"id": 1, "big": 123456789012345678901234567890, "huge": 1e400, "dec": 0.1000000000000000000001, '
+        f'"text": {text}}}\n'
+        f'["id", {text}]\n'
+    )
+    out = tmp_path / "out"
+    assert main(["filter", str(src), "-o", str(out), "-q"]) == 0
+    kept, dropped = outputs(out)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["read"] == 1 and stats["malformed"][0]["error"] == "not a JSON object"
+    (line,) = [ln for p in (out / "kept", out / "dropped") for f in p.iterdir() for ln in gzip.open(f, "rt")]
+    assert '"big":123456789012345678901234567890,"huge":1e400,"dec":0.1000000000000000000001,' in line
+
+
+def test_clashing_names_duplicates_and_outputs_inside_outdir(tmp_path, capsys):
+    rng = random.Random(4)
+    paths = [tmp_path / "x" / "a-2.jsonl", tmp_path / "x" / "a.jsonl", tmp_path / "y" / "a.jsonl"]
+    for i, p in enumerate(paths):
+        p.parent.mkdir(exist_ok=True)
+        p.write_text(
+            "".join(json.dumps({"id": f"{i}-{j}", "text": prose(rng, "cooking")}) + "\n" for j in range(5))
+        )
+    out = tmp_path / "out"
+    assert main(["filter", *map(str, paths), "-o", str(out), "-q"]) == 0
+    kept, dropped = outputs(out)
+    assert len(kept) + len(dropped) == 15 and len(list((out / "kept").iterdir())) == 3
+    assert (
+        main(
+            [
+                "filter",
+                str(paths[1]),
+                str(tmp_path / "x" / ".." / "x" / "a.jsonl"),
+                "-o",
+                str(tmp_path / "o2"),
+            ]
+        )
+        == 1
+    )
+    assert "given twice" in capsys.readouterr().err
+    inside = out / "kept" / "a.jsonl.gz"
+    assert main(["filter", str(inside), "-o", str(out), "-q"]) == 1
+    assert "inside the output directory" in capsys.readouterr().err
+    assert main(["filter", str(tmp_path / "x"), "-o", str(tmp_path / "o3"), "-q"]) == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_writer_and_reader_do_not_deadlock_across_threads(tmp_path):
+    import threading
+
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps({"text": "x " * 2000}) + "\n" for _ in range(3000)))
+    batches = list(_core.JsonlReader(str(src), batch_docs=100))
+    writer = _core.JsonlWriter(str(tmp_path / "w.jsonl.gz"))
+    reader = _core.JsonlReader(str(src), batch_docs=10)
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            _ = writer.lines, reader.lines_read, reader.blank_lines
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    done = threading.Event()
+
+    def work():
+        for b in batches:
+            writer.write(b, np.arange(len(b), dtype=np.int64))
+        for _ in reader:
+            pass
+        writer.finish()
+        done.set()
+
+    w = threading.Thread(target=work, daemon=True)
+    w.start()
+    assert done.wait(60), "deadlock"
+    stop.set()
+    t.join(5)
+    assert reader.lines_read == 3000

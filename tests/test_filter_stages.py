@@ -224,3 +224,21 @@ def test_dsir_weights_are_the_hashed_counts_times_the_log_ratio(texts, buckets):
     np.testing.assert_allclose(per, want_per, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="finite"):
         _core.dsir_log_importance(texts, np.full(buckets, np.nan))
+
+
+def test_config_types_are_checked_one_line_each(tmp_path):
+    assert FilterConfig.from_mapping({"density": False}).density is False
+    assert FilterConfig.from_mapping({"density": {"enabled": False}}).density is False
+    for bad in (
+        {"output": {"write_dropped": "no"}},
+        {"density": {"thresholds": {"n_words": {"min": 100, "max": 10}}}},
+        {"density": {"thresholds": {"n_words": {"min": "5"}}}},
+        {"density": "yes"},
+    ):
+        with pytest.raises(InvalidValueError):
+            FilterConfig.from_mapping(bad)
+    with pytest.raises(InvalidValueError, match="no such file"):
+        FilterConfig.from_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("density: [unclosed\n")
+    with pytest.raises(InvalidValueError, match="YAML"):
+        FilterConfig.from_yaml(tmp_path / "bad.yaml")

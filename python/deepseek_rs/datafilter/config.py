@@ -46,7 +46,11 @@ from .density import DEFAULT_THRESHOLDS, Threshold, thresholds_from_config
 
 
 def _section(m: Mapping[str, Any], name: str, allowed: Dict[str, Any]) -> Dict[str, Any]:
-    raw = m.get(name) or {}
+    raw = m.get(name)
+    if raw is None:
+        raw = {}
+    elif isinstance(raw, bool) and "enabled" in allowed:  # `density: false`
+        raw = {"enabled": raw}
     if not isinstance(raw, Mapping):
         raise InvalidValueError(f"{name} must be a mapping, got {raw!r}")
     unknown = set(raw) - set(allowed)
@@ -54,6 +58,9 @@ def _section(m: Mapping[str, Any], name: str, allowed: Dict[str, Any]) -> Dict[s
         raise InvalidValueError(f"unknown key(s) in {name}: {sorted(unknown)}; allowed: {sorted(allowed)}")
     out = dict(allowed)
     out.update(raw)
+    for key, default in allowed.items():
+        if isinstance(default, bool) and not isinstance(out[key], bool):
+            raise InvalidValueError(f"{name}.{key} must be true or false, got {out[key]!r}")
     return out
 
 
@@ -192,5 +199,13 @@ class FilterConfig:
         import yaml
 
         path = Path(path)
-        with open(path) as f:
-            return cls.from_mapping(yaml.safe_load(f), base_dir=path.parent)
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise InvalidValueError(f"{path}: no such file") from None
+        except yaml.YAMLError as e:
+            raise InvalidValueError(f"{path}: not valid YAML: {e}") from None
+        if data is not None and not isinstance(data, Mapping):
+            raise InvalidValueError(f"{path}: the filter config must be a mapping")
+        return cls.from_mapping(data, base_dir=path.parent)

@@ -64,8 +64,12 @@ class Threshold:
         if self.min is None and self.max is None:
             raise InvalidValueError(f"threshold on {self.signal!r} needs a min or a max")
         for bound in (self.min, self.max):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))):
+                raise InvalidValueError(f"threshold on {self.signal!r} must be a number, got {bound!r}")
             if bound is not None and not np.isfinite(bound):
                 raise InvalidValueError(f"threshold on {self.signal!r} must be finite, got {bound}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise InvalidValueError(f"threshold on {self.signal!r} has min {self.min} > max {self.max}")
 
     def reasons(self) -> Tuple[str, str]:
         """The drop reasons for failing the lower and the upper bound."""
