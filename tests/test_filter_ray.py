@@ -41,3 +41,16 @@ def test_map_batches_matches_the_direct_filter(local_ray):
             ok = bool(domain.keep([DOCS[i]])[0])
             assert r["keep"] == ok and r["reason"] == ("" if ok else "domain:off_domain_lda")
     assert any(r["keep"] for r in rows) and not all(r["keep"] for r in rows)
+
+
+def test_bad_rows_and_unsupported_stages(local_ray):
+    from deepseek_rs import InvalidValueError
+    from deepseek_rs.datafilter import FilterConfig
+
+    out = RayFilter()({"text": np.array([DOCS[0], None, 12345, b"bytes"], dtype=object)})
+    assert out["keep"].tolist()[1:] == [False, False, False]
+    assert set(out["reason"][1:]) == {"malformed:text is not a string"}
+    with pytest.raises(InvalidValueError, match="hard-example"):
+        RayFilter(FilterConfig.from_mapping({"hard_examples": {"enabled": True}}))
+    with pytest.raises(InvalidValueError, match="domain="):
+        RayFilter(FilterConfig.from_mapping({"domain": {"enabled": True, "reference": "r.jsonl"}}))
