@@ -242,3 +242,14 @@ def test_config_types_are_checked_one_line_each(tmp_path):
     (tmp_path / "bad.yaml").write_text("density: [unclosed\n")
     with pytest.raises(InvalidValueError, match="YAML"):
         FilterConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_screens_keep_unseen_documents_of_the_domain():
+    # fit on 20 cooking documents, score 8 others never seen: the threshold comes from held-out
+    # reference documents, so unseen in-domain text passes and off-domain text does not
+    for screen in (
+        LDADomainFilter(topics=4, buckets=4096, keep_quantile=0.05).fit(COOKING[:20]),
+        DSIRDomainFilter(buckets=1 << 12, keep_quantile=0.05).fit(COOKING[:20], COOKING[:10] + FINANCE[:10]),
+    ):
+        assert screen.keep(COOKING[20:]).all(), type(screen).__name__
+        assert not screen.keep(FINANCE[10:]).any(), type(screen).__name__
