@@ -102,10 +102,11 @@ def _filter(args: argparse.Namespace) -> int:
     )
     for m in stats["malformed"][:10]:
         print(f"  malformed: {m['file']}:{m['line']}: {m['error']}", file=sys.stderr)
-    for shard in stats["shards"]:
-        if "stream_error" in shard:
-            print(f"  unreadable after line {shard['lines']}: {shard['stream_error']}", file=sys.stderr)
-    return 0
+    unreadable = [shard for shard in stats["shards"] if "stream_error" in shard]
+    for shard in unreadable:
+        print(f"  unreadable after line {shard['lines']}: {shard['stream_error']}", file=sys.stderr)
+    # A shard cut short is filtered as far as it could be read, but the run says so in its status.
+    return 1 if unreadable else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

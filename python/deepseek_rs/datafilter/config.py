@@ -20,6 +20,7 @@ Every section and key is optional; an unknown key raises ``InvalidValueError`` n
     domain:                     # stage 2
       enabled: false
       method: lda               # lda or dsir
+      score: likelihood         # lda: likelihood (how well the topics explain it) or mixture
       reference: [ref.jsonl]    # JSONL shards of the target domain
       keep_quantile: 0.05
       topics: 20                # lda
@@ -45,7 +46,11 @@ from .density import DEFAULT_THRESHOLDS, Threshold, thresholds_from_config
 
 
 def _section(m: Mapping[str, Any], name: str, allowed: Dict[str, Any]) -> Dict[str, Any]:
-    raw = m.get(name) or {}
+    raw = m.get(name)
+    if raw is None:
+        raw = {}
+    elif isinstance(raw, bool) and "enabled" in allowed:  # `density: false`
+        raw = {"enabled": raw}
     if not isinstance(raw, Mapping):
         raise InvalidValueError(f"{name} must be a mapping, got {raw!r}")
     unknown = set(raw) - set(allowed)
@@ -53,6 +58,9 @@ def _section(m: Mapping[str, Any], name: str, allowed: Dict[str, Any]) -> Dict[s
         raise InvalidValueError(f"unknown key(s) in {name}: {sorted(unknown)}; allowed: {sorted(allowed)}")
     out = dict(allowed)
     out.update(raw)
+    for key, default in allowed.items():
+        if isinstance(default, bool) and not isinstance(out[key], bool):
+            raise InvalidValueError(f"{name}.{key} must be true or false, got {out[key]!r}")
     return out
 
 
@@ -92,6 +100,7 @@ class FilterConfig:
     reference: List[str] = field(default_factory=list)
     keep_quantile: float = 0.05
     topics: int = 20
+    lda_score: str = "likelihood"
     buckets: int = 1 << 14
     raw_sample: int = 10_000
     hard_examples: bool = False
@@ -133,6 +142,7 @@ class FilterConfig:
             {
                 "enabled": False,
                 "method": "lda",
+                "score": "likelihood",
                 "reference": [],
                 "keep_quantile": 0.05,
                 "topics": 20,
@@ -152,6 +162,7 @@ class FilterConfig:
             c.reference = [str(Path(base_dir) / r) for r in refs]
             c.keep_quantile = _fraction("domain", "keep_quantile", dom["keep_quantile"], 0.0, 0.99)
             c.topics = _positive("domain", "topics", dom["topics"])
+            c.lda_score = _choice("domain", "score", dom["score"], ("likelihood", "mixture"))
             c.buckets = _positive("domain", "buckets", dom["buckets"])
             c.raw_sample = _positive("domain", "raw_sample", dom["raw_sample"])
 
@@ -188,5 +199,13 @@ class FilterConfig:
         import yaml
 
         path = Path(path)
-        with open(path) as f:
-            return cls.from_mapping(yaml.safe_load(f), base_dir=path.parent)
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise InvalidValueError(f"{path}: no such file") from None
+        except yaml.YAMLError as e:
+            raise InvalidValueError(f"{path}: not valid YAML: {e}") from None
+        if data is not None and not isinstance(data, Mapping):
+            raise InvalidValueError(f"{path}: the filter config must be a mapping")
+        return cls.from_mapping(data, base_dir=path.parent)

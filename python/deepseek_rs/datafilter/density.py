@@ -9,7 +9,7 @@ signal                         keep if      source
 n_words                        50..100000   Gopher quality filter (Rae et al. 2021, A.1.1)
 mean_word_length               3..10        Gopher (not applied to CJK documents, whose words
                                             are single characters)
-symbol_word_ratio              <= 0.1       Gopher
+symbol_word_ratio              <= 0.1       Gopher (which bounds ``#`` and ellipses separately)
 bullet_line_frac               <= 0.9       Gopher
 ellipsis_line_frac             <= 0.3       Gopher
 non_alpha_word_frac            <= 0.2       Gopher (80% of words have a letter)
@@ -18,17 +18,18 @@ dup_para_frac                  <= 0.3       Gopher
 dup_line_char_frac             <= 0.2       Gopher (FineWeb uses 0.1)
 dup_para_char_frac             <= 0.2       Gopher
 top_{2,3,4}gram_char_frac      <= .20/.18/.16  Gopher
-dup_{5..10}gram_char_frac      <= .15 ... .10  Gopher
+dup_{5..10}gram_char_frac      <= .15 ... .10  Gopher (our fraction counts first occurrences too)
 terminal_punct_line_frac       >= 0.12      FineWeb (line punctuation ratio)
 char_entropy                   >= 3.0 bits  this package: the article's entropy density
 word_entropy                   >= 3.5 bits  this package
 compression_ratio              >= 0.15      this package (zlib level 1 size / UTF-8 size)
 =============================  ===========  =================================================
 
-The entropy thresholds sit below the bulk of natural text (on the 1607 text files of this
-machine's ``/usr/share/doc``, no document that passes the Gopher and FineWeb rules fails them);
-they catch degenerate text (one word or symbol repeated, long runs of markup or digits) that
-the repetition rules miss.
+The entropy thresholds sit below the bulk of natural text (see the histograms in
+``signals.png`` of a run over ``/usr/share/doc``); they catch degenerate text (one word or symbol
+repeated, long runs of markup or digits) that the repetition rules miss. The repetition
+thresholds count words, and every Han or Kana character is a word, so for Chinese and Japanese
+they are stricter than for English: override them for CJK corpora.
 """
 
 from __future__ import annotations
@@ -64,8 +65,12 @@ class Threshold:
         if self.min is None and self.max is None:
             raise InvalidValueError(f"threshold on {self.signal!r} needs a min or a max")
         for bound in (self.min, self.max):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))):
+                raise InvalidValueError(f"threshold on {self.signal!r} must be a number, got {bound!r}")
             if bound is not None and not np.isfinite(bound):
                 raise InvalidValueError(f"threshold on {self.signal!r} must be finite, got {bound}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise InvalidValueError(f"threshold on {self.signal!r} has min {self.min} > max {self.max}")
 
     def reasons(self) -> Tuple[str, str]:
         """The drop reasons for failing the lower and the upper bound."""

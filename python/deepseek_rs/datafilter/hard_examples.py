@@ -33,6 +33,9 @@ class HardExampleResult:
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
+    from .domain import require_sklearn
+
+    require_sklearn()
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     if len(x) > 20_000:

@@ -3,13 +3,16 @@
 Three passes, each resumable because every file is written atomically (temporary name, then
 rename) and a finished step's file is never redone:
 
-1. per input shard: read (Rust, streaming), signals, stage 1 (density), stage 2 (domain), and
-   the embeddings of the survivors when stage 3 is on -> ``OUTDIR/.work/<shard>.npz``;
+1. per input shard, streamed batch by batch: read (Rust), signals, stage 1 (density), stage 2
+   (domain), and the embeddings of the survivors when stage 3 is on -> raw arrays
+   ``OUTDIR/.work/<shard>.{codes,signals,extra,embeddings}.*`` and ``<shard>.meta.json`` (last);
 2. stage 3 (hard-example mining) over the survivors of all shards -> ``.work/hard_examples.npz``;
 3. per input shard: read again and write ``OUTDIR/kept/<shard>.jsonl.gz`` and
    ``OUTDIR/dropped/<shard>.jsonl.gz``, every document annotated with its signals, decision and
    reason -> ``.work/<shard>.done.json``.
 
+Memory holds one batch at a time, plus 4 bytes per document of the shard being written and, for
+stage 3, the embeddings of every survivor (near-duplicates are found across the corpus).
 Finally ``OUTDIR/stats.json`` (counts per stage and reason, malformed lines with file and line,
 signal histograms) and ``OUTDIR/signals.png``. For every shard and in total, kept + dropped must
 equal the documents read, or the run fails.
@@ -44,15 +47,24 @@ class AccountingError(DeepseekError, RuntimeError):
 
 
 def _shard_names(inputs: Sequence[Path]) -> List[str]:
+    """A distinct output name per input (its file name without .jsonl/.gz/.zst, numbered on clashes)."""
+    seen: Dict[Path, Path] = {}
+    for p in inputs:
+        r = p.resolve()
+        if r in seen:
+            raise InvalidValueError(f"{p} is given twice (as {seen[r]})")
+        seen[r] = p
     names: List[str] = []
     for p in inputs:
         stem = p.name
         for suffix in (".gz", ".zst", ".zstd", ".jsonl", ".json"):
             if stem.endswith(suffix):
                 stem = stem[: -len(suffix)]
-        name = stem or "shard"
-        if name in names:
-            name = f"{name}-{len(names)}"
+        base = stem or "shard"
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}-{k}"
         names.append(name)
     return names
 
@@ -74,12 +86,22 @@ def _atomic_json(path: Path, obj: Any) -> None:
 
 
 def _read_texts(paths: Sequence[Union[str, Path]], limit: Optional[int], config: FilterConfig) -> List[str]:
+    """The texts of ``paths``; with ``limit``, about ``limit / len(paths)`` from each shard, so a
+    sample covers every shard. The readable part of a corrupt shard counts."""
+    per = None if limit is None else -(-limit // max(1, len(paths)))
     texts: List[str] = []
     for p in paths:
-        for batch in _core.JsonlReader(str(p), config.batch_docs, config.batch_bytes, config.max_line_bytes):
-            texts.extend(batch.texts)
-            if limit is not None and len(texts) >= limit:
-                return texts[:limit]
+        got: List[str] = []
+        try:
+            for batch in _core.JsonlReader(
+                str(p), config.batch_docs, config.batch_bytes, config.max_line_bytes
+            ):
+                got.extend(batch.texts)
+                if per is not None and len(got) >= per:
+                    break
+        except ShardError:
+            pass  # pass 1 reports the shard's stream error
+        texts.extend(got if per is None else got[:per])
     return texts
 
 
@@ -102,7 +124,7 @@ class _Stages:
             reference = _read_texts(config.reference, None, config)
             if config.domain == "lda":
                 self.domain = LDADomainFilter(
-                    config.topics, config.buckets, config.keep_quantile, config.seed
+                    config.topics, config.buckets, config.keep_quantile, config.seed, config.lda_score
                 )
                 self.domain.fit(reference)
             else:
@@ -142,51 +164,135 @@ class _Stages:
         return codes, extra, emb
 
 
-def _pass1(src: Path, work: Path, stages: _Stages, config: FilterConfig) -> None:
-    codes: List[np.ndarray] = []
-    signals: List[np.ndarray] = []
-    extras: List[np.ndarray] = []
-    embs: List[np.ndarray] = []
+def _paths(work: Path, name: str) -> Dict[str, Path]:
+    """Pass 1's files of a shard: raw little-endian arrays, one row per document (the embeddings:
+    one row per survivor of stages 1-2), and the meta JSON written last, which marks it done."""
+    return {
+        "codes": work / f"{name}.codes.i4",
+        "signals": work / f"{name}.signals.f8",
+        "extra": work / f"{name}.extra.f8",
+        "embeddings": work / f"{name}.embeddings.f2",
+        "meta": work / f"{name}.meta.json",
+    }
+
+
+def _pass1(src: Path, paths: Dict[str, Path], stages: _Stages, config: FilterConfig) -> None:
+    """Stages 1-2 over one shard, streamed: memory holds one batch, whatever the shard size."""
     errors: List[Tuple[int, str]] = []
+    n_errors = docs = alive = dim = 0
     hist = np.zeros((len(SIGNAL_NAMES), HISTOGRAM_BINS), dtype=np.int64)
     stream_error = ""
-    reader = _core.JsonlReader(str(src), config.batch_docs, config.batch_bytes, config.max_line_bytes)
+    arrays = ("codes", "signals", "extra", "embeddings")
+    files = {k: open(f"{paths[k]}.tmp", "wb") for k in arrays}
     try:
-        for batch in reader:
-            errors.extend(batch.errors)
-            if len(batch) == 0:
-                continue
-            s = batch.signals()
-            c, e, emb = stages.run(batch.texts, s)
-            codes.append(c)
-            signals.append(s)
-            extras.append(e)
-            hist += histograms(s)
-            if emb is not None:
-                embs.append(emb.astype(np.float16))
-    except ShardError as err:  # a corrupt stream: keep what was read before it, report it
-        stream_error = str(err)
-    k = len(SIGNAL_NAMES)
-    _atomic_savez(
-        work,
-        codes=np.concatenate(codes) if codes else np.zeros(0, np.int32),
-        signals=np.concatenate(signals) if signals else np.zeros((0, k)),
-        extra=np.concatenate(extras) if extras else np.zeros((0, len(EXTRA_COLUMNS))),
-        embeddings=np.concatenate(embs) if embs else np.zeros((0, 1), np.float16),
-        histograms=hist,
-        error_lines=np.array([line for line, _ in errors], dtype=np.int64),
-        error_messages=np.array([msg for _, msg in errors], dtype=object).astype(str),
-        lines_read=np.int64(reader.lines_read),
-        stream_error=np.array(stream_error),
-    )
+        reader = _core.JsonlReader(str(src), config.batch_docs, config.batch_bytes, config.max_line_bytes)
+        try:
+            for batch in reader:
+                bad = batch.errors
+                n_errors += len(bad)
+                errors.extend(bad[: max(0, MAX_REPORTED_ERRORS - len(errors))])
+                if len(batch) == 0:
+                    continue
+                s = batch.signals()
+                c, e, emb = stages.run(batch.texts, s)
+                files["codes"].write(c.astype("<i4").tobytes())
+                files["signals"].write(s.astype("<f8").tobytes())
+                files["extra"].write(e.astype("<f8").tobytes())
+                hist += histograms(s)
+                docs += len(c)
+                if emb is not None and len(emb):
+                    alive += len(emb)
+                    dim = emb.shape[1]
+                    files["embeddings"].write(emb.astype("<f2").tobytes())
+        except ShardError as err:  # a corrupt stream: keep what was read before it, report it
+            stream_error = str(err)
+    finally:
+        for f in files.values():
+            f.close()
+    blank = reader.blank_lines
+    if reader.lines_read != docs + n_errors + blank:
+        raise AccountingError(
+            f"{src}: {reader.lines_read} lines read but {docs} documents, {n_errors} malformed, {blank} blank"
+        )
+    for k in arrays:
+        with open(f"{paths[k]}.tmp", "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(f"{paths[k]}.tmp", paths[k])
+    meta = {
+        "input": str(src.resolve()),
+        "blank_lines": blank,
+        "docs": docs,
+        "survivors": alive,
+        "embedding_dim": dim,
+        "lines_read": reader.lines_read,
+        "stream_error": stream_error,
+        "malformed_lines": n_errors,
+        "malformed": [[line, msg] for line, msg in errors],
+        "histograms": hist.tolist(),
+    }
+    _atomic_json(paths["meta"], meta)
+
+
+def _load(paths: Dict[str, Path], meta: Dict[str, Any]) -> Tuple[np.ndarray, Any]:
+    """(codes, signals + extra columns as one read-only memory map per array)."""
+    n = meta["docs"]
+    codes = np.fromfile(paths["codes"], dtype="<i4")
+    if len(codes) != n:
+        raise ShardError(f"{paths['codes']}: {len(codes)} decisions for {n} documents; delete it and rerun")
+    if n == 0:
+        return codes, np.zeros((0, len(SIGNAL_NAMES) + len(EXTRA_COLUMNS)))
+    signals = np.memmap(paths["signals"], dtype="<f8", mode="r", shape=(n, len(SIGNAL_NAMES)))
+    extra = np.memmap(paths["extra"], dtype="<f8", mode="r", shape=(n, len(EXTRA_COLUMNS)))
+    return codes, _Columns(signals, extra)
+
+
+class _Columns:
+    """Rows of the signals and extra columns of a shard, joined on demand."""
+
+    def __init__(self, signals: np.ndarray, extra: np.ndarray):
+        self.signals, self.extra = signals, extra
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return np.hstack([self.signals[rows], self.extra[rows]])
+
+
+class _HardExamples:
+    """Stage 3's decisions, sliced per shard (shards in order, survivors in order)."""
+
+    def __init__(self, saved: Dict[str, np.ndarray], first_reason: int):
+        self.decision, self.difficulty = saved["decision"], saved["difficulty"]
+        self.offsets = np.concatenate([[0], np.cumsum(saved["sizes"])])
+        self.first_reason = first_reason
+
+    def apply(self, i: int, codes: np.ndarray) -> np.ndarray:
+        """The shard's codes with stage 3 applied, and the difficulty of each document (NaN if none)."""
+        alive = np.flatnonzero(codes == KEEP)
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        if hi - lo != len(alive):
+            raise AccountingError(
+                f"stage 3 decided {hi - lo} documents of shard {i} but {len(alive)} reached it"
+            )
+        d = self.decision[lo:hi]
+        codes = codes.copy()
+        codes[alive[d > 0]] = self.first_reason + d[d > 0].astype(np.int32) - 1
+        difficulty = np.full(len(codes), np.nan)
+        difficulty[alive] = self.difficulty[lo:hi]
+        return codes, difficulty
 
 
 def _pass3(
-    src: Path, name: str, out: Path, state: Dict[str, np.ndarray], reasons: List[str], config: FilterConfig
+    src: Path,
+    name: str,
+    out: Path,
+    codes: np.ndarray,
+    columns: Any,
+    difficulty: Optional[np.ndarray],
+    meta: Dict[str, Any],
+    reasons: List[str],
+    config: FilterConfig,
 ) -> Dict[str, Any]:
     ext = {"gz": ".jsonl.gz", "zst": ".jsonl.zst", "none": ".jsonl"}[config.compression]
-    codes, signals, extra = state["codes"], state["signals"], state["extra"]
-    columns = list(SIGNAL_NAMES) + list(EXTRA_COLUMNS)
+    names = list(SIGNAL_NAMES) + list(EXTRA_COLUMNS)
     kept_w = _core.JsonlWriter(str(out / "kept" / (name + ext)))
     dropped_w = _core.JsonlWriter(str(out / "dropped" / (name + ext))) if config.write_dropped else None
     reason_names = np.array([None] + reasons, dtype=object)
@@ -204,12 +310,14 @@ def _pass3(
                     if writer is None or len(rows) == 0:
                         continue
                     if config.annotate:
-                        sig = np.hstack([signals[done + rows], extra[done + rows]])
+                        values = columns[done + rows]
+                        if difficulty is not None:
+                            values[:, -1] = difficulty[done + rows]
                         writer.write(
                             batch,
                             rows.astype(np.int64),
-                            np.ascontiguousarray(sig),
-                            columns,
+                            np.ascontiguousarray(values),
+                            names,
                             keep[rows],
                             list(reason_names[c[rows] + 1]),
                         )
@@ -217,7 +325,7 @@ def _pass3(
                         writer.write(batch, rows.astype(np.int64))
                 done += n
         except ShardError:
-            if not str(state["stream_error"]):
+            if not meta["stream_error"]:
                 raise
         if done != len(codes):
             raise ShardError(f"{src} changed since it was read: {done} documents now, {len(codes)} before")
@@ -252,10 +360,14 @@ def run_filter(
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise InvalidValueError("no input shards")
+    out = Path(outdir)
     for p in inputs:
+        if p.is_dir():
+            raise InvalidValueError(f"{p} is a directory; give its shards (for example {p}/*.jsonl.gz)")
         if not p.is_file():
             raise ShardError(f"{p}: no such file")
-    out = Path(outdir)
+        if out.resolve() in p.resolve().parents:
+            raise InvalidValueError(f"{p} is inside the output directory {out}; it would be overwritten")
     work = out / ".work"
     for d in (work, out / "kept", out / "dropped"):
         d.mkdir(parents=True, exist_ok=True)
@@ -263,25 +375,41 @@ def run_filter(
     _check_run_config(work / "config.json", config, inputs)
     start = time.perf_counter()
 
-    todo1 = [i for i, n in enumerate(names) if not (work / f"{n}.npz").exists()]
+    paths = [_paths(work, n) for n in names]
+    todo1 = [i for i in range(len(names)) if not paths[i]["meta"].exists()]
     stages: Optional[_Stages] = None
     if todo1 or (config.hard_examples and not (work / "hard_examples.npz").exists()):
         stages = _Stages(config, inputs)
     for i in _progress(todo1, "filter: signals and stages 1-2", len(todo1), progress):
         assert stages is not None
-        _pass1(inputs[i], work / f"{names[i]}.npz", stages, config)
-    states = [dict(np.load(work / f"{n}.npz", allow_pickle=False)) for n in names]
+        _pass1(inputs[i], paths[i], stages, config)
+    metas = []
+    for p in paths:
+        with open(p["meta"]) as f:
+            metas.append(json.load(f))
     reasons = _reason_table(config)
+    hard = (
+        _stage3(work / "hard_examples.npz", paths, metas, config, reasons) if config.hard_examples else None
+    )
 
-    if config.hard_examples:
-        _stage3(work / "hard_examples.npz", states, config, reasons)
+    def final_codes(i: int) -> Tuple[np.ndarray, Any, Optional[np.ndarray]]:
+        codes, columns = _load(paths[i], metas[i])
+        difficulty = None
+        if hard is not None:
+            codes, difficulty = hard.apply(i, codes)
+        return codes, columns, difficulty
 
     for i in _progress(range(len(names)), "filter: writing shards", len(names), progress):
         done = work / f"{names[i]}.done.json"
         if not done.exists():
-            _atomic_json(done, _pass3(inputs[i], names[i], out, states[i], reasons, config))
-    stats = _stats(inputs, names, states, reasons, config, work, time.perf_counter() - start)
+            codes, columns, difficulty = final_codes(i)
+            result = _pass3(inputs[i], names[i], out, codes, columns, difficulty, metas[i], reasons, config)
+            _atomic_json(done, result)
+    stats = _stats(
+        inputs, names, metas, lambda i: final_codes(i)[0], reasons, config, work, time.perf_counter() - start
+    )
     _atomic_json(out / "stats.json", stats)
+    t = time.perf_counter()
     try:
         from .plot import plot_signals
 
@@ -289,6 +417,7 @@ def run_filter(
         stats["plot"] = str(out / "signals.png")
     except ImportError:
         stats["plot"] = "skipped: matplotlib is not installed (pip install 'deepseek-rs[filter-plot]')"
+    stats["plot_seconds"] = round(time.perf_counter() - t, 3)
     _atomic_json(out / "stats.json", stats)
     return stats
 
@@ -321,71 +450,68 @@ def _check_run_config(path: Path, config: FilterConfig, inputs: Sequence[Path]) 
 
 
 def _stage3(
-    path: Path, states: List[Dict[str, np.ndarray]], config: FilterConfig, reasons: List[str]
-) -> None:
+    path: Path,
+    paths: List[Dict[str, Path]],
+    metas: List[Dict[str, Any]],
+    config: FilterConfig,
+    reasons: List[str],
+) -> _HardExamples:
+    """Stage 3 over the survivors of every shard (their embeddings are all in memory at once:
+    near-duplicates are found across the whole corpus)."""
     if not path.exists():
-        emb = [s["embeddings"].astype(np.float32) for s in states]
-        sizes = [len(e) for e in emb]
-        dim = max((e.shape[1] for e in emb if len(e)), default=1)
-        x = np.concatenate([e.reshape(len(e), -1) if len(e) else np.zeros((0, dim), np.float32) for e in emb])
+        dim = max((m["embedding_dim"] for m in metas), default=0) or 1
+        parts = [
+            np.fromfile(p["embeddings"], dtype="<f2").reshape(m["survivors"], dim).astype(np.float32)
+            if m["survivors"]
+            else np.zeros((0, dim), np.float32)
+            for p, m in zip(paths, metas)
+        ]
+        x = np.concatenate(parts)
         norm = np.linalg.norm(x, axis=1, keepdims=True)
         x = np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
         r = mine_hard_examples(x, config.clusters, config.dedup_threshold, config.keep_fraction, config.seed)
-        _atomic_savez(
-            path, decision=r.decision, difficulty=r.difficulty, sizes=np.array(sizes, dtype=np.int64)
-        )
-    saved = np.load(path)
-    decision, difficulty = saved["decision"], saved["difficulty"]
-    first = len(reasons) - len(HARD_REASONS)
-    at = 0
-    for s in states:
-        alive = np.flatnonzero(s["codes"] == KEEP)
-        d = decision[at : at + len(alive)]
-        s["extra"] = s["extra"].copy()
-        s["extra"][alive, 2] = difficulty[at : at + len(alive)]
-        s["codes"] = s["codes"].copy()
-        s["codes"][alive[d > 0]] = first + d[d > 0].astype(np.int32) - 1
-        at += len(alive)
-    if at != len(decision):
-        raise AccountingError(f"stage 3 decided {len(decision)} documents but {at} reached it")
+        sizes = np.array([m["survivors"] for m in metas], dtype=np.int64)
+        _atomic_savez(path, decision=r.decision, difficulty=r.difficulty, sizes=sizes)
+    return _HardExamples(dict(np.load(path)), len(reasons) - len(HARD_REASONS))
 
 
-def _stats(inputs, names, states, reasons, config, work: Path, seconds: float) -> Dict[str, Any]:
+def _stats(inputs, names, metas, final_codes, reasons, config, work: Path, seconds: float) -> Dict[str, Any]:
     shards = []
     by_reason: Dict[str, int] = {}
     malformed: List[Dict[str, Any]] = []
     n_malformed = 0
     totals = {"read": 0, "kept": 0, "dropped": 0}
     hist = np.zeros((len(SIGNAL_NAMES), HISTOGRAM_BINS), dtype=np.int64)
-    for src, name, s in zip(inputs, names, states):
+    for i, (src, name, meta) in enumerate(zip(inputs, names, metas)):
         with open(work / f"{name}.done.json") as f:
             written = json.load(f)
-        codes = s["codes"]
+        codes = final_codes(i)
         read, kept = len(codes), int((codes == KEEP).sum())
         dropped = read - kept
-        if written["kept_lines"] != kept or (written["dropped_lines"] not in (None, dropped)):
+        wrote = written["kept_lines"] + (written["dropped_lines"] or 0)
+        lines_ok = written["dropped_lines"] is None or wrote == meta["docs"]
+        if written["kept_lines"] != kept or written["dropped_lines"] not in (None, dropped) or not lines_ok:
             raise AccountingError(
                 f"{src}: {read} read, {kept} kept, {dropped} dropped, but {written['kept_lines']} kept and "
                 f"{written['dropped_lines']} dropped lines written"
             )
         for code, count in zip(*np.unique(codes[codes != KEEP], return_counts=True)):
             by_reason[reasons[code]] = by_reason.get(reasons[code], 0) + int(count)
-        lines, messages = s["error_lines"], s["error_messages"]
-        n_malformed += len(lines)
-        for line, msg in zip(lines[: MAX_REPORTED_ERRORS - len(malformed)], messages):
+        n_malformed += meta["malformed_lines"]
+        for line, msg in meta["malformed"][: MAX_REPORTED_ERRORS - len(malformed)]:
             malformed.append({"file": str(src), "line": int(line), "error": str(msg)})
-        hist += s["histograms"]
+        hist += np.asarray(meta["histograms"], dtype=np.int64)
         shard = {
             "input": str(src),
             "name": name,
             "read": read,
             "kept": kept,
             "dropped": dropped,
-            "malformed": int(len(lines)),
-            "lines": int(s["lines_read"]),
+            "malformed": meta["malformed_lines"],
+            "lines": meta["lines_read"],
         }
-        if str(s["stream_error"]):
-            shard["stream_error"] = str(s["stream_error"])
+        if meta["stream_error"]:
+            shard["stream_error"] = meta["stream_error"]
         shards.append(shard)
         totals["read"] += read
         totals["kept"] += kept

@@ -39,7 +39,7 @@ def plot_signals(stats: Dict[str, Any], path: Union[str, Path]) -> None:
     fig.suptitle(
         f"{stats['read']} documents read, {stats['kept']} kept, {stats['dropped']} dropped", fontsize=10
     )
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.03, right=0.99, bottom=0.04, top=0.93, hspace=0.45, wspace=0.25)
     tmp = Path(str(path) + ".tmp.png")
     fig.savefig(tmp, dpi=80)
     plt.close(fig)

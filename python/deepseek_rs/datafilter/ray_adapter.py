@@ -28,13 +28,22 @@ class RayFilter:
         domain: Optional[Union[LDADomainFilter, DSIRDomainFilter]] = None,
     ):
         self.config = config or FilterConfig()
+        if self.config.model_density is not None or self.config.hard_examples:
+            raise InvalidValueError(
+                "RayFilter runs stages 1 (thresholds) and 2 per batch; the MiniLM density score and "
+                "hard-example mining are not run here: turn them off in the config"
+            )
+        if self.config.domain is not None and domain is None:
+            raise InvalidValueError("the config enables domain screening: pass the fitted screen as domain=")
         self.density = DensityFilter(self.config.thresholds) if self.config.density else None
         self.domain = domain
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         if "text" not in batch:
             raise InvalidValueError(f"the batch has no 'text' column; columns: {sorted(batch)}")
-        texts = [str(t) for t in batch["text"]]
+        raw = list(batch["text"])
+        valid = np.array([isinstance(t, str) for t in raw], dtype=bool)
+        texts = [t if ok else "" for t, ok in zip(raw, valid)]
         signals = compute_signals(texts)
         n = len(texts)
         reasons = np.full(n, "", dtype=object)
@@ -45,6 +54,9 @@ class RayFilter:
             keep = codes == KEEP
             reasons = np.where(keep, "", table[codes]).astype(object)
             reasons[~keep] = ["density:" + r for r in reasons[~keep]]
+        # a row whose text is not a string (None, a number, bytes) is malformed, never guessed at
+        keep &= valid
+        reasons[~valid] = "malformed:text is not a string"
         if self.domain is not None and keep.any():
             alive = np.flatnonzero(keep)
             ok = self.domain.keep([texts[i] for i in alive])

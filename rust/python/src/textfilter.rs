@@ -144,8 +144,16 @@ impl JsonlReader {
 
     /// Lines read so far (documents, bad lines and blank lines).
     #[getter]
-    fn lines_read(&self) -> u64 {
-        self.inner.lock().map(|r| r.lines_read()).unwrap_or(0)
+    fn lines_read(&self, py: Python<'_>) -> u64 {
+        // Locks are taken with the GIL released: a thread inside `__next__` holds this lock
+        // while detached and needs the GIL back to return.
+        py.detach(|| self.inner.lock().map(|r| r.lines_read()).unwrap_or(0))
+    }
+
+    /// Blank lines read so far (skipped: neither documents nor errors).
+    #[getter]
+    fn blank_lines(&self, py: Python<'_>) -> u64 {
+        py.detach(|| self.inner.lock().map(|r| r.blank_lines()).unwrap_or(0))
     }
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -248,10 +256,11 @@ impl JsonlWriter {
             }
             _ => return Err(value_error("signals, names, keep and reasons go together".into())),
         };
-        let mut guard = self.inner.lock().map_err(|_| finished())?;
-        let writer = guard.as_mut().ok_or_else(finished)?;
         py.detach(|| -> Result<(), tf::FilterError> {
             use rayon::prelude::*;
+            let finished = || tf::FilterError::InvalidArgument("the writer is already finished".into());
+            let mut guard = self.inner.lock().map_err(|_| finished())?;
+            let writer = guard.as_mut().ok_or_else(finished)?;
             let records = &batch.batch.records;
             match &annotation {
                 None => {
@@ -290,14 +299,19 @@ impl JsonlWriter {
 
     /// Flushes, syncs and renames the shard into place.
     fn finish(&self, py: Python<'_>) -> PyResult<()> {
-        let w = self.inner.lock().map_err(|_| finished())?.take().ok_or_else(finished)?;
+        let w = py.detach(|| self.inner.lock().ok().and_then(|mut w| w.take()));
+        let w = w.ok_or_else(finished)?;
         py.detach(|| w.finish()).map_err(EngineError::from)?;
         Ok(())
     }
 
     /// Abandons the shard: the temporary file is removed and nothing is renamed.
-    fn abort(&self) -> PyResult<()> {
-        drop(self.inner.lock().map_err(|_| finished())?.take());
+    fn abort(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            if let Ok(mut w) = self.inner.lock() {
+                drop(w.take());
+            }
+        });
         Ok(())
     }
 }

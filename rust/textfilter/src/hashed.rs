@@ -54,14 +54,14 @@ pub fn features(text: &str, buckets: u32) -> Result<Vec<(u32, u32)>> {
     Ok(out)
 }
 
-/// DSIR log importance weight of `text` given per-bucket `log p_target - log p_raw`.
-pub fn log_importance(text: &str, log_ratio: &[f64]) -> Result<f64> {
+/// DSIR log importance weight of `text` given per-bucket `log p_target - log p_raw`, and the
+/// number of features it sums over.
+pub fn log_importance(text: &str, log_ratio: &[f64]) -> Result<(f64, u32)> {
     let buckets =
         u32::try_from(log_ratio.len()).map_err(|_| FilterError::InvalidArgument("too many buckets for u32".into()))?;
-    Ok(features(text, buckets)?
-        .into_iter()
-        .map(|(b, c)| c as f64 * log_ratio[b as usize])
-        .sum())
+    let f = features(text, buckets)?;
+    let n = f.iter().map(|p| p.1).sum();
+    Ok((f.into_iter().map(|(b, c)| c as f64 * log_ratio[b as usize]).sum(), n))
 }
 
 #[cfg(test)]
@@ -80,5 +80,10 @@ mod tests {
         let f = features("x y x y", 1 << 20).unwrap();
         assert_eq!(f.iter().map(|p| p.1).sum::<u32>(), 7);
         assert!(features("x", 0).is_err());
+        let (w, n) = log_importance("x y", &[0.5, -1.0]).unwrap();
+        assert_eq!(n, 3);
+        let f = features("x y", 2).unwrap();
+        let want: f64 = f.iter().map(|&(b, c)| c as f64 * [0.5, -1.0][b as usize]).sum();
+        assert_eq!(w, want);
     }
 }

@@ -12,9 +12,11 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use indexmap::IndexMap;
 use rayon::prelude::*;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::{FilterError, Result};
 
@@ -106,7 +108,10 @@ pub struct JsonlReader {
     input: Box<dyn BufRead + Send>,
     limits: ReadLimits,
     line: u64,
+    blank: u64,
     done: bool,
+    /// A read error met while a batch was being filled, returned after that batch.
+    pending: Option<FilterError>,
 }
 
 #[derive(Deserialize)]
@@ -119,6 +124,10 @@ struct Doc<'a> {
 fn parse(line: u64, raw: Vec<u8>) -> std::result::Result<Record, LineError> {
     let bad = |message: String| LineError { line, message };
     let s = std::str::from_utf8(&raw).map_err(|e| bad(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+    // serde would also read a struct from a JSON array; a document is an object.
+    if !s.trim_start_matches([' ', '\t', '\r']).starts_with('{') {
+        return Err(bad("not a JSON object".into()));
+    }
     let doc: Doc = serde_json::from_str(s).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let text = match doc.text {
         Some(Value::String(t)) => t,
@@ -156,13 +165,20 @@ impl JsonlReader {
             input,
             limits,
             line: 0,
+            blank: 0,
             done: false,
+            pending: None,
         })
     }
 
-    /// The number of lines read so far.
+    /// The number of lines read so far (documents, bad lines and blank lines).
     pub fn lines_read(&self) -> u64 {
         self.line
+    }
+
+    /// The number of blank (empty or whitespace-only) lines read so far; they are skipped.
+    pub fn blank_lines(&self) -> u64 {
+        self.blank
     }
 
     /// Reads one line into `buf` (without its terminator); `Ok(false)` at the end of the file.
@@ -182,7 +198,7 @@ impl JsonlReader {
                 break;
             }
             any = true;
-            let (take, end) = match memchr(b'\n', chunk) {
+            let (take, end) = match memchr::memchr(b'\n', chunk) {
                 Some(i) => (i, true),
                 None => (chunk.len(), false),
             };
@@ -208,6 +224,9 @@ impl JsonlReader {
     /// The next batch of documents and bad lines; `None` at the end of the shard. A read error
     /// (a truncated or corrupt compressed stream, say) ends the shard with that error.
     pub fn next_batch(&mut self) -> Result<Option<Batch>> {
+        if let Some(e) = self.pending.take() {
+            return Err(e);
+        }
         if self.done {
             return Ok(None);
         }
@@ -217,10 +236,19 @@ impl JsonlReader {
         let mut too_long = false;
         while lines.len() < self.limits.batch_docs && bytes < self.limits.batch_bytes {
             let mut buf = Vec::new();
-            let more = self
-                .read_line(&mut buf, &mut too_long)
-                .map_err(|e| io_error(&self.path, self.line + 1, e))
-                .inspect_err(|_| self.done = true)?;
+            let more = match self.read_line(&mut buf, &mut too_long) {
+                Ok(more) => more,
+                Err(e) => {
+                    // The lines read so far are still returned; the error comes next.
+                    self.done = true;
+                    let e = io_error(&self.path, self.line + 1, e);
+                    if lines.is_empty() && errors.is_empty() {
+                        return Err(e);
+                    }
+                    self.pending = Some(e);
+                    break;
+                }
+            };
             if !more {
                 self.done = true;
                 break;
@@ -231,7 +259,9 @@ impl JsonlReader {
                     line: self.line,
                     message: format!("line longer than {} bytes", self.limits.max_line_bytes),
                 });
-            } else if !buf.iter().all(u8::is_ascii_whitespace) {
+            } else if buf.iter().all(u8::is_ascii_whitespace) {
+                self.blank += 1;
+            } else {
                 bytes += buf.len();
                 lines.push((self.line, buf));
             }
@@ -250,10 +280,6 @@ impl JsonlReader {
         errors.sort_by_key(|e| e.line);
         Ok(Some(Batch { records, errors }))
     }
-}
-
-fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&b| b == needle)
 }
 
 enum Sink {
@@ -338,9 +364,12 @@ impl Drop for JsonlWriter {
 }
 
 /// `raw` (a JSON object) with `key` set to `value`, keys kept in their order.
+/// The other values are kept as their raw JSON text, so numbers beyond f64 (`1e400`, 30-digit
+/// integers, long decimals) come out exactly as they came in.
 pub fn annotate(raw: &[u8], key: &str, value: Value) -> Result<Vec<u8>> {
-    let mut obj: Map<String, Value> =
+    let mut obj: IndexMap<String, Box<RawValue>> =
         serde_json::from_slice(raw).map_err(|e| FilterError::InvalidArgument(format!("not a JSON object: {e}")))?;
+    let value = serde_json::value::to_raw_value(&value).map_err(|e| FilterError::InvalidArgument(e.to_string()))?;
     obj.insert(key.to_string(), value);
     serde_json::to_vec(&obj).map_err(|e| FilterError::InvalidArgument(e.to_string()))
 }
@@ -428,6 +457,41 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
         assert!(read_all(&p, ReadLimits::default()).is_err());
+        // The documents before the damage come out first, then the error.
+        let mut r = JsonlReader::open(&p, ReadLimits::default()).unwrap();
+        let first = r.next_batch().unwrap().unwrap();
+        assert!(!first.records.is_empty() && first.records.len() < 2000);
+        assert!(r.next_batch().is_err());
+        assert!(r.next_batch().unwrap().is_none());
+    }
+
+    #[test]
+    fn annotate_keeps_numbers_beyond_f64_exactly() {
+        let raw = br#"{"big":123456789012345678901234567890,"huge":1e400,"dec":0.1000000000000000000001,"text":"a"}"#;
+        let out = annotate(raw, "filter", serde_json::json!(1)).unwrap();
+        let mut want = raw[..raw.len() - 1].to_vec();
+        want.extend_from_slice(br#","filter":1}"#);
+        assert_eq!(String::from_utf8(out).unwrap(), String::from_utf8(want).unwrap());
+    }
+
+    #[test]
+    fn arrays_and_scalars_are_not_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        std::fs::write(
+            &p,
+            b"[\"id\", \"text here\"]\n[1, 2]\n\"text\"\n  {\"text\": \"ok\"}\n \n",
+        )
+        .unwrap();
+        let mut r = JsonlReader::open(&p, ReadLimits::default()).unwrap();
+        let b = r.next_batch().unwrap().unwrap();
+        assert_eq!(b.records.len(), 1);
+        assert!(
+            b.errors.iter().all(|e| e.message == "not a JSON object"),
+            "{:?}",
+            b.errors
+        );
+        assert_eq!((r.lines_read(), r.blank_lines(), b.errors.len()), (5, 1, 3));
     }
 
     #[test]

@@ -78,6 +78,13 @@ pub fn log_importance_batch<S: AsRef<str> + Sync>(
     }
     texts
         .par_iter()
-        .map(|t| hashed::log_importance(t.as_ref(), log_ratio))
+        .map(|t| {
+            let (w, n) = hashed::log_importance(t.as_ref(), log_ratio)?;
+            Ok(match (per_feature, n) {
+                (false, _) => w,
+                (true, 0) => 0.0,
+                (true, n) => w / n as f64,
+            })
+        })
         .collect()
 }

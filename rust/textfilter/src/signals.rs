@@ -159,32 +159,38 @@ pub fn zlib_size(bytes: &[u8]) -> usize {
     z.finish().expect("in-memory zlib").0
 }
 
-/// Interned words and, per n-gram order, the slot of each window plus the slot counts.
+/// The distinct n-grams of one order: the slot of each window (in text order) and the count of
+/// each slot. Slots are dense ids, so equal n-grams have equal slots.
 struct NGrams {
     counts: Vec<u32>,
     slot_of_window: Vec<u32>,
+    /// Whether every n-gram occurs once (then so does every longer one).
+    all_unique: bool,
 }
 
-fn ngrams(ids: &[u32], n: usize) -> NGrams {
-    if ids.len() < n {
-        return NGrams {
-            counts: Vec::new(),
-            slot_of_window: Vec::new(),
-        };
-    }
-    let windows = ids.len() - n + 1;
-    let mut map: FxHashMap<&[u32], u32> = FxHashMap::with_capacity_and_hasher(windows, Default::default());
-    let mut counts = Vec::new();
+/// The (n+1)-grams from the n-grams: window `i` is (n-gram slot at `i`, word `i + n`), interned
+/// exactly as one u64 key, so the cost per order is one hash lookup per window.
+fn extend(prev: &NGrams, ids: &[u32], n: usize) -> NGrams {
+    let windows = (ids.len() + 1).saturating_sub(n + 1);
+    let mut map: FxHashMap<u64, u32> = FxHashMap::with_capacity_and_hasher(windows, Default::default());
+    let mut counts: Vec<u32> = Vec::with_capacity(windows);
     let mut slot_of_window = Vec::with_capacity(windows);
-    for w in ids.windows(n) {
-        let slot = *map.entry(w).or_insert_with(|| {
+    for i in 0..windows {
+        let key = ((prev.slot_of_window[i] as u64) << 32) | ids[i + n] as u64;
+        let next = counts.len() as u32;
+        let slot = *map.entry(key).or_insert(next);
+        if slot == next {
             counts.push(0);
-            (counts.len() - 1) as u32
-        });
+        }
         counts[slot as usize] += 1;
         slot_of_window.push(slot);
     }
-    NGrams { counts, slot_of_window }
+    let all_unique = counts.len() == windows;
+    NGrams {
+        counts,
+        slot_of_window,
+        all_unique,
+    }
 }
 
 /// Word characters covered by the windows (of `n` words) for which `covered(slot)` holds.
@@ -257,41 +263,54 @@ pub fn compute(text: &str) -> Signals {
     s.set(Signal::NWords, n_words);
     s.set(Signal::MeanWordLength, ratio(total_word_chars as f64, n_words));
     s.set(Signal::WordEntropy, entropy(unigram_counts.iter().copied(), ws.len()));
+    let total = total_word_chars as f64;
     s.set(Signal::NonAlphaWordFrac, ratio(no_letter as f64, n_words));
     let ellipses = text.matches("...").count() + text.matches('\u{2026}').count();
     s.set(Signal::SymbolWordRatio, ratio((hashes + ellipses) as f64, n_words));
 
     // Word n-grams: entropy (2-4), top n-gram coverage (2-4), duplicate n-gram coverage (5-10).
-    let total = total_word_chars as f64;
     let entropy_signals = [Signal::Entropy2gram, Signal::Entropy3gram, Signal::Entropy4gram];
     let top_signals = [
         Signal::Top2gramCharFrac,
         Signal::Top3gramCharFrac,
         Signal::Top4gramCharFrac,
     ];
-    for (i, n) in (2..=4).enumerate() {
-        let g = ngrams(&ids, n);
-        s.set(
-            entropy_signals[i],
-            entropy(g.counts.iter().copied(), g.slot_of_window.len()),
-        );
-        let max = g.counts.iter().copied().max().unwrap_or(0);
-        if max >= 2 {
-            // The most frequent n-gram; ties go to the one that occurs first.
-            let top = g
-                .slot_of_window
-                .iter()
-                .copied()
-                .find(|&w| g.counts[w as usize] == max)
-                .unwrap();
-            let chars = covered_chars(&g, n, &word_chars, |slot| slot == top);
-            s.set(top_signals[i], ratio(chars as f64, total));
+    let mut g = NGrams {
+        all_unique: unigram_counts.len() == ids.len(),
+        counts: unigram_counts,
+        slot_of_window: ids.clone(),
+    };
+    for n in 2..=10 {
+        let windows = (ids.len() + 1).saturating_sub(n);
+        if g.all_unique {
+            // No n-gram repeats: entropy is log2(windows), no top or duplicate n-gram.
+            if n <= 4 {
+                s.set(
+                    entropy_signals[n - 2],
+                    entropy(std::iter::repeat_n(1, windows), windows),
+                );
+            }
+            continue;
         }
-    }
-    for n in 5..=10 {
-        let g = ngrams(&ids, n);
-        let chars = covered_chars(&g, n, &word_chars, |slot| g.counts[slot as usize] >= 2);
-        s.0[Signal::Dup5gramCharFrac as usize + n - 5] = ratio(chars as f64, total);
+        g = extend(&g, &ids, n - 1);
+        if n <= 4 {
+            s.set(entropy_signals[n - 2], entropy(g.counts.iter().copied(), windows));
+            let max = g.counts.iter().copied().max().unwrap_or(0);
+            if max >= 2 {
+                // The most frequent n-gram; ties go to the one that occurs first.
+                let top = g
+                    .slot_of_window
+                    .iter()
+                    .copied()
+                    .find(|&w| g.counts[w as usize] == max)
+                    .unwrap();
+                let chars = covered_chars(&g, n, &word_chars, |slot| slot == top);
+                s.set(top_signals[n - 2], ratio(chars as f64, total));
+            }
+        } else {
+            let chars = covered_chars(&g, n, &word_chars, |slot| g.counts[slot as usize] >= 2);
+            s.0[Signal::Dup5gramCharFrac as usize + n - 5] = ratio(chars as f64, total);
+        }
     }
 
     // Lines and paragraphs.

@@ -59,3 +59,41 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn every_non_blank_line_is_a_document_or_a_reported_error(
+        lines in prop::collection::vec(prop_oneof![
+            text().prop_map(|t| serde_json::json!({"id": 1, "text": t}).to_string().into_bytes()),
+            prop::collection::vec(any::<u8>(), 0..60),
+        ], 0..40),
+        batch_docs in 1usize..7,
+        max_line_bytes in 8usize..200,
+    ) {
+        use deepseek_textfilter::jsonl::{ReadLimits, read_all};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.jsonl");
+        let lines: Vec<Vec<u8>> = lines.into_iter().map(|l| l.into_iter().filter(|&b| b != b'\n').collect()).collect();
+        std::fs::write(&path, lines.join(&b'\n')).unwrap();
+        let limits = ReadLimits { batch_docs, batch_bytes: 1 << 20, max_line_bytes };
+        let all = read_all(&path, limits).unwrap();
+        let mut seen: Vec<u64> = all.records.iter().map(|r| r.line).chain(all.errors.iter().map(|e| e.line)).collect();
+        seen.sort_unstable();
+        let want: Vec<u64> = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| {
+                // the limit counts the bytes before the newline (a CR included)
+                let blank = l.strip_suffix(b"\r").unwrap_or(l).iter().all(u8::is_ascii_whitespace);
+                !blank || l.len() > max_line_bytes
+            })
+            .map(|(i, _)| i as u64 + 1)
+            .collect();
+        prop_assert_eq!(seen, want);
+        for r in &all.records {
+            prop_assert!(r.raw.len() <= max_line_bytes);
+        }
+    }
+}
