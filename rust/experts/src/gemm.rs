@@ -23,6 +23,7 @@ pub(crate) fn best() -> Gemm {
 }
 
 /// Panics (a bug in this crate, not bad input) unless every index the kernels touch is in range.
+#[allow(clippy::too_many_arguments)]
 fn check(a: Strided, b: &[f32], ldb: usize, k: usize, c: &[f32], ldc: usize, rows: usize, cols: usize) {
     if rows == 0 || cols == 0 {
         return;
