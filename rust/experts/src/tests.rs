@@ -243,7 +243,7 @@ proptest! {
     ) {
         let Dims { hidden: hd, intermediate: f, experts } = dims;
         let rows = buf.len() / hd;
-        let grad_out: Vec<f32> = (0..rows * hd).map(|i| ((i as u64 * 2654435761 ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
+        let grad_out: Vec<f32> = (0..rows * hd).map(|i| (((i as u64 * 2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
         let mut h = vec![0f32; rows * 2 * f];
         let mut out = vec![0f32; rows * hd];
         swiglu_forward(&buf, &gate_up, &down, dims, &offsets, usize::MAX, &mut out, Some(&mut h)).unwrap();
