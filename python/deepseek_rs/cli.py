@@ -1,6 +1,7 @@
 """The ``deepseek-rs`` command line.
 
-``deepseek-rs bench moe [--quick] [--json PATH]`` runs the MoE benchmark and prints its table.
+``deepseek-rs bench moe [--quick] [--json PATH]`` runs the MoE benchmark and prints its table;
+``deepseek-rs bench attention [--quick] ...`` the Dynamic Attention Routing benchmark.
 Subcommands are argparse subparsers, so more (``serve``, ``filter``, ...) can be added beside
 ``bench``.
 """
@@ -36,6 +37,12 @@ def _bench_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_attention(args: argparse.Namespace) -> int:
+    from . import attention_bench
+
+    return attention_bench.main(args.extra)  # its own parser: `deepseek-rs bench attention --help`
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepseek-rs",
@@ -61,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     moe.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     moe.set_defaults(run=_bench_moe)
+    attention = benches.add_parser(
+        "attention",
+        add_help=False,
+        help="Dynamic Attention Routing: latency against SDPA and dense-vs-DAR language-model quality",
+    )
+    attention.set_defaults(run=_bench_attention)
     bench.set_defaults(run=lambda _args: _usage(bench))
     parser.set_defaults(run=lambda _args: _usage(parser))
     return parser
@@ -72,7 +85,11 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.run is not _bench_attention:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     return int(args.run(args))
 
 
