@@ -27,6 +27,10 @@ converted model would no longer compute its own attention (even with every block
 the gate would be trained only through the blocks it already picked. Selecting every block
 (``top_k`` = the number of blocks) is DSA's dense warm-up: the loss then distils the full
 attention distribution.
+
+As in SeerAttention, a query block is routed by the mean of all its queries, so an earlier
+token's selection depends on the later queries of its block; the routing is discrete and its
+inputs are detached, so no gradient lets the model learn to use this.
 """
 
 from __future__ import annotations
