@@ -360,6 +360,12 @@ def test_bad_input_raises_clear_errors():
         dynamic_attention(q, k, k, key_padding_mask=torch.ones(1, 8))
     with pytest.raises(InvalidValueError, match="block_indices"):
         block_sparse_attention(q, k, k, torch.full((1, 2, 1, 1), 5), block_size=8)
+    with pytest.raises(InvalidValueError, match="twice"):
+        block_sparse_attention(q, k, k, torch.tensor([[[[0, -1, 0]], [[0, -1, -1]]]]), block_size=8)
+    nan_q = q.clone()
+    nan_q[0, 1, 7, 0] = float("nan")
+    with pytest.raises(InvalidValueError, match="not finite.*query block 1"):
+        dynamic_attention(nan_q, k, k, block_size=4)
     with pytest.raises(ShapeError, match="block_indices"):
         block_sparse_attention(q, k, k, torch.zeros(1, 4, 1, 1, dtype=torch.int64), block_size=8)
     with pytest.raises(DTypeError, match="int64"):

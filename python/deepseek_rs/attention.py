@@ -233,6 +233,13 @@ def select_blocks(
     candidates = (visible & ~forced).expand(b, h, nq, nk)
     if key_block_valid is not None:
         candidates = candidates & key_block_valid.view(b, 1, 1, nk)
+    bad = candidates & ~torch.isfinite(gate_logits.detach())
+    if bool(bad.any()):
+        i = [int(x) for x in bad.nonzero()[0]]
+        raise InvalidValueError(
+            f"gate score is not finite (NaN or infinite queries or keys?) at batch {i[0]}, kv head {i[1]}, "
+            f"query block {i[2]}, key block {i[3]}"
+        )
     chosen = forced.expand(b, h, nq, nk).clone()
     rows = b * h * nq
     k = min(top_k, nk) if rule == "top_k" else min(nk if max_blocks is None else max_blocks, nk)
@@ -299,6 +306,10 @@ def block_sparse_attention(
         raise DeviceError(f"block_indices is on {block_indices.device}, the queries on {query.device}")
     if block_indices.numel() and (int(block_indices.min()) < -1 or int(block_indices.max()) >= nk):
         raise InvalidValueError(f"block_indices must be in -1..{nk - 1} (-1 = unused slot)")
+    if block_indices.shape[-1] > 1:
+        ordered = block_indices.sort(dim=-1).values
+        if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()):
+            raise InvalidValueError("block_indices selects a key block twice for the same query block")
     padding = _check_padding(key_padding_mask, b, tk, query.device)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     g, d, dv = hq // hkv, query.shape[-1], value.shape[-1]
