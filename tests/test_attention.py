@@ -365,7 +365,7 @@ def test_bad_input_raises_clear_errors():
     nan_q = q.clone()
     nan_q[0, 1, 7, 0] = float("nan")
     with pytest.raises(InvalidValueError, match="not finite.*query block 1"):
-        dynamic_attention(nan_q, k, k, block_size=4)
+        dynamic_attention(nan_q, k, k, block_size=4, sink_block=False)
     with pytest.raises(ShapeError, match="block_indices"):
         block_sparse_attention(q, k, k, torch.zeros(1, 4, 1, 1, dtype=torch.int64), block_size=8)
     with pytest.raises(DTypeError, match="int64"):

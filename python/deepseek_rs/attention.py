@@ -45,7 +45,7 @@ from .errors import DeviceError, DTypeError, InvalidValueError, ShapeError
 from .router import route
 
 RULES = ("top_k", "top_p")
-_MASKED = -1e30  # a finite "minus infinity" for the router, which refuses non-finite logits
+_MASKED = -1e30  # a finite "minus infinity": the router refuses -inf, and masked rows stay finite
 _CHUNK_ELEMENTS = 1 << 23  # score entries per chunk of query blocks (32 MiB in float32)
 
 
@@ -486,7 +486,7 @@ def dynamic_attention(
     min_blocks: int = 1,
     max_blocks: Optional[int] = None,
     local_blocks: int = 0,
-    sink_block: bool = False,
+    sink_block: bool = True,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_gate_loss: bool = False,
