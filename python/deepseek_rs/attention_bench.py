@@ -169,22 +169,22 @@ def evaluate(model, val: torch.Tensor, seq: int, count: int):
     return correct / total, math.exp(nll / total), statistics.mean(fracs) if fracs else 1.0
 
 
-def quality(steps: int, seq: int, batch: int, hidden: int, layers: int, evals: int) -> None:
+def quality(steps: int, seq: int, batch: int, hidden: int, layers: int, evals: int, seed: int = 0) -> None:
     train, val = docstrings(4_000_000)
     print(
         f"\n== quality: byte-level Llama ({layers} layers, hidden {hidden}, "
         f"{hidden // 32} heads / {hidden // 64} kv heads), "
-        f"{steps} steps x {batch} x {seq} tokens, stdlib docstrings "
+        f"{steps} steps x {batch} x {seq} tokens, seed {seed}, stdlib docstrings "
         f"({len(train) / 1e6:.2f} MB train, {len(val) / 1e6:.2f} MB validation)"
     )
     results = {}
     for name in ("dense (SDPA)", "DAR"):
-        model = language_model(0, seq, hidden, layers)
+        model = language_model(seed, seq, hidden, layers)
         if name == "DAR":
             patch_attention(model, **DAR)
         print(f"{name}:", flush=True)
         start = time.perf_counter()
-        train_lm(model, train, steps, batch, seq, lr=3e-3, seed=0)
+        train_lm(model, train, steps, batch, seq, lr=3e-3, seed=seed)
         elapsed = time.perf_counter() - start
         results[name] = (*evaluate(model, val, seq, evals), elapsed)
     print("\n| model | val next-byte accuracy | val perplexity | attention pairs computed | train s |")
@@ -204,6 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke test")
     p.add_argument("--section", choices=("latency", "quality", "all"), default="all")
     p.add_argument("--steps", type=int, default=150, help="training steps of each language model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the quality section (weights and batches)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs of each attention per length")
     p.add_argument("--device", default="cpu", help="device of the latency section (cpu or cuda)")
     p.add_argument(
@@ -228,5 +229,5 @@ def main(argv=None) -> int:
         if args.quick:
             quality(steps=4, seq=256, batch=2, hidden=64, layers=1, evals=4)
         else:
-            quality(steps=args.steps, seq=1024, batch=8, hidden=128, layers=2, evals=32)
+            quality(steps=args.steps, seq=1024, batch=8, hidden=128, layers=2, evals=32, seed=args.seed)
     return 0
