@@ -362,10 +362,10 @@ def test_bad_input_raises_clear_errors():
         block_sparse_attention(q, k, k, torch.full((1, 2, 1, 1), 5), block_size=8)
     with pytest.raises(InvalidValueError, match="twice"):
         block_sparse_attention(q, k, k, torch.tensor([[[[0, -1, 0]], [[0, -1, -1]]]]), block_size=8)
-    nan_q = q.clone()
-    nan_q[0, 1, 7, 0] = float("nan")
+    nan_k = k.clone()
+    nan_k[0, 0, 2, 0] = float("nan")
     with pytest.raises(InvalidValueError, match="not finite.*query block 1"):
-        dynamic_attention(nan_q, k, k, block_size=4, sink_block=False)
+        dynamic_attention(q, nan_k, k, block_size=4, sink_block=False)
     with pytest.raises(ShapeError, match="block_indices"):
         block_sparse_attention(q, k, k, torch.zeros(1, 4, 1, 1, dtype=torch.int64), block_size=8)
     with pytest.raises(DTypeError, match="int64"):
@@ -378,3 +378,42 @@ def test_bad_input_raises_clear_errors():
         DynamicAttention(6, 4, 8)
     with pytest.raises(InvalidValueError, match="gate_dim"):
         BlockGate(2, 8, gate_dim=9)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_causal_routing_never_looks_ahead(gate):
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 48, 8, dtype=f64, generator=gen)
+    k = torch.randn(1, 2, 48, 8, dtype=f64, generator=gen)
+    v = torch.randn(1, 2, 48, 8, dtype=f64, generator=gen)
+    g = BlockGate(2, 8).double() if gate else None
+    if g is not None:
+        with torch.no_grad():
+            g.q_proj.add_(torch.randn(g.q_proj.shape, generator=gen, dtype=f64))
+    kw = dict(block_size=4, top_k=1, local_blocks=0, sink_block=False)
+    out, _, _ = dynamic_attention(q, k, v, g, **kw)
+    for j in (5, 22, 47):  # change everything at position j: nothing before j may move
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        q2[:, :, j] += 3.0
+        k2[:, :, j] -= 3.0
+        v2[:, :, j] *= -2.0
+        out2, _, _ = dynamic_attention(q2, k2, v2, g, **kw)
+        assert torch.equal(out2[:, :, :j], out[:, :, :j])
+    # decoding one token at a time over a growing cache gives the full forward's rows
+    for t in range(48):
+        step, _, _ = dynamic_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], g, **kw)
+        torch.testing.assert_close(step[:, :, 0], out[:, :, t], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_scores_in_float32_with_large_values(dtype):
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 64, 128, generator=gen) + 4.0  # large dot products, but finite in fp16
+    k = torch.randn(1, 2, 64, 128, generator=gen) + 4.0
+    v = torch.randn(1, 2, 64, 128, generator=gen)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    sdpa = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True)
+    out, _, _ = dynamic_attention(q.to(dtype), k.to(dtype), v.to(dtype), block_size=16, top_k=4)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    sdpa_err = (sdpa.double() - want).abs().max().item()
+    assert (out.double() - want).abs().max().item() <= 2 * sdpa_err + 1e-3

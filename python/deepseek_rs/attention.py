@@ -170,13 +170,14 @@ def pool_blocks(
     hkv, tk = key.shape[1], key.shape[2]
     lay = block_layout(tq, tk, block_size)
     bs, nq, nk = lay.block_size, lay.num_query_blocks, lay.num_key_blocks
-    kv = _key_valid(lay, b, tk, key_padding_mask, key.device).view(b, 1, nk, bs, 1).to(key.dtype)
-    ksum = (_blocks(key, lay) * kv).sum(3)
-    kcount = kv.sum(3)
+    acc = torch.promote_types(key.dtype, torch.float32)  # half-precision sums overflow
+    kv = _key_valid(lay, b, tk, key_padding_mask, key.device).view(b, 1, nk, bs, 1)
+    ksum = _blocks(key.to(acc), lay).masked_fill(~kv, 0.0).sum(3)
+    kcount = kv.sum(3).to(acc)
     key_pooled = ksum / kcount.clamp_min(1)
-    q = nn.functional.pad(query, (0, 0, lay.front, nq * bs - lay.front - tq))
+    q = nn.functional.pad(query.to(acc), (0, 0, lay.front, nq * bs - lay.front - tq))
     q = q.view(b, hkv, hq // hkv, nq, bs, d).sum((2, 4))
-    rows = _query_rows(lay, tq, query.device).sum(1).to(query.dtype) * (hq // hkv)
+    rows = _query_rows(lay, tq, query.device).sum(1).to(acc) * (hq // hkv)
     query_pooled = q / rows.view(1, 1, nq, 1)
     return query_pooled, key_pooled, kcount.view(b, nk) > 0
 
@@ -324,7 +325,7 @@ def block_sparse_attention(
         )
 
     # queries as [B, Hkv, NQ, G * bs, D] (the group's heads share the gathered keys), pre-scaled
-    q = nn.functional.pad(query * scale, (0, 0, lay.front, nq * bs - lay.front - tq))
+    q = nn.functional.pad(query.to(acc) * scale, (0, 0, lay.front, nq * bs - lay.front - tq))
     q = q.view(b, hkv, g, nq, bs, d).transpose(2, 3).reshape(b, hkv, nq, g * bs, d)
     kflat = _blocks(key, lay).reshape(b * hkv * nk, bs * d)
     vflat = _blocks(value, lay).reshape(b * hkv * nk, bs * dv)
@@ -349,7 +350,7 @@ def block_sparse_attention(
         flat = (safe + base).reshape(-1)
         ks = kflat.index_select(0, flat).view(b, hkv, c, s * bs, d)
         vs = vflat.index_select(0, flat).view(b, hkv, c, s * bs, dv)
-        scores = torch.matmul(q[:, :, n0:n1], ks.transpose(-1, -2)).to(acc)  # [B, Hkv, C, G*bs, S*bs]
+        scores = torch.matmul(q[:, :, n0:n1], ks.to(acc).transpose(-1, -2))  # [B, Hkv, C, G*bs, S*bs]
         scores6 = scores.view(b, hkv, c, g, bs, s * bs)
         # Masks, added in place and shared by the group's heads: per key (unused slots, padding,
         # past-the-end keys, under causal attention whole blocks after the query block), then
@@ -380,8 +381,8 @@ def block_sparse_attention(
             scores6[..., :bs].add_(tri_bias)
         p = torch.softmax(scores6, dim=-1)
         # a row that sees no key gets output 0 (its softmax is uniform over masked keys)
-        out = torch.matmul(p.to(value.dtype).view(b, hkv, c, g * bs, s * bs), vs)
-        out = out.view(b, hkv, c, g, bs, dv)
+        out = torch.matmul(p.view(b, hkv, c, g * bs, s * bs), vs.to(acc))
+        out = out.to(value.dtype).view(b, hkv, c, g, bs, dv)
         if row_ok is not None:
             out = out * row_ok.unsqueeze(-1).to(out.dtype)
         outs.append(out)
@@ -444,8 +445,9 @@ class BlockGate(nn.Module):
 
     def forward(self, query_pooled: Tensor, key_pooled: Tensor) -> Tensor:
         """Gate logits [B, Hkv, NQ, NK] from pooled queries [B, Hkv, NQ, D] and keys [B, Hkv, NK, D]."""
-        qg = torch.einsum("bhnd,hde->bhne", query_pooled.to(self.q_proj.dtype), self.q_proj)
-        kg = torch.einsum("bhnd,hde->bhne", key_pooled.to(self.k_proj.dtype), self.k_proj)
+        acc = torch.promote_types(self.q_proj.dtype, torch.float32)  # half precision overflows
+        qg = torch.einsum("bhnd,hde->bhne", query_pooled.to(acc), self.q_proj.to(acc))
+        kg = torch.einsum("bhnd,hde->bhne", key_pooled.to(acc), self.k_proj.to(acc))
         return torch.matmul(qg, kg.transpose(-1, -2)) / math.sqrt(self.gate_dim)
 
     def extra_repr(self) -> str:
@@ -511,6 +513,13 @@ def dynamic_attention(
         )
     with torch.no_grad():  # the gate's inputs are detached: its loss trains the gate only
         qp, kp, kvalid = pool_blocks(query.detach(), key.detach(), block_size, padding)
+        if causal:
+            # Route query block n by the pooled keys of block n - 1, not by its own queries: every
+            # row of block n follows them (the block's mean query would let a row's selection
+            # depend on later tokens) and they are in the KV cache, so one-token decoding routes
+            # exactly as the full forward. Block 0 has no candidate to route.
+            prev = (lay.first_block + torch.arange(lay.num_query_blocks, device=key.device) - 1).clamp_min(0)
+            qp = kp.index_select(2, prev)
     if gate is None:
         logits = torch.matmul(qp, kp.transpose(-1, -2)) / math.sqrt(query.shape[-1])
     else:
