@@ -17,6 +17,7 @@ from deepseek_rs.attention import (
     gate_losses,
     pool_blocks,
     select_blocks,
+    work_fraction,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -417,3 +418,15 @@ def test_half_precision_scores_in_float32_with_large_values(dtype):
     assert out.dtype == dtype and torch.isfinite(out).all()
     sdpa_err = (sdpa.double() - want).abs().max().item()
     assert (out.double() - want).abs().max().item() <= 2 * sdpa_err + 1e-3
+
+
+def test_work_fraction_counts_whole_blocks():
+    t, bs = 64, 8
+    q = torch.randn(1, 2, t, 4)
+    kv = torch.randn(1, 1, t, 4)
+    _, every, _ = dynamic_attention(q, kv, kv, block_size=bs, top_k=8)
+    assert work_fraction(every, t, t, bs) == pytest.approx(36 * bs * bs / (t * (t + 1) / 2))
+    _, sparse, _ = dynamic_attention(q, kv, kv, block_size=bs, top_k=1, local_blocks=1)
+    # own + previous + sink + 1 routed: 1, 2, 3, then 4 blocks per query block
+    assert work_fraction(sparse, t, t, bs) == pytest.approx((1 + 2 + 3 + 4 * 5) * bs * bs / (t * (t + 1) / 2))
+    assert work_fraction(sparse, t, t, bs) >= computed_fraction(sparse, t, t, bs)

@@ -317,7 +317,7 @@ def block_sparse_attention(
     s = block_indices.shape[-1]
     device = query.device
     acc = torch.promote_types(query.dtype, torch.float32)
-    if tq == 0 or s == 0:
+    if tq == 0 or s == 0 or b == 0:
         return SparseAttentionOutput(
             query.new_zeros(b, hq, tq, dv),
             query.new_full((b, hq, tq), -math.inf, dtype=acc) if return_lse else None,
@@ -337,80 +337,137 @@ def block_sparse_attention(
     # additive causal pattern of a key block against its own query block: key r' <= query r
     tri = torch.full((bs, bs), _MASKED, dtype=acc, device=device).triu(1)
 
-    if causal:  # the own block first (where selected), so its causal triangle is a strided slice
-        order = torch.sort((block_indices != own).to(torch.int8), dim=-1, stable=True).indices
-        block_indices = block_indices.gather(-1, order)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hkv * g * bs * s * bs))
-    outs, lses, masses = [], [], []
-    for n0 in range(0, nq, chunk):
-        n1 = min(nq, n0 + chunk)
-        c = n1 - n0
-        idx = block_indices[:, :, n0:n1]  # [B, Hkv, C, S]
-        safe = idx.clamp_min(0)
-        flat = (safe + base).reshape(-1)
-        ks = kflat.index_select(0, flat).view(b, hkv, c, s * bs, d)
-        vs = vflat.index_select(0, flat).view(b, hkv, c, s * bs, dv)
-        scores = torch.matmul(q[:, :, n0:n1], ks.to(acc).transpose(-1, -2))  # [B, Hkv, C, G*bs, S*bs]
-        scores6 = scores.view(b, hkv, c, g, bs, s * bs)
-        # Masks, added in place and shared by the group's heads: per key (unused slots, padding,
-        # past-the-end keys, under causal attention whole blocks after the query block), then
-        # the causal triangle on the query block's own block, which the reordering put in slot 0.
-        slot_ok = idx >= 0
-        if causal:
-            slot_ok = slot_ok & (idx <= own[:, :, n0:n1])
-        has_diag = (idx[..., 0] == own[:, :, n0:n1, 0]) if causal else None  # [B, Hkv, C]
-        row_ok = None  # [B, Hkv, C, 1, bs]: the row sees at least one key
-        if not all_keys_ok or not bool(slot_ok.all()):
-            ok = (
-                key_ok.view(b, 1, nk, bs)
-                .expand(b, hkv, nk, bs)
-                .gather(2, safe.view(b, hkv, c * s, 1).expand(-1, -1, -1, bs))
+    # Slots reordered: the own block first (so its causal triangle is a strided slice), then the
+    # used slots, unused ones last; query blocks are then processed in groups of equal used-slot
+    # count, so no product is computed for a slot that one query block uses and another doesn't.
+    rank = torch.where(block_indices < 0, 2, 1)
+    if causal:
+        rank = torch.where(block_indices == own, 0, rank)
+    order = torch.sort(rank.to(torch.int8), dim=-1, stable=True).indices
+    block_indices = block_indices.gather(-1, order)
+    width = (block_indices >= 0).sum(-1).amax(dim=(0, 1))  # [NQ] slots each query block needs
+    pieces, outs, lses, masses = [], [], [], []
+    for w in sorted(set(width.tolist())):
+        group = (width == w).nonzero().flatten()
+        w = max(w, 1)  # query blocks without any key still get one (masked) slot: output 0
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hkv * g * bs * w * bs))
+        for c0 in range(0, group.numel(), chunk):
+            sel = group[c0 : c0 + chunk]
+            pieces.append(sel)
+            outs_c, lse_c, mass_c = _attend_chunk(
+                q.index_select(2, sel),
+                kflat,
+                vflat,
+                block_indices.index_select(2, sel)[..., :w],
+                own.index_select(2, sel) if causal else None,
+                key_ok,
+                all_keys_ok,
+                rows_ok.index_select(0, sel),
+                base,
+                tri,
+                (b, hkv, g, bs, d, dv, nk),
+                value.dtype,
+                return_lse,
+                return_block_mass,
             )
-            ok = ok.view(b, hkv, c, s, bs) & slot_ok.unsqueeze(-1)
-            scores6.add_(torch.where(ok, 0.0, _MASKED).to(acc).view(b, hkv, c, 1, 1, s * bs))
-            seen = ok.sum((-1, -2)).unsqueeze(-1)  # keys per row, [B, Hkv, C, 1]
-            if has_diag is not None:  # own block: only the keys up to the row
-                own_keys = ok[..., 0, :]
-                upto = own_keys.cumsum(-1) - own_keys.sum(-1, keepdim=True)
-                seen = seen + torch.where(has_diag.unsqueeze(-1), upto, 0)
-            row_ok = (seen > 0).expand(b, hkv, c, bs).reshape(b, hkv, c, 1, bs)
-            if bool(row_ok.all()):
-                row_ok = None
-        if has_diag is not None and bool(has_diag.any()):
-            tri_bias = torch.where(has_diag.view(b, hkv, c, 1, 1, 1), tri, 0.0)  # [B, Hkv, C, 1, bs, bs]
-            scores6[..., :bs].add_(tri_bias)
-        p = torch.softmax(scores6, dim=-1)
-        # a row that sees no key gets output 0 (its softmax is uniform over masked keys)
-        out = torch.matmul(p.view(b, hkv, c, g * bs, s * bs), vs.to(acc))
-        out = out.to(value.dtype).view(b, hkv, c, g, bs, dv)
-        if row_ok is not None:
-            out = out * row_ok.unsqueeze(-1).to(out.dtype)
-        outs.append(out)
-        if return_lse:
-            lse = torch.logsumexp(scores6.detach(), dim=-1)
-            lses.append(lse if row_ok is None else lse.masked_fill(~row_ok, -math.inf))
-        if return_block_mass:
-            with torch.no_grad():
-                pm = p.detach() if row_ok is None else p.detach() * row_ok.unsqueeze(-1).to(acc)
-                per_row = pm.view(b, hkv, c, g, bs, s, bs).sum(-1)  # [B, Hkv, C, G, bs, S]
-                w = rows_ok[n0:n1].view(1, 1, c, 1, bs, 1).to(acc)
-                masses.append((per_row * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0))
+            outs.append(outs_c)
+            lses.append(lse_c)
+            if mass_c is not None:
+                masses.append(nn.functional.pad(mass_c, (0, s - w)))
+    inverse = torch.empty(nq, dtype=torch.int64, device=device)
+    ids = torch.cat(pieces)
+    inverse[ids] = torch.arange(nq, device=device)
 
     def unblock(x: Tensor, tail: Tuple[int, ...]) -> Tensor:
-        # [B, Hkv, NQ, G, bs, *tail] -> [B, Hq, Tq, *tail]
-        x = x.transpose(2, 3).reshape(b, hq, nq * bs, *tail)
+        # [B, Hkv, NQ (grouped order), G, bs, *tail] -> [B, Hq, Tq, *tail]
+        x = x.index_select(2, inverse).transpose(2, 3).reshape(b, hq, nq * bs, *tail)
         return x[:, :, lay.front : lay.front + tq]
 
     return SparseAttentionOutput(
         unblock(torch.cat(outs, dim=2), (dv,)),
         unblock(torch.cat(lses, dim=2), ()) if return_lse else None,
-        _unsort(torch.cat(masses, dim=2), order if causal else None) if return_block_mass else None,
+        _unsort(torch.cat(masses, dim=2).index_select(2, inverse), order) if return_block_mass else None,
     )
 
 
 def _unsort(x: Tensor, order: Optional[Tensor]) -> Tensor:
     """Undo the slot reordering of :func:`block_sparse_attention` on a per-slot tensor."""
     return x if order is None else torch.empty_like(x).scatter_(-1, order, x)
+
+
+def _attend_chunk(
+    q: Tensor,
+    kflat: Tensor,
+    vflat: Tensor,
+    idx: Tensor,
+    own: Optional[Tensor],
+    key_ok: Tensor,
+    all_keys_ok: bool,
+    rows_ok: Tensor,
+    base: Tensor,
+    tri: Tensor,
+    dims: Tuple[int, ...],
+    out_dtype: torch.dtype,
+    return_lse: bool,
+    return_block_mass: bool,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Attention of C query blocks ``q`` [B, Hkv, C, G*bs, D] (scaled) over their slots ``idx``
+    [B, Hkv, C, S]; ``own`` [1, 1, C, 1] their block ids under causal attention (else None)."""
+    b, hkv, g, bs, d, dv, nk = dims
+    acc = q.dtype
+    c, s = idx.shape[2], idx.shape[3]
+    causal = own is not None
+    safe = idx.clamp_min(0)
+    flat = (safe + base).reshape(-1)
+    ks = kflat.index_select(0, flat).view(b, hkv, c, s * bs, d)
+    vs = vflat.index_select(0, flat).view(b, hkv, c, s * bs, dv)
+    scores = torch.matmul(q, ks.to(acc).transpose(-1, -2))  # [B, Hkv, C, G*bs, S*bs]
+    scores6 = scores.view(b, hkv, c, g, bs, s * bs)
+    # Masks, added in place and shared by the group's heads: per key (unused slots, padding,
+    # past-the-end keys, under causal attention whole blocks after the query block), then
+    # the causal triangle on the query block's own block, which the reordering put in slot 0.
+    slot_ok = idx >= 0
+    if causal:
+        slot_ok = slot_ok & (idx <= own)
+    has_diag = (idx[..., 0] == own[:, :, :, 0]) if causal else None  # [B, Hkv, C]
+    row_ok = None  # [B, Hkv, C, 1, bs]: the row sees at least one key
+    if not all_keys_ok or not bool(slot_ok.all()):
+        ok = (
+            key_ok.view(b, 1, nk, bs)
+            .expand(b, hkv, nk, bs)
+            .gather(2, safe.view(b, hkv, c * s, 1).expand(-1, -1, -1, bs))
+        )
+        ok = ok.view(b, hkv, c, s, bs) & slot_ok.unsqueeze(-1)
+        scores6.add_(torch.where(ok, 0.0, _MASKED).to(acc).view(b, hkv, c, 1, 1, s * bs))
+        seen = ok.sum((-1, -2)).unsqueeze(-1)  # keys per row, [B, Hkv, C, 1]
+        if has_diag is not None:  # own block: only the keys up to the row
+            own_keys = ok[..., 0, :]
+            upto = own_keys.cumsum(-1) - own_keys.sum(-1, keepdim=True)
+            seen = seen + torch.where(has_diag.unsqueeze(-1), upto, 0)
+        row_ok = (seen > 0).expand(b, hkv, c, bs).reshape(b, hkv, c, 1, bs)
+        if bool(row_ok.all()):
+            row_ok = None
+    if has_diag is not None and bool(has_diag.any()):
+        tri_bias = torch.where(has_diag.view(b, hkv, c, 1, 1, 1), tri, 0.0)  # [B, Hkv, C, 1, bs, bs]
+        scores6[..., :bs].add_(tri_bias)
+    p = torch.softmax(scores6, dim=-1)
+    # a row that sees no key gets output 0 (its softmax is uniform over masked keys)
+    out = torch.matmul(p.view(b, hkv, c, g * bs, s * bs), vs.to(acc))
+    out = out.to(out_dtype).view(b, hkv, c, g, bs, dv)
+    if row_ok is not None:
+        out = out * row_ok.unsqueeze(-1).to(out.dtype)
+    lse = None
+    if return_lse:
+        lse = torch.logsumexp(scores6.detach(), dim=-1)
+        lse = lse if row_ok is None else lse.masked_fill(~row_ok, -math.inf)
+    mass = None
+    if return_block_mass:
+        with torch.no_grad():
+            pm = p.detach() if row_ok is None else p.detach() * row_ok.unsqueeze(-1).to(acc)
+            per_row = pm.view(b, hkv, c, g, bs, s, bs).sum(-1)  # [B, Hkv, C, G, bs, S]
+            w = rows_ok.view(1, 1, c, 1, bs, 1).to(acc)
+            mass = (per_row * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0)
+    return out, lse, mass
 
 
 class BlockGate(nn.Module):
@@ -583,6 +640,27 @@ def computed_fraction(
     return total / (dense * rows)
 
 
+def work_fraction(
+    selection: Selection, q_len: int, k_len: int, block_size: int, causal: bool = True
+) -> float:
+    """Score products :func:`block_sparse_attention` computes, over the pairs of dense attention.
+
+    The kernel computes whole blocks: every row of a query block (alignment rows included)
+    against ``block_size`` keys per slot, as many slots as the query block's group needs (the
+    most used slots over batch and heads), masked triangle and padding included. Dense is as in
+    :func:`computed_fraction` (causal: only the pairs with key <= query). Per key/value head.
+    """
+    idx = selection.block_indices
+    lay = block_layout(q_len, k_len, block_size)
+    if q_len == 0 or idx.numel() == 0:
+        return 0.0
+    width = (idx >= 0).sum(-1).amax(dim=(0, 1)).clamp_min(1)  # [NQ]
+    products = int(width.sum()) * lay.block_size * lay.block_size
+    positions = torch.arange(k_len - q_len, k_len)
+    dense = int((positions + 1).sum()) if causal else q_len * k_len
+    return products / dense
+
+
 class DynamicAttention(nn.Module):
     """Dynamic Attention Routing as a module: a :class:`BlockGate` + the router + block-sparse attention.
 
@@ -703,4 +781,5 @@ __all__ = [
     "gate_losses",
     "pool_blocks",
     "select_blocks",
+    "work_fraction",
 ]
