@@ -377,6 +377,9 @@ def test_bad_input_raises_clear_errors():
         dynamic_attention(q, k, k, BlockGate(2, 8))
     with pytest.raises(InvalidValueError, match="multiple"):
         DynamicAttention(6, 4, 8)
+    for bad in (dict(top_k=-1), dict(rule="top_p", top_p=2.0), dict(local_blocks=-3), dict(block_size=64.0)):
+        with pytest.raises(InvalidValueError):
+            DynamicAttention(4, 2, 8, **bad)
     with pytest.raises(InvalidValueError, match="gate_dim"):
         BlockGate(2, 8, gate_dim=9)
 
@@ -430,3 +433,12 @@ def test_work_fraction_counts_whole_blocks():
     # own + previous + sink + 1 routed: 1, 2, 3, then 4 blocks per query block
     assert work_fraction(sparse, t, t, bs) == pytest.approx((1 + 2 + 3 + 4 * 5) * bs * bs / (t * (t + 1) / 2))
     assert work_fraction(sparse, t, t, bs) >= computed_fraction(sparse, t, t, bs)
+
+
+def test_sink_is_the_first_block_with_a_real_key():
+    logits = torch.zeros(2, 1, 4, 4)
+    lay = block_layout(16, 16, 4)
+    valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    idx = select_blocks(logits, lay, top_k=0, sink_block=True, key_block_valid=valid)
+    assert idx[0, 0, 3].tolist() == [1, 3] and idx[1, 0, 3].tolist() == [0, 3]
+    assert idx[0, 0, 0].tolist() == [0, -1]  # the sink is never after the query block

@@ -36,6 +36,7 @@ inputs are detached, so no gradient lets the model learn to use this.
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -230,7 +231,12 @@ def select_blocks(
     visible = kb <= qb if causal else torch.ones(nq, nk, dtype=torch.bool, device=device)
     forced = visible & ((kb - qb).abs() <= local_blocks)
     if sink_block:
-        forced = forced | (kb == 0)
+        # the sink is the first block holding a real key (not a block of left padding)
+        sink = torch.zeros(b, dtype=torch.int64, device=device)
+        if key_block_valid is not None and nk > 0:
+            sink = key_block_valid.to(torch.int8).argmax(dim=-1)
+        forced = forced | (visible & (kb == sink.view(b, 1, 1)))
+    forced = forced.unsqueeze(-3) if forced.dim() == 3 else forced.view(1, 1, nq, nk)  # [1|B, 1, NQ, NK]
     candidates = (visible & ~forced).expand(b, h, nq, nk)
     if key_block_valid is not None:
         candidates = candidates & key_block_valid.view(b, 1, 1, nk)
@@ -695,10 +701,25 @@ class DynamicAttention(nn.Module):
             raise InvalidValueError(
                 f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
             )
+        try:
+            block_size, top_k, min_blocks, local_blocks = (
+                operator.index(x) for x in (block_size, top_k, min_blocks, local_blocks)
+            )
+            max_blocks = None if max_blocks is None else operator.index(max_blocks)
+        except TypeError as e:
+            raise InvalidValueError(f"block_size, top_k, min_blocks, max_blocks, local_blocks: {e}") from None
         if block_size < 1:
             raise InvalidValueError(f"block_size must be positive, got {block_size}")
         if rule not in RULES:
             raise InvalidValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if top_k < 0 or local_blocks < 0:
+            raise InvalidValueError(f"top_k and local_blocks must be >= 0, got {top_k} and {local_blocks}")
+        if rule == "top_p" and not 0.0 < top_p <= 1.0:
+            raise InvalidValueError(f"top_p must be in (0, 1], got {top_p}")
+        if min_blocks < 1 or (max_blocks is not None and max_blocks < min_blocks):
+            raise InvalidValueError(
+                f"need 1 <= min_blocks <= max_blocks, got min_blocks={min_blocks}, max_blocks={max_blocks}"
+            )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.block_size, self.causal, self.rule = block_size, causal, rule
         self.top_k, self.top_p, self.min_blocks, self.max_blocks = top_k, top_p, min_blocks, max_blocks
