@@ -45,13 +45,16 @@ DAR = dict(block_size=64, rule="top_k", top_k=2, local_blocks=1, sink_block=True
 
 def median_times(fns, repeat: int):
     """Alternate the functions ``repeat`` times after one warm-up each; median seconds of each."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for fn in fns:
         fn()
     times = [[] for _ in fns]
     for _ in range(repeat):
         for i, fn in enumerate(fns):
+            sync()
             start = time.perf_counter()
             fn()
+            sync()  # GPU kernels run asynchronously
             times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 
