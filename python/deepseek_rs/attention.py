@@ -15,9 +15,13 @@ O(T^2). Softmax is taken over the selected keys in float32 (float64 for float64 
 no key (padding) give zeros.
 
 The gate (:class:`BlockGate`) follows MoBA and NSA's selection branch: mean-pooled block keys
-scored against the mean-pooled queries of the query block, here through learnable projections
-initialised to the identity, so a converted pretrained model starts with MoBA's parameter-free
-gate. The gate is trained by distillation, as DeepSeek Sparse Attention trains its lightning
+scored against a pooled query through learnable projections initialised to the identity, so a
+converted pretrained model starts with MoBA's parameter-free scoring. Under causal attention
+the "query" of block n is the mean-pooled keys of block n - 1: every row of block n comes after
+them and they sit in the KV cache, so no row's selection depends on a later token and
+one-token decoding routes exactly as the full forward (the block's own mean query would leak
+later tokens into earlier rows' selections). Bidirectional attention uses the block's mean
+query. The gate is trained by distillation, as DeepSeek Sparse Attention trains its lightning
 indexer: after a training forward, :attr:`DynamicAttention.gate_loss` holds the KL divergence
 from the attention mass that the query block actually put on each selected key block (detached)
 to the gate's softmax over the same blocks; the gate's inputs are detached, so this loss trains
@@ -26,11 +30,8 @@ gate that scales the selected blocks' outputs because a soft gate changes the fu
 converted model would no longer compute its own attention (even with every block selected), and
 the gate would be trained only through the blocks it already picked. Selecting every block
 (``top_k`` = the number of blocks) is DSA's dense warm-up: the loss then distils the full
-attention distribution.
-
-As in SeerAttention, a query block is routed by the mean of all its queries, so an earlier
-token's selection depends on the later queries of its block; the routing is discrete and its
-inputs are detached, so no gradient lets the model learn to use this.
+attention distribution. Limitation: the KL covers the selected blocks only (forced ones
+included), so a block the gate never picks gets no gradient.
 """
 
 from __future__ import annotations
@@ -479,7 +480,8 @@ def _attend_chunk(
 class BlockGate(nn.Module):
     """The learnable gate: ``(q̄ W_q) · (k̄ W_k) / sqrt(gate_dim)`` per key/value head.
 
-    ``q̄`` and ``k̄`` are the mean-pooled queries and keys of :func:`pool_blocks`. ``W_q`` and
+    ``k̄`` are the mean-pooled block keys of :func:`pool_blocks`, ``q̄`` the query block's pooled
+    query (under causal attention the previous block's pooled keys, see the module docstring). ``W_q`` and
     ``W_k`` [Hkv, D, gate_dim] start as the identity (its first ``gate_dim`` columns), i.e. as
     MoBA's gate ``q̄ · k̄``, scaled.
     """
@@ -674,7 +676,8 @@ class DynamicAttention(nn.Module):
     key, value)`` with ``query`` [B, Hq, Tq, D] and ``key`` / ``value`` [B, Hkv, Tk, D]. After a
     forward in training mode, ``gate_loss`` holds the gate's distillation loss (add it to your
     loss, e.g. with weight 1: it only reaches the gate's parameters); ``last_selection`` holds
-    the selection of the last forward.
+    the selection of the last forward. Reentrant gradient checkpointing runs the forward under
+    ``no_grad`` and so produces no ``gate_loss``: use ``use_reentrant=False``.
     """
 
     def __init__(
