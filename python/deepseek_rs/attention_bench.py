@@ -31,6 +31,7 @@ import sysconfig
 import time
 import warnings
 import zlib
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -182,7 +183,24 @@ def evaluate(model, val: torch.Tensor, seq: int, count: int):
     )
 
 
-def quality(steps: int, seq: int, batch: int, hidden: int, layers: int, evals: int, seed: int = 0) -> None:
+MODELS = {
+    "dense": ("dense (SDPA)", None),
+    "dar": ("DAR", DAR),
+    # ablation: the same forced blocks, nothing routed (does the gate's choice matter?)
+    "fixed": ("own + previous + sink, no routing", {**DAR, "top_k": 0}),
+}
+
+
+def quality(
+    steps: int,
+    seq: int,
+    batch: int,
+    hidden: int,
+    layers: int,
+    evals: int,
+    seed: int = 0,
+    models: Tuple[str, ...] = ("dense", "dar"),
+) -> None:
     train, val = docstrings(4_000_000)
     print(
         f"\n== quality: byte-level Llama ({layers} layers, hidden {hidden}, "
@@ -191,10 +209,11 @@ def quality(steps: int, seq: int, batch: int, hidden: int, layers: int, evals: i
         f"({len(train) / 1e6:.2f} MB train, {len(val) / 1e6:.2f} MB validation)"
     )
     results = {}
-    for name in ("dense (SDPA)", "DAR"):
+    for key in models:
+        name, dar_kwargs = MODELS[key]
         model = language_model(seed, seq, hidden, layers)
-        if name == "DAR":
-            patch_attention(model, **DAR)
+        if dar_kwargs is not None:
+            patch_attention(model, **dar_kwargs)
         print(f"{name}:", flush=True)
         start = time.perf_counter()
         train_lm(model, train, steps, batch, seq, lr=3e-3, seed=seed)
@@ -206,11 +225,13 @@ def quality(steps: int, seq: int, batch: int, hidden: int, layers: int, evals: i
     print("|---|---:|---:|---:|---:|---:|")
     for name, (acc, ppl, frac, work, secs) in results.items():
         print(f"| {name} | {acc:.4f} | {ppl:.3f} | {frac:.1%} | {work:.1%} | {secs:.0f} |")
-    dense, dar = results["dense (SDPA)"], results["DAR"]
-    print(
-        f"DAR: {1 - dar[3]:.1%} of the attention work (score products) and {1 - dar[2]:.1%} of the pairs "
-        f"skipped at {seq} tokens, {dar[0] / dense[0]:.2%} of the dense accuracy"
-    )
+    dense = results.get(MODELS["dense"][0])
+    for name, res in results.items():
+        if dense is not None and res is not dense:
+            print(
+                f"{name}: {1 - res[3]:.1%} of the attention work (score products) and {1 - res[2]:.1%} of "
+                f"the pairs skipped at {seq} tokens, {res[0] / dense[0]:.2%} of the dense accuracy"
+            )
     print("   article: >= 42% of the attention work skipped at 1024 tokens with >= 98.7% of the accuracy")
 
 
@@ -219,6 +240,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke test")
     p.add_argument("--section", choices=("latency", "quality", "all"), default="all")
     p.add_argument("--steps", type=int, default=150, help="training steps of each language model")
+    p.add_argument(
+        "--models",
+        default="dense,dar",
+        help=f"comma-separated models of the quality section, from {', '.join(MODELS)} (default dense,dar)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the quality section (weights and batches)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs of each attention per length")
     p.add_argument("--device", default="cpu", help="device of the latency section (cpu or cuda)")
@@ -230,6 +256,9 @@ def main(argv=None) -> int:
         "descheduled threads at every op",
     )
     args = p.parse_args(argv)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if not models or any(m not in MODELS for m in models):
+        p.error(f"--models takes a comma-separated list from {', '.join(MODELS)}, got {args.models!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -242,7 +271,16 @@ def main(argv=None) -> int:
         latency(lengths, 2 if args.quick else args.repeat, args.device)
     if args.section in ("quality", "all"):
         if args.quick:
-            quality(steps=4, seq=256, batch=2, hidden=64, layers=1, evals=4)
+            quality(steps=4, seq=256, batch=2, hidden=64, layers=1, evals=4, models=models)
         else:
-            quality(steps=args.steps, seq=1024, batch=8, hidden=128, layers=2, evals=32, seed=args.seed)
+            quality(
+                steps=args.steps,
+                seq=1024,
+                batch=8,
+                hidden=128,
+                layers=2,
+                evals=32,
+                seed=args.seed,
+                models=models,
+            )
     return 0
