@@ -17,6 +17,7 @@ from deepseek_rs.attention import (
     gate_losses,
     pool_blocks,
     select_blocks,
+    work_fraction,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -360,6 +361,12 @@ def test_bad_input_raises_clear_errors():
         dynamic_attention(q, k, k, key_padding_mask=torch.ones(1, 8))
     with pytest.raises(InvalidValueError, match="block_indices"):
         block_sparse_attention(q, k, k, torch.full((1, 2, 1, 1), 5), block_size=8)
+    with pytest.raises(InvalidValueError, match="twice"):
+        block_sparse_attention(q, k, k, torch.tensor([[[[0, -1, 0]], [[0, -1, -1]]]]), block_size=8)
+    nan_k = k.clone()
+    nan_k[0, 0, 2, 0] = float("nan")
+    with pytest.raises(InvalidValueError, match="not finite.*query block 1"):
+        dynamic_attention(q, nan_k, k, block_size=4, sink_block=False)
     with pytest.raises(ShapeError, match="block_indices"):
         block_sparse_attention(q, k, k, torch.zeros(1, 4, 1, 1, dtype=torch.int64), block_size=8)
     with pytest.raises(DTypeError, match="int64"):
@@ -370,5 +377,68 @@ def test_bad_input_raises_clear_errors():
         dynamic_attention(q, k, k, BlockGate(2, 8))
     with pytest.raises(InvalidValueError, match="multiple"):
         DynamicAttention(6, 4, 8)
+    for bad in (dict(top_k=-1), dict(rule="top_p", top_p=2.0), dict(local_blocks=-3), dict(block_size=64.0)):
+        with pytest.raises(InvalidValueError):
+            DynamicAttention(4, 2, 8, **bad)
     with pytest.raises(InvalidValueError, match="gate_dim"):
         BlockGate(2, 8, gate_dim=9)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_causal_routing_never_looks_ahead(gate):
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 48, 8, dtype=f64, generator=gen)
+    k = torch.randn(1, 2, 48, 8, dtype=f64, generator=gen)
+    v = torch.randn(1, 2, 48, 8, dtype=f64, generator=gen)
+    g = BlockGate(2, 8).double() if gate else None
+    if g is not None:
+        with torch.no_grad():
+            g.q_proj.add_(torch.randn(g.q_proj.shape, generator=gen, dtype=f64))
+    kw = dict(block_size=4, top_k=1, local_blocks=0, sink_block=False)
+    out, _, _ = dynamic_attention(q, k, v, g, **kw)
+    for j in (5, 22, 47):  # change everything at position j: nothing before j may move
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        q2[:, :, j] += 3.0
+        k2[:, :, j] -= 3.0
+        v2[:, :, j] *= -2.0
+        out2, _, _ = dynamic_attention(q2, k2, v2, g, **kw)
+        assert torch.equal(out2[:, :, :j], out[:, :, :j])
+    # decoding one token at a time over a growing cache gives the full forward's rows
+    for t in range(48):
+        step, _, _ = dynamic_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], g, **kw)
+        torch.testing.assert_close(step[:, :, 0], out[:, :, t], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_scores_in_float32_with_large_values(dtype):
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 64, 128, generator=gen) + 4.0  # large dot products, but finite in fp16
+    k = torch.randn(1, 2, 64, 128, generator=gen) + 4.0
+    v = torch.randn(1, 2, 64, 128, generator=gen)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    sdpa = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True)
+    out, _, _ = dynamic_attention(q.to(dtype), k.to(dtype), v.to(dtype), block_size=16, top_k=4)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    sdpa_err = (sdpa.double() - want).abs().max().item()
+    assert (out.double() - want).abs().max().item() <= 2 * sdpa_err + 1e-3
+
+
+def test_work_fraction_counts_whole_blocks():
+    t, bs = 64, 8
+    q = torch.randn(1, 2, t, 4)
+    kv = torch.randn(1, 1, t, 4)
+    _, every, _ = dynamic_attention(q, kv, kv, block_size=bs, top_k=8)
+    assert work_fraction(every, t, t, bs) == pytest.approx(36 * bs * bs / (t * (t + 1) / 2))
+    _, sparse, _ = dynamic_attention(q, kv, kv, block_size=bs, top_k=1, local_blocks=1)
+    # own + previous + sink + 1 routed: 1, 2, 3, then 4 blocks per query block
+    assert work_fraction(sparse, t, t, bs) == pytest.approx((1 + 2 + 3 + 4 * 5) * bs * bs / (t * (t + 1) / 2))
+    assert work_fraction(sparse, t, t, bs) >= computed_fraction(sparse, t, t, bs)
+
+
+def test_sink_is_the_first_block_with_a_real_key():
+    logits = torch.zeros(2, 1, 4, 4)
+    lay = block_layout(16, 16, 4)
+    valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    idx = select_blocks(logits, lay, top_k=0, sink_block=True, key_block_valid=valid)
+    assert idx[0, 0, 3].tolist() == [1, 3] and idx[1, 0, 3].tolist() == [0, 3]
+    assert idx[0, 0, 0].tolist() == [0, -1]  # the sink is never after the query block

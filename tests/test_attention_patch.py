@@ -118,3 +118,21 @@ def test_refusals():
     assert not any(isinstance(m, DynamicAttention) for m in model.modules())
     with pytest.raises(InvalidValueError, match="rule"):
         patch_attention(llama(), rule="dense")
+
+
+def test_sparse_cached_decoding_equals_the_full_forward_and_is_causal():
+    torch.manual_seed(3)
+    model = patch_attention(llama(), block_size=4, top_k=1, local_blocks=0, sink_block=False).eval()
+    ids = batch(t=40)[0][:1]
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :20], use_cache=True)
+        cache, steps = out.cache, [out.logits]
+        for t in range(20, 40):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+        changed = ids.clone()
+        changed[0, 39] = (ids[0, 39] + 1) % V  # the last token may not change any earlier logit
+        assert torch.equal(model(changed).logits[:, :39], full[:, :39])

@@ -15,9 +15,13 @@ O(T^2). Softmax is taken over the selected keys in float32 (float64 for float64 
 no key (padding) give zeros.
 
 The gate (:class:`BlockGate`) follows MoBA and NSA's selection branch: mean-pooled block keys
-scored against the mean-pooled queries of the query block, here through learnable projections
-initialised to the identity, so a converted pretrained model starts with MoBA's parameter-free
-gate. The gate is trained by distillation, as DeepSeek Sparse Attention trains its lightning
+scored against a pooled query through learnable projections initialised to the identity, so a
+converted pretrained model starts with MoBA's parameter-free scoring. Under causal attention
+the "query" of block n is the mean-pooled keys of block n - 1: every row of block n comes after
+them and they sit in the KV cache, so no row's selection depends on a later token and
+one-token decoding routes exactly as the full forward (the block's own mean query would leak
+later tokens into earlier rows' selections). Bidirectional attention uses the block's mean
+query. The gate is trained by distillation, as DeepSeek Sparse Attention trains its lightning
 indexer: after a training forward, :attr:`DynamicAttention.gate_loss` holds the KL divergence
 from the attention mass that the query block actually put on each selected key block (detached)
 to the gate's softmax over the same blocks; the gate's inputs are detached, so this loss trains
@@ -26,12 +30,14 @@ gate that scales the selected blocks' outputs because a soft gate changes the fu
 converted model would no longer compute its own attention (even with every block selected), and
 the gate would be trained only through the blocks it already picked. Selecting every block
 (``top_k`` = the number of blocks) is DSA's dense warm-up: the loss then distils the full
-attention distribution.
+attention distribution. Limitation: the KL covers the selected blocks only (forced ones
+included), so a block the gate never picks gets no gradient.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -41,7 +47,7 @@ from .errors import DeviceError, DTypeError, InvalidValueError, ShapeError
 from .router import route
 
 RULES = ("top_k", "top_p")
-_MASKED = -1e30  # a finite "minus infinity" for the router, which refuses non-finite logits
+_MASKED = -1e30  # a finite "minus infinity": the router refuses -inf, and masked rows stay finite
 _CHUNK_ELEMENTS = 1 << 23  # score entries per chunk of query blocks (32 MiB in float32)
 
 
@@ -166,13 +172,14 @@ def pool_blocks(
     hkv, tk = key.shape[1], key.shape[2]
     lay = block_layout(tq, tk, block_size)
     bs, nq, nk = lay.block_size, lay.num_query_blocks, lay.num_key_blocks
-    kv = _key_valid(lay, b, tk, key_padding_mask, key.device).view(b, 1, nk, bs, 1).to(key.dtype)
-    ksum = (_blocks(key, lay) * kv).sum(3)
-    kcount = kv.sum(3)
+    acc = torch.promote_types(key.dtype, torch.float32)  # half-precision sums overflow
+    kv = _key_valid(lay, b, tk, key_padding_mask, key.device).view(b, 1, nk, bs, 1)
+    ksum = _blocks(key.to(acc), lay).masked_fill(~kv, 0.0).sum(3)
+    kcount = kv.sum(3).to(acc)
     key_pooled = ksum / kcount.clamp_min(1)
-    q = nn.functional.pad(query, (0, 0, lay.front, nq * bs - lay.front - tq))
+    q = nn.functional.pad(query.to(acc), (0, 0, lay.front, nq * bs - lay.front - tq))
     q = q.view(b, hkv, hq // hkv, nq, bs, d).sum((2, 4))
-    rows = _query_rows(lay, tq, query.device).sum(1).to(query.dtype) * (hq // hkv)
+    rows = _query_rows(lay, tq, query.device).sum(1).to(acc) * (hq // hkv)
     query_pooled = q / rows.view(1, 1, nq, 1)
     return query_pooled, key_pooled, kcount.view(b, nk) > 0
 
@@ -225,10 +232,22 @@ def select_blocks(
     visible = kb <= qb if causal else torch.ones(nq, nk, dtype=torch.bool, device=device)
     forced = visible & ((kb - qb).abs() <= local_blocks)
     if sink_block:
-        forced = forced | (kb == 0)
+        # the sink is the first block holding a real key (not a block of left padding)
+        sink = torch.zeros(b, dtype=torch.int64, device=device)
+        if key_block_valid is not None and nk > 0:
+            sink = key_block_valid.to(torch.int8).argmax(dim=-1)
+        forced = forced | (visible & (kb == sink.view(b, 1, 1)))
+    forced = forced.unsqueeze(-3) if forced.dim() == 3 else forced.view(1, 1, nq, nk)  # [1|B, 1, NQ, NK]
     candidates = (visible & ~forced).expand(b, h, nq, nk)
     if key_block_valid is not None:
         candidates = candidates & key_block_valid.view(b, 1, 1, nk)
+    bad = candidates & ~torch.isfinite(gate_logits.detach())
+    if bool(bad.any()):
+        i = [int(x) for x in bad.nonzero()[0]]
+        raise InvalidValueError(
+            f"gate score is not finite (NaN or infinite queries or keys?) at batch {i[0]}, kv head {i[1]}, "
+            f"query block {i[2]}, key block {i[3]}"
+        )
     chosen = forced.expand(b, h, nq, nk).clone()
     rows = b * h * nq
     k = min(top_k, nk) if rule == "top_k" else min(nk if max_blocks is None else max_blocks, nk)
@@ -295,13 +314,17 @@ def block_sparse_attention(
         raise DeviceError(f"block_indices is on {block_indices.device}, the queries on {query.device}")
     if block_indices.numel() and (int(block_indices.min()) < -1 or int(block_indices.max()) >= nk):
         raise InvalidValueError(f"block_indices must be in -1..{nk - 1} (-1 = unused slot)")
+    if block_indices.shape[-1] > 1:
+        ordered = block_indices.sort(dim=-1).values
+        if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()):
+            raise InvalidValueError("block_indices selects a key block twice for the same query block")
     padding = _check_padding(key_padding_mask, b, tk, query.device)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     g, d, dv = hq // hkv, query.shape[-1], value.shape[-1]
     s = block_indices.shape[-1]
     device = query.device
     acc = torch.promote_types(query.dtype, torch.float32)
-    if tq == 0 or s == 0:
+    if tq == 0 or s == 0 or b == 0:
         return SparseAttentionOutput(
             query.new_zeros(b, hq, tq, dv),
             query.new_full((b, hq, tq), -math.inf, dtype=acc) if return_lse else None,
@@ -309,7 +332,7 @@ def block_sparse_attention(
         )
 
     # queries as [B, Hkv, NQ, G * bs, D] (the group's heads share the gathered keys), pre-scaled
-    q = nn.functional.pad(query * scale, (0, 0, lay.front, nq * bs - lay.front - tq))
+    q = nn.functional.pad(query.to(acc) * scale, (0, 0, lay.front, nq * bs - lay.front - tq))
     q = q.view(b, hkv, g, nq, bs, d).transpose(2, 3).reshape(b, hkv, nq, g * bs, d)
     kflat = _blocks(key, lay).reshape(b * hkv * nk, bs * d)
     vflat = _blocks(value, lay).reshape(b * hkv * nk, bs * dv)
@@ -321,74 +344,56 @@ def block_sparse_attention(
     # additive causal pattern of a key block against its own query block: key r' <= query r
     tri = torch.full((bs, bs), _MASKED, dtype=acc, device=device).triu(1)
 
-    if causal:  # the own block first (where selected), so its causal triangle is a strided slice
-        order = torch.sort((block_indices != own).to(torch.int8), dim=-1, stable=True).indices
-        block_indices = block_indices.gather(-1, order)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hkv * g * bs * s * bs))
-    outs, lses, masses = [], [], []
-    for n0 in range(0, nq, chunk):
-        n1 = min(nq, n0 + chunk)
-        c = n1 - n0
-        idx = block_indices[:, :, n0:n1]  # [B, Hkv, C, S]
-        safe = idx.clamp_min(0)
-        flat = (safe + base).reshape(-1)
-        ks = kflat.index_select(0, flat).view(b, hkv, c, s * bs, d)
-        vs = vflat.index_select(0, flat).view(b, hkv, c, s * bs, dv)
-        scores = torch.matmul(q[:, :, n0:n1], ks.transpose(-1, -2)).to(acc)  # [B, Hkv, C, G*bs, S*bs]
-        scores6 = scores.view(b, hkv, c, g, bs, s * bs)
-        # Masks, added in place and shared by the group's heads: per key (unused slots, padding,
-        # past-the-end keys, under causal attention whole blocks after the query block), then
-        # the causal triangle on the query block's own block, which the reordering put in slot 0.
-        slot_ok = idx >= 0
-        if causal:
-            slot_ok = slot_ok & (idx <= own[:, :, n0:n1])
-        has_diag = (idx[..., 0] == own[:, :, n0:n1, 0]) if causal else None  # [B, Hkv, C]
-        row_ok = None  # [B, Hkv, C, 1, bs]: the row sees at least one key
-        if not all_keys_ok or not bool(slot_ok.all()):
-            ok = (
-                key_ok.view(b, 1, nk, bs)
-                .expand(b, hkv, nk, bs)
-                .gather(2, safe.view(b, hkv, c * s, 1).expand(-1, -1, -1, bs))
+    # Slots reordered: the own block first (so its causal triangle is a strided slice), then the
+    # used slots, unused ones last; query blocks are then processed in groups of equal used-slot
+    # count, so no product is computed for a slot that one query block uses and another doesn't.
+    rank = torch.where(block_indices < 0, 2, 1)
+    if causal:
+        rank = torch.where(block_indices == own, 0, rank)
+    order = torch.sort(rank.to(torch.int8), dim=-1, stable=True).indices
+    block_indices = block_indices.gather(-1, order)
+    width = (block_indices >= 0).sum(-1).amax(dim=(0, 1))  # [NQ] slots each query block needs
+    pieces, outs, lses, masses = [], [], [], []
+    for w in sorted(set(width.tolist())):
+        group = (width == w).nonzero().flatten()
+        w = max(w, 1)  # query blocks without any key still get one (masked) slot: output 0
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hkv * g * bs * w * bs))
+        for c0 in range(0, group.numel(), chunk):
+            sel = group[c0 : c0 + chunk]
+            pieces.append(sel)
+            outs_c, lse_c, mass_c = _attend_chunk(
+                q.index_select(2, sel),
+                kflat,
+                vflat,
+                block_indices.index_select(2, sel)[..., :w],
+                own.index_select(2, sel) if causal else None,
+                key_ok,
+                all_keys_ok,
+                rows_ok.index_select(0, sel),
+                base,
+                tri,
+                (b, hkv, g, bs, d, dv, nk),
+                value.dtype,
+                return_lse,
+                return_block_mass,
             )
-            ok = ok.view(b, hkv, c, s, bs) & slot_ok.unsqueeze(-1)
-            scores6.add_(torch.where(ok, 0.0, _MASKED).to(acc).view(b, hkv, c, 1, 1, s * bs))
-            seen = ok.sum((-1, -2)).unsqueeze(-1)  # keys per row, [B, Hkv, C, 1]
-            if has_diag is not None:  # own block: only the keys up to the row
-                own_keys = ok[..., 0, :]
-                upto = own_keys.cumsum(-1) - own_keys.sum(-1, keepdim=True)
-                seen = seen + torch.where(has_diag.unsqueeze(-1), upto, 0)
-            row_ok = (seen > 0).expand(b, hkv, c, bs).reshape(b, hkv, c, 1, bs)
-            if bool(row_ok.all()):
-                row_ok = None
-        if has_diag is not None and bool(has_diag.any()):
-            tri_bias = torch.where(has_diag.view(b, hkv, c, 1, 1, 1), tri, 0.0)  # [B, Hkv, C, 1, bs, bs]
-            scores6[..., :bs].add_(tri_bias)
-        p = torch.softmax(scores6, dim=-1)
-        # a row that sees no key gets output 0 (its softmax is uniform over masked keys)
-        out = torch.matmul(p.to(value.dtype).view(b, hkv, c, g * bs, s * bs), vs)
-        out = out.view(b, hkv, c, g, bs, dv)
-        if row_ok is not None:
-            out = out * row_ok.unsqueeze(-1).to(out.dtype)
-        outs.append(out)
-        if return_lse:
-            lse = torch.logsumexp(scores6.detach(), dim=-1)
-            lses.append(lse if row_ok is None else lse.masked_fill(~row_ok, -math.inf))
-        if return_block_mass:
-            with torch.no_grad():
-                pm = p.detach() if row_ok is None else p.detach() * row_ok.unsqueeze(-1).to(acc)
-                per_row = pm.view(b, hkv, c, g, bs, s, bs).sum(-1)  # [B, Hkv, C, G, bs, S]
-                w = rows_ok[n0:n1].view(1, 1, c, 1, bs, 1).to(acc)
-                masses.append((per_row * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0))
+            outs.append(outs_c)
+            lses.append(lse_c)
+            if mass_c is not None:
+                masses.append(nn.functional.pad(mass_c, (0, s - w)))
+    inverse = torch.empty(nq, dtype=torch.int64, device=device)
+    ids = torch.cat(pieces)
+    inverse[ids] = torch.arange(nq, device=device)
 
     def unblock(x: Tensor, tail: Tuple[int, ...]) -> Tensor:
-        # [B, Hkv, NQ, G, bs, *tail] -> [B, Hq, Tq, *tail]
-        x = x.transpose(2, 3).reshape(b, hq, nq * bs, *tail)
+        # [B, Hkv, NQ (grouped order), G, bs, *tail] -> [B, Hq, Tq, *tail]
+        x = x.index_select(2, inverse).transpose(2, 3).reshape(b, hq, nq * bs, *tail)
         return x[:, :, lay.front : lay.front + tq]
 
     return SparseAttentionOutput(
         unblock(torch.cat(outs, dim=2), (dv,)),
         unblock(torch.cat(lses, dim=2), ()) if return_lse else None,
-        _unsort(torch.cat(masses, dim=2), order if causal else None) if return_block_mass else None,
+        _unsort(torch.cat(masses, dim=2).index_select(2, inverse), order) if return_block_mass else None,
     )
 
 
@@ -397,10 +402,86 @@ def _unsort(x: Tensor, order: Optional[Tensor]) -> Tensor:
     return x if order is None else torch.empty_like(x).scatter_(-1, order, x)
 
 
+def _attend_chunk(
+    q: Tensor,
+    kflat: Tensor,
+    vflat: Tensor,
+    idx: Tensor,
+    own: Optional[Tensor],
+    key_ok: Tensor,
+    all_keys_ok: bool,
+    rows_ok: Tensor,
+    base: Tensor,
+    tri: Tensor,
+    dims: Tuple[int, ...],
+    out_dtype: torch.dtype,
+    return_lse: bool,
+    return_block_mass: bool,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Attention of C query blocks ``q`` [B, Hkv, C, G*bs, D] (scaled) over their slots ``idx``
+    [B, Hkv, C, S]; ``own`` [1, 1, C, 1] their block ids under causal attention (else None)."""
+    b, hkv, g, bs, d, dv, nk = dims
+    acc = q.dtype
+    c, s = idx.shape[2], idx.shape[3]
+    causal = own is not None
+    safe = idx.clamp_min(0)
+    flat = (safe + base).reshape(-1)
+    ks = kflat.index_select(0, flat).view(b, hkv, c, s * bs, d)
+    vs = vflat.index_select(0, flat).view(b, hkv, c, s * bs, dv)
+    scores = torch.matmul(q, ks.to(acc).transpose(-1, -2))  # [B, Hkv, C, G*bs, S*bs]
+    scores6 = scores.view(b, hkv, c, g, bs, s * bs)
+    # Masks, added in place and shared by the group's heads: per key (unused slots, padding,
+    # past-the-end keys, under causal attention whole blocks after the query block), then
+    # the causal triangle on the query block's own block, which the reordering put in slot 0.
+    slot_ok = idx >= 0
+    if causal:
+        slot_ok = slot_ok & (idx <= own)
+    has_diag = (idx[..., 0] == own[:, :, :, 0]) if causal else None  # [B, Hkv, C]
+    row_ok = None  # [B, Hkv, C, 1, bs]: the row sees at least one key
+    if not all_keys_ok or not bool(slot_ok.all()):
+        ok = (
+            key_ok.view(b, 1, nk, bs)
+            .expand(b, hkv, nk, bs)
+            .gather(2, safe.view(b, hkv, c * s, 1).expand(-1, -1, -1, bs))
+        )
+        ok = ok.view(b, hkv, c, s, bs) & slot_ok.unsqueeze(-1)
+        scores6.add_(torch.where(ok, 0.0, _MASKED).to(acc).view(b, hkv, c, 1, 1, s * bs))
+        seen = ok.sum((-1, -2)).unsqueeze(-1)  # keys per row, [B, Hkv, C, 1]
+        if has_diag is not None:  # own block: only the keys up to the row
+            own_keys = ok[..., 0, :]
+            upto = own_keys.cumsum(-1) - own_keys.sum(-1, keepdim=True)
+            seen = seen + torch.where(has_diag.unsqueeze(-1), upto, 0)
+        row_ok = (seen > 0).expand(b, hkv, c, bs).reshape(b, hkv, c, 1, bs)
+        if bool(row_ok.all()):
+            row_ok = None
+    if has_diag is not None and bool(has_diag.any()):
+        tri_bias = torch.where(has_diag.view(b, hkv, c, 1, 1, 1), tri, 0.0)  # [B, Hkv, C, 1, bs, bs]
+        scores6[..., :bs].add_(tri_bias)
+    p = torch.softmax(scores6, dim=-1)
+    # a row that sees no key gets output 0 (its softmax is uniform over masked keys)
+    out = torch.matmul(p.view(b, hkv, c, g * bs, s * bs), vs.to(acc))
+    out = out.to(out_dtype).view(b, hkv, c, g, bs, dv)
+    if row_ok is not None:
+        out = out * row_ok.unsqueeze(-1).to(out.dtype)
+    lse = None
+    if return_lse:
+        lse = torch.logsumexp(scores6.detach(), dim=-1)
+        lse = lse if row_ok is None else lse.masked_fill(~row_ok, -math.inf)
+    mass = None
+    if return_block_mass:
+        with torch.no_grad():
+            pm = p.detach() if row_ok is None else p.detach() * row_ok.unsqueeze(-1).to(acc)
+            per_row = pm.view(b, hkv, c, g, bs, s, bs).sum(-1)  # [B, Hkv, C, G, bs, S]
+            w = rows_ok.view(1, 1, c, 1, bs, 1).to(acc)
+            mass = (per_row * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0)
+    return out, lse, mass
+
+
 class BlockGate(nn.Module):
     """The learnable gate: ``(q̄ W_q) · (k̄ W_k) / sqrt(gate_dim)`` per key/value head.
 
-    ``q̄`` and ``k̄`` are the mean-pooled queries and keys of :func:`pool_blocks`. ``W_q`` and
+    ``k̄`` are the mean-pooled block keys of :func:`pool_blocks`, ``q̄`` the query block's pooled
+    query (under causal attention the previous block's pooled keys, see the module docstring). ``W_q`` and
     ``W_k`` [Hkv, D, gate_dim] start as the identity (its first ``gate_dim`` columns), i.e. as
     MoBA's gate ``q̄ · k̄``, scaled.
     """
@@ -429,8 +510,9 @@ class BlockGate(nn.Module):
 
     def forward(self, query_pooled: Tensor, key_pooled: Tensor) -> Tensor:
         """Gate logits [B, Hkv, NQ, NK] from pooled queries [B, Hkv, NQ, D] and keys [B, Hkv, NK, D]."""
-        qg = torch.einsum("bhnd,hde->bhne", query_pooled.to(self.q_proj.dtype), self.q_proj)
-        kg = torch.einsum("bhnd,hde->bhne", key_pooled.to(self.k_proj.dtype), self.k_proj)
+        acc = torch.promote_types(self.q_proj.dtype, torch.float32)  # half precision overflows
+        qg = torch.einsum("bhnd,hde->bhne", query_pooled.to(acc), self.q_proj.to(acc))
+        kg = torch.einsum("bhnd,hde->bhne", key_pooled.to(acc), self.k_proj.to(acc))
         return torch.matmul(qg, kg.transpose(-1, -2)) / math.sqrt(self.gate_dim)
 
     def extra_repr(self) -> str:
@@ -471,7 +553,7 @@ def dynamic_attention(
     min_blocks: int = 1,
     max_blocks: Optional[int] = None,
     local_blocks: int = 0,
-    sink_block: bool = False,
+    sink_block: bool = True,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_gate_loss: bool = False,
@@ -496,6 +578,13 @@ def dynamic_attention(
         )
     with torch.no_grad():  # the gate's inputs are detached: its loss trains the gate only
         qp, kp, kvalid = pool_blocks(query.detach(), key.detach(), block_size, padding)
+        if causal:
+            # Route query block n by the pooled keys of block n - 1, not by its own queries: every
+            # row of block n follows them (the block's mean query would let a row's selection
+            # depend on later tokens) and they are in the KV cache, so one-token decoding routes
+            # exactly as the full forward. Block 0 has no candidate to route.
+            prev = (lay.first_block + torch.arange(lay.num_query_blocks, device=key.device) - 1).clamp_min(0)
+            qp = kp.index_select(2, prev)
     if gate is None:
         logits = torch.matmul(qp, kp.transpose(-1, -2)) / math.sqrt(query.shape[-1])
     else:
@@ -559,6 +648,27 @@ def computed_fraction(
     return total / (dense * rows)
 
 
+def work_fraction(
+    selection: Selection, q_len: int, k_len: int, block_size: int, causal: bool = True
+) -> float:
+    """Score products :func:`block_sparse_attention` computes, over the pairs of dense attention.
+
+    The kernel computes whole blocks: every row of a query block (alignment rows included)
+    against ``block_size`` keys per slot, as many slots as the query block's group needs (the
+    most used slots over batch and heads), masked triangle and padding included. Dense is as in
+    :func:`computed_fraction` (causal: only the pairs with key <= query). Per key/value head.
+    """
+    idx = selection.block_indices
+    lay = block_layout(q_len, k_len, block_size)
+    if q_len == 0 or idx.numel() == 0:
+        return 0.0
+    width = (idx >= 0).sum(-1).amax(dim=(0, 1)).clamp_min(1)  # [NQ]
+    products = int(width.sum()) * lay.block_size * lay.block_size
+    positions = torch.arange(k_len - q_len, k_len)
+    dense = int((positions + 1).sum()) if causal else q_len * k_len
+    return products / dense
+
+
 class DynamicAttention(nn.Module):
     """Dynamic Attention Routing as a module: a :class:`BlockGate` + the router + block-sparse attention.
 
@@ -566,7 +676,8 @@ class DynamicAttention(nn.Module):
     key, value)`` with ``query`` [B, Hq, Tq, D] and ``key`` / ``value`` [B, Hkv, Tk, D]. After a
     forward in training mode, ``gate_loss`` holds the gate's distillation loss (add it to your
     loss, e.g. with weight 1: it only reaches the gate's parameters); ``last_selection`` holds
-    the selection of the last forward.
+    the selection of the last forward. Reentrant gradient checkpointing runs the forward under
+    ``no_grad`` and so produces no ``gate_loss``: use ``use_reentrant=False``.
     """
 
     def __init__(
@@ -593,10 +704,25 @@ class DynamicAttention(nn.Module):
             raise InvalidValueError(
                 f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
             )
+        try:
+            block_size, top_k, min_blocks, local_blocks = (
+                operator.index(x) for x in (block_size, top_k, min_blocks, local_blocks)
+            )
+            max_blocks = None if max_blocks is None else operator.index(max_blocks)
+        except TypeError as e:
+            raise InvalidValueError(f"block_size, top_k, min_blocks, max_blocks, local_blocks: {e}") from None
         if block_size < 1:
             raise InvalidValueError(f"block_size must be positive, got {block_size}")
         if rule not in RULES:
             raise InvalidValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if top_k < 0 or local_blocks < 0:
+            raise InvalidValueError(f"top_k and local_blocks must be >= 0, got {top_k} and {local_blocks}")
+        if rule == "top_p" and not 0.0 < top_p <= 1.0:
+            raise InvalidValueError(f"top_p must be in (0, 1], got {top_p}")
+        if min_blocks < 1 or (max_blocks is not None and max_blocks < min_blocks):
+            raise InvalidValueError(
+                f"need 1 <= min_blocks <= max_blocks, got min_blocks={min_blocks}, max_blocks={max_blocks}"
+            )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.block_size, self.causal, self.rule = block_size, causal, rule
         self.top_k, self.top_p, self.min_blocks, self.max_blocks = top_k, top_p, min_blocks, max_blocks
@@ -679,4 +805,5 @@ __all__ = [
     "gate_losses",
     "pool_blocks",
     "select_blocks",
+    "work_fraction",
 ]

@@ -109,7 +109,7 @@ def patch_attention(model: nn.Module, **dar_kwargs: Any) -> nn.Module:
     sliding window or attention dropout; then nothing is changed.
     """
     classes = _supported()
-    layers: List[nn.Module] = [m for m in model.modules() if isinstance(m, classes) and type(m) in classes]
+    layers: List[nn.Module] = [m for m in model.modules() if type(m) in classes]
     if not layers:
         names = ", ".join(cls for _, cls in _CLASSES)
         raise InvalidValueError(f"{type(model).__name__} contains no supported attention layer ({names})")

@@ -1,6 +1,7 @@
 """The ``deepseek-rs`` command line.
 
-``deepseek-rs bench moe [--quick] [--json PATH]`` runs the MoE benchmark and prints its table.
+``deepseek-rs bench moe [--quick] [--json PATH]`` runs the MoE benchmark and prints its table;
+``deepseek-rs bench attention [--quick] ...`` the Dynamic Attention Routing benchmark.
 ``deepseek-rs serve [--model MODULE:FACTORY] [--port N] ...`` serves a model over HTTP through
 the dynamic batcher (see ``deepseek_rs.serve``).
 ``deepseek-rs filter INPUT... -o OUTDIR [--config filter.yaml]`` filters JSONL shards.
@@ -109,6 +110,12 @@ def _filter(args: argparse.Namespace) -> int:
     return 1 if unreadable else 0
 
 
+def _bench_attention(args: argparse.Namespace) -> int:
+    from . import attention_bench
+
+    return attention_bench.main(args.extra)  # its own parser: `deepseek-rs bench attention --help`
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepseek-rs",
@@ -134,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     moe.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     moe.set_defaults(run=_bench_moe)
+    attention = benches.add_parser(
+        "attention",
+        add_help=False,
+        help="Dynamic Attention Routing: latency against SDPA and dense-vs-DAR language-model quality",
+    )
+    attention.set_defaults(run=_bench_attention)
     bench.set_defaults(run=lambda _args: _usage(bench))
 
     srv = commands.add_parser(
@@ -206,7 +219,11 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.run is not _bench_attention:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return int(args.run(args))
     except DeepseekError as e:  # bad input: one clear line, no traceback
