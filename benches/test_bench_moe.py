@@ -162,7 +162,9 @@ def test_cli_bench_moe_quick_exits_0(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "machine: " in proc.stdout and "met" in proc.stdout
+    # Whether a quick (tiny) row meets its target depends on the machine's load; that it is
+    # judged does not.
+    assert "machine: " in proc.stdout and ("| met" in proc.stdout or "| NOT MET" in proc.stdout)
     data = json.loads(out.read_text())
     assert data["quick"] is True and len(data["rows"]) == QUICK_ROWS
     assert data["machine"]["cpus"] == benchmarks.machine_info()["cpus"]
