@@ -7,7 +7,7 @@ Corpus: real text available offline on this machine, not generated filler: the f
 docstrings of the Python standard library, alternated in a fixed order until ``--mb`` megabytes
 (UTF-8) are reached.
 
-* signals: ``compute_signals`` (Rust, all CPUs) against the same 29 signals in plain Python
+* signals: ``compute_signals`` (Rust, all CPUs) against the same 30 signals in plain Python
   (``tests/filter_reference.py``, the reference the property tests check the Rust against; it
   is written to be read, not tuned for speed). Target: at least 30x.
 * stage 1: ``DensityFilter`` (all signals + every default threshold) against datatrove's

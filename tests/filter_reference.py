@@ -89,6 +89,22 @@ def _covered(grams: List[Tuple[str, ...]], n: int, lengths: List[int], keep) -> 
     return sum(length for length, m in zip(lengths, mask) if m)
 
 
+def _repeated_chars(ws: List[str], n: int) -> int:
+    """Characters of the repeated occurrences of word n-grams, counted as datatrove's
+    ``find_all_duplicate`` counts them (n-grams compared as word tuples)."""
+    seen = set()
+    repeated, i = 0, 0
+    while i < len(ws) - n + 1:
+        gram = tuple(ws[i : i + n])
+        if gram in seen:
+            repeated += sum(len(w) for w in gram)
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return repeated
+
+
 def signals(text: str) -> Dict[str, float]:
     s: Dict[str, float] = {}
     s["n_chars"] = float(len(text))
@@ -138,13 +154,10 @@ def signals(text: str) -> Dict[str, float]:
             value = ratio(_covered(grams, n, lengths, lambda g, first=first: g == first), total_word_chars)
         s[f"top_{n}gram_char_frac"] = value
     for n in range(5, 11):
-        grams = _ngrams(ws, n)
-        counts = Counter(grams)
-        covered = _covered(grams, n, lengths, lambda g, counts=counts: counts[g] >= 2)
-        s[f"dup_{n}gram_char_frac"] = ratio(covered, total_word_chars)
+        s[f"dup_{n}gram_char_frac"] = ratio(_repeated_chars(ws, n), total_word_chars)
 
-    symbols = text.count("#") + text.count("...") + text.count("\u2026")
-    s["symbol_word_ratio"] = ratio(symbols, len(ws))
+    s["hash_word_ratio"] = ratio(text.count("#"), len(ws))
+    s["ellipsis_word_ratio"] = ratio(text.count("...") + text.count("\u2026"), len(ws))
     stripped_ends = [line.rstrip() for line, _ in ls]
     s["terminal_punct_line_frac"] = ratio(
         sum(e.endswith(TERMINAL_PUNCTUATION) for e in stripped_ends), len(ls)

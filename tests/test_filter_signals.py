@@ -74,6 +74,36 @@ def test_repetitive_texts_match_the_reference(words):
     assert_matches_reference(" ".join(words))
 
 
+def test_duplicate_ngram_fractions_count_only_the_repeats():
+    # Three copies of a 5-word block of 9 word characters, then one word: 29 word characters.
+    # 5-grams: the block at word 5 repeats the one at word 0 (9 characters); the scan jumps to
+    # word 10, where the block repeats again (9). 6-grams: the window at word 5 repeats the one
+    # at word 0 (9 + 2 characters), and no window after word 10 repeats an earlier one.
+    text = "aa b ccc d ee aa b ccc d ee aa b ccc d ee zz"
+    got = dict(zip(SIGNAL_NAMES, compute_signals([text])[0]))
+    want = dict(zip(range(5, 11), (18, 11, 12, 15, 16, 18)))
+    for n, chars in want.items():
+        assert got[f"dup_{n}gram_char_frac"] == chars / 29
+        assert reference_signals(text)[f"dup_{n}gram_char_frac"] == chars / 29
+
+
+# Words of one length, so datatrove's n-grams (the words joined without a separator) are the
+# same as ours (word tuples).
+@given(st.lists(st.sampled_from(["ab", "cd", "ef", "gh"]), max_size=200))
+def test_duplicate_ngram_characters_match_datatrove(words):
+    datatrove = pytest.importorskip("datatrove.pipeline.filters.gopher_repetition_filter")
+    got = dict(zip(SIGNAL_NAMES, compute_signals([" ".join(words)])[0]))
+    for n in range(5, 11):
+        want = datatrove.find_all_duplicate(words, n)
+        assert math.isclose(got[f"dup_{n}gram_char_frac"] * 2 * len(words), want, abs_tol=1e-9)
+
+
+def test_hashes_and_ellipses_are_separate_ratios():
+    got = dict(zip(SIGNAL_NAMES, compute_signals(["# a ## b ... c\u2026 d e"])[0]))
+    assert got["hash_word_ratio"] == 3 / 8 and got["ellipsis_word_ratio"] == 2 / 8
+    assert "symbol_word_ratio" not in got
+
+
 def test_batch_rows_are_the_documents_in_order():
     docs = ["one two three", "", "模型 模型", "a\n\na"]
     batch = compute_signals(docs)

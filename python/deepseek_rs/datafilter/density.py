@@ -9,7 +9,8 @@ signal                         keep if      source
 n_words                        50..100000   Gopher quality filter (Rae et al. 2021, A.1.1)
 mean_word_length               3..10        Gopher (not applied to CJK documents, whose words
                                             are single characters)
-symbol_word_ratio              <= 0.1       Gopher (which bounds ``#`` and ellipses separately)
+hash_word_ratio                <= 0.1       Gopher (symbol-to-word ratio: ``#`` per word)
+ellipsis_word_ratio            <= 0.1       Gopher (``...`` and ``…`` per word)
 bullet_line_frac               <= 0.9       Gopher
 ellipsis_line_frac             <= 0.3       Gopher
 non_alpha_word_frac            <= 0.2       Gopher (80% of words have a letter)
@@ -18,7 +19,8 @@ dup_para_frac                  <= 0.3       Gopher
 dup_line_char_frac             <= 0.2       Gopher (FineWeb uses 0.1)
 dup_para_char_frac             <= 0.2       Gopher
 top_{2,3,4}gram_char_frac      <= .20/.18/.16  Gopher
-dup_{5..10}gram_char_frac      <= .15 ... .10  Gopher (our fraction counts first occurrences too)
+dup_{5..10}gram_char_frac      <= .15 ... .10  Gopher (repeated occurrences only, counted as
+                                            datatrove's ``find_all_duplicate``)
 terminal_punct_line_frac       >= 0.12      FineWeb (line punctuation ratio)
 char_entropy                   >= 3.0 bits  this package: the article's entropy density
 word_entropy                   >= 3.5 bits  this package
@@ -83,7 +85,8 @@ class Threshold:
 GOPHER_QUALITY = (
     Threshold("n_words", 50, 100_000, "gopher"),
     Threshold("mean_word_length", 3, 10, "gopher", applies_to_cjk=False),
-    Threshold("symbol_word_ratio", max=0.1, source="gopher"),
+    Threshold("hash_word_ratio", max=0.1, source="gopher"),
+    Threshold("ellipsis_word_ratio", max=0.1, source="gopher"),
     Threshold("bullet_line_frac", max=0.9, source="gopher"),
     Threshold("ellipsis_line_frac", max=0.3, source="gopher"),
     Threshold("non_alpha_word_frac", max=0.2, source="gopher"),

@@ -73,20 +73,22 @@ signals! {
     Top3gramCharFrac = "top_3gram_char_frac",
     /// Word characters covered by the most frequent word 4-gram (0 if none repeats).
     Top4gramCharFrac = "top_4gram_char_frac",
-    /// Word characters covered by word 5-grams that occur more than once.
+    /// Word characters in repeats of an earlier word 5-gram (Gopher: not the first occurrence).
     Dup5gramCharFrac = "dup_5gram_char_frac",
-    /// Word characters covered by word 6-grams that occur more than once.
+    /// Word characters in repeats of an earlier word 6-gram (Gopher: not the first occurrence).
     Dup6gramCharFrac = "dup_6gram_char_frac",
-    /// Word characters covered by word 7-grams that occur more than once.
+    /// Word characters in repeats of an earlier word 7-gram (Gopher: not the first occurrence).
     Dup7gramCharFrac = "dup_7gram_char_frac",
-    /// Word characters covered by word 8-grams that occur more than once.
+    /// Word characters in repeats of an earlier word 8-gram (Gopher: not the first occurrence).
     Dup8gramCharFrac = "dup_8gram_char_frac",
-    /// Word characters covered by word 9-grams that occur more than once.
+    /// Word characters in repeats of an earlier word 9-gram (Gopher: not the first occurrence).
     Dup9gramCharFrac = "dup_9gram_char_frac",
-    /// Word characters covered by word 10-grams that occur more than once.
+    /// Word characters in repeats of an earlier word 10-gram (Gopher: not the first occurrence).
     Dup10gramCharFrac = "dup_10gram_char_frac",
-    /// (`#` characters + `...` + `…`) per word (Gopher's symbol-to-word ratio).
-    SymbolWordRatio = "symbol_word_ratio",
+    /// `#` characters per word (Gopher's symbol-to-word ratio for the hash).
+    HashWordRatio = "hash_word_ratio",
+    /// Ellipses (`...` and `…`) per word (Gopher's symbol-to-word ratio for the ellipsis).
+    EllipsisWordRatio = "ellipsis_word_ratio",
     /// Fraction of lines that end in terminal punctuation (FineWeb).
     TerminalPunctLineFrac = "terminal_punct_line_frac",
     /// Fraction of lines that start with a bullet (Gopher).
@@ -209,6 +211,27 @@ fn covered_chars(g: &NGrams, n: usize, word_chars: &[u32], covered: impl Fn(u32)
     sum
 }
 
+/// Word characters in the repeated occurrences of n-grams (of `n` words), counted as Gopher and
+/// datatrove's `find_all_duplicate` count them: scanning the windows left to right, a window
+/// whose n-gram occurred before adds its words' characters and the scan jumps past its `n`
+/// words; any other window records its n-gram as seen and the scan moves on by one word. The
+/// first occurrence never counts, and no word counts twice.
+fn repeated_chars(g: &NGrams, n: usize, word_chars: &[u32]) -> u64 {
+    let mut seen = vec![false; g.counts.len()];
+    let (mut sum, mut start) = (0u64, 0usize);
+    while start < g.slot_of_window.len() {
+        let slot = g.slot_of_window[start] as usize;
+        if seen[slot] {
+            sum += word_chars[start..start + n].iter().map(|&c| c as u64).sum::<u64>();
+            start += n;
+        } else {
+            seen[slot] = true;
+            start += 1;
+        }
+    }
+    sum
+}
+
 /// Every signal of `text`.
 pub fn compute(text: &str) -> Signals {
     let mut s = Signals([0.0; NUM_SIGNALS]);
@@ -266,7 +289,8 @@ pub fn compute(text: &str) -> Signals {
     let total = total_word_chars as f64;
     s.set(Signal::NonAlphaWordFrac, ratio(no_letter as f64, n_words));
     let ellipses = text.matches("...").count() + text.matches('\u{2026}').count();
-    s.set(Signal::SymbolWordRatio, ratio((hashes + ellipses) as f64, n_words));
+    s.set(Signal::HashWordRatio, ratio(hashes as f64, n_words));
+    s.set(Signal::EllipsisWordRatio, ratio(ellipses as f64, n_words));
 
     // Word n-grams: entropy (2-4), top n-gram coverage (2-4), duplicate n-gram coverage (5-10).
     let entropy_signals = [Signal::Entropy2gram, Signal::Entropy3gram, Signal::Entropy4gram];
@@ -308,7 +332,7 @@ pub fn compute(text: &str) -> Signals {
                 s.set(top_signals[n - 2], ratio(chars as f64, total));
             }
         } else {
-            let chars = covered_chars(&g, n, &word_chars, |slot| g.counts[slot as usize] >= 2);
+            let chars = repeated_chars(&g, n, &word_chars);
             s.0[Signal::Dup5gramCharFrac as usize + n - 5] = ratio(chars as f64, total);
         }
     }
@@ -390,6 +414,27 @@ mod tests {
             s.get(Signal::WordEntropy),
             -(2.0 * (2.0f64 / 7.0).log2() * 2.0 / 7.0 + 3.0 * (1.0f64 / 7.0).log2() / 7.0)
         );
+    }
+
+    #[test]
+    fn duplicate_ngram_fractions_count_only_the_repeats() {
+        // Three copies of a 5-word block (9 word characters) and one more word: 29 characters.
+        // 5-grams: the block at word 5 repeats the one at word 0 (9 characters), the scan jumps
+        // to word 10, where the block repeats again (9). 6-grams: the window at word 5 repeats
+        // the one at word 0 (9 + 2 characters), then no later window repeats one seen before.
+        let s = compute("aa b ccc d ee aa b ccc d ee aa b ccc d ee zz");
+        let want = [18.0, 11.0, 12.0, 15.0, 16.0, 18.0];
+        for (k, w) in want.iter().enumerate() {
+            assert_eq!(s.0[Signal::Dup5gramCharFrac as usize + k], w / 29.0, "n = {}", k + 5);
+        }
+        assert_eq!(compute("p q r s t u v w x y z").get(Signal::Dup5gramCharFrac), 0.0);
+    }
+
+    #[test]
+    fn hashes_and_ellipses_are_separate_ratios() {
+        let s = compute("# a ## b ... c\u{2026} d e");
+        assert_eq!(s.get(Signal::HashWordRatio), 3.0 / 8.0);
+        assert_eq!(s.get(Signal::EllipsisWordRatio), 2.0 / 8.0);
     }
 
     #[test]
