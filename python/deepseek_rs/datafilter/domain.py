@@ -19,6 +19,7 @@ on the domain.
 
 from __future__ import annotations
 
+import abc
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -63,13 +64,14 @@ def _split(reference: Sequence[str]) -> Tuple[List[str], List[str]]:
     return [t for i, t in enumerate(reference) if i % 5], reference[::5]
 
 
-class _QuantileScreen:
+class _QuantileScreen(abc.ABC):
     keep_quantile: float
     threshold: Optional[float] = None
     reason: str = ""
 
+    @abc.abstractmethod
     def score(self, texts: Sequence[str]) -> np.ndarray:
-        raise NotImplementedError
+        """Per-text domain score, higher is closer to the reference domain."""
 
     def _calibrate(self, reference_scores: np.ndarray) -> None:
         self.threshold = float(np.quantile(reference_scores, self.keep_quantile))
