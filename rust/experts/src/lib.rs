@@ -151,14 +151,11 @@ pub fn swiglu_forward(
     }
     let dot = dot::best();
     let rows_run: usize = tasks.iter().map(|t| t.x.len() / hidden).sum();
-    if rows_run * 3 * hidden * intermediate < SERIAL_MACS {
-        let mut act = Vec::new();
-        tasks.into_iter().for_each(|task| task.run(dims, dot, &mut act));
-    } else {
-        tasks
-            .into_par_iter()
-            .for_each_init(Vec::new, |act, task| task.run(dims, dot, act));
-    }
+    run_tasks(
+        tasks,
+        rows_run * 3 * hidden * intermediate,
+        |task, act: &mut Vec<f32>| task.run(dims, dot, act),
+    );
     Ok(done)
 }
 
@@ -233,14 +230,11 @@ pub fn swiglu_backward(
     let done = tasks.len();
     let gemm = gemm::best();
     let rows_run: usize = tasks.iter().map(|t| t.x.len() / hidden).sum();
-    if rows_run * 6 * hidden * intermediate < SERIAL_MACS {
-        let mut scratch = GradScratch::default();
-        tasks.into_iter().for_each(|task| task.run(dims, gemm, &mut scratch));
-    } else {
-        tasks
-            .into_par_iter()
-            .for_each_init(GradScratch::default, |scratch, task| task.run(dims, gemm, scratch));
-    }
+    run_tasks(
+        tasks,
+        rows_run * 6 * hidden * intermediate,
+        |task, scratch: &mut GradScratch| task.run(dims, gemm, scratch),
+    );
     Ok(done)
 }
 
@@ -352,6 +346,19 @@ impl ExpertGrad<'_> {
 /// Multiply-adds below which a call runs on the calling thread: tens of microseconds, about
 /// what handing tasks to the thread pool (and waking it) costs.
 const SERIAL_MACS: usize = 1 << 21;
+
+/// Runs every task with a reused scratch `S`: on the calling thread when they hold fewer than
+/// [`SERIAL_MACS`] multiply-adds in all, else on the thread pool.
+fn run_tasks<T: Send, S: Default>(tasks: Vec<T>, macs: usize, run: impl Fn(T, &mut S) + Sync + Send) {
+    if macs < SERIAL_MACS {
+        let mut scratch = S::default();
+        tasks.into_iter().for_each(|task| run(task, &mut scratch));
+    } else {
+        tasks
+            .into_par_iter()
+            .for_each_init(S::default, |scratch, task| run(task, scratch));
+    }
+}
 
 /// Rows per task: 64 rows of a 1024-wide hidden state are 256 KiB, which stay in L2.
 const ROW_BLOCK: usize = 64;
