@@ -285,10 +285,11 @@ combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 # Each expert's rows are one contiguous segment, so every expert is dense products over its
 # segment, never a loop over tokens. In float32 they run in Rust (`deepseek-experts`): tasks
 # over blocks of an expert's rows stream its weights past the rows, with SwiGLU applied between
-# the two products and the backward's four products in the same kernels; this was measured
-# faster than torch's GEMMs at every segment size on the development machine (2-core AMD EPYC,
-# `benches/bench_moe.py`), most at serving sizes, where BLAS runs far below the weight-read
-# floor. Other dtypes (and segments longer than RUST_SEGMENT_ROWS) use torch's GEMMs, with the
+# the two products, and the backward's four products in a broadcast-A GEMM kernel. In
+# development timings on a 2-core AMD EPYC it beat torch's GEMMs at every segment size tried
+# (1 to 384 rows), most at serving sizes, where BLAS runs far below the weight-read floor;
+# `ops.RUST_SEGMENT_ROWS = 0` forces torch's GEMMs to compare. Other dtypes (and segments
+# longer than RUST_SEGMENT_ROWS) use torch's GEMMs, with the
 # SwiGLU elementwise work done per segment in small reused scratch buffers that stay in cache.
 # torch._grouped_mm was measured slower than either on the CPU with torch 2.15, and its weight
 # gradient fails there.

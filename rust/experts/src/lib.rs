@@ -1,14 +1,14 @@
-//! SwiGLU experts over an expert-sorted token buffer, for the small segments of serving batches.
+//! SwiGLU experts over an expert-sorted token buffer, forward and backward, in float32.
 //!
-//! With a handful of tokens per expert, an expert's two products are skinny: a few rows against
-//! a weight matrix of `3 * hidden * intermediate` floats, so their cost is reading the weights
-//! once. BLAS libraries tuned for large blocks pack the weights and run well below that floor
-//! there. [`swiglu_forward`] instead runs every small expert as one task that streams its weight
-//! rows once: each pass computes a tile of up to 4 tokens by 4 weight rows as dot products along
-//! the contiguous `hidden` (or `intermediate`) axis, keeps those 4 weight rows in L1 for every
-//! tile of tokens, and applies SwiGLU between the two products without leaving the task.
-//! Each output element is one dot product in a fixed order, so results are bitwise the same
-//! whatever the thread count.
+//! [`swiglu_forward`] splits each expert's rows into blocks of 64 and runs every block
+//! as one task that streams the expert's weight rows past it: each pass computes a tile of up to
+//! 4 tokens by 4 weight rows as dot products along the contiguous `hidden` (or `intermediate`)
+//! axis, keeps those 4 weight rows in L1 for every tile of tokens, and applies SwiGLU between the
+//! two products without leaving the task. With a handful of tokens per expert (serving batches)
+//! this reads the weights once, where BLAS libraries tuned for large blocks run well below that
+//! floor; with many, the block's rows stay in L2 while the weights stream. [`swiglu_backward`]
+//! runs one task per expert with a broadcast-A GEMM kernel. Each output element is computed in a
+//! fixed order, so results are bitwise the same whatever the thread count.
 #![deny(missing_docs)]
 
 use rayon::prelude::*;
@@ -57,11 +57,18 @@ fn check_offsets(expert_offsets: &[i64], experts: usize) -> Result<usize> {
 }
 
 /// The experts whose segment holds 1 to `max_rows` rows, with their row ranges.
-fn small_experts(expert_offsets: &[i64], max_rows: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+fn experts_within(expert_offsets: &[i64], max_rows: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
     expert_offsets.windows(2).enumerate().filter_map(move |(e, w)| {
         let (s, t) = (w[0] as usize, w[1] as usize);
         (t > s && t - s <= max_rows).then_some((e, s, t))
     })
+}
+
+/// Zeroes the rows of the experts with 1 to `max_rows` rows; returns how many experts that was.
+fn zero_rows(m: &mut [f32], width: usize, expert_offsets: &[i64], max_rows: usize) -> usize {
+    experts_within(expert_offsets, max_rows)
+        .map(|(_, s, t)| m[s * width..t * width].fill(0.0))
+        .count()
 }
 
 fn check_len(what: &str, len: usize, want: usize) -> Result<()> {
@@ -107,15 +114,10 @@ pub fn swiglu_forward(
     }
     if hidden == 0 || intermediate == 0 {
         // Empty products: the output rows are sums of nothing.
-        let mut done = 0;
-        for (_, s, t) in small_experts(expert_offsets, max_rows) {
-            out[s * hidden..t * hidden].fill(0.0);
-            done += 1;
-        }
-        return Ok(done);
+        return Ok(zero_rows(out, hidden, expert_offsets, max_rows));
     }
 
-    // Tasks over blocks of the small experts' rows, each owning its rows of `out` and `h`.
+    // Tasks over blocks of the experts' rows, each owning its rows of `out` and `h`.
     let mut tasks = Vec::new();
     let mut out_rest = out;
     let mut h_rest = h;
@@ -198,12 +200,7 @@ pub fn swiglu_backward(
     }
     if hidden == 0 || intermediate == 0 {
         // The output is identically zero, so is the input's gradient; the weights are empty.
-        let mut done = 0;
-        for (_, s, t) in small_experts(expert_offsets, max_rows) {
-            grad_buf[s * hidden..t * hidden].fill(0.0);
-            done += 1;
-        }
-        return Ok(done);
+        return Ok(zero_rows(grad_buf, hidden, expert_offsets, max_rows));
     }
     let (gu_size, d_size) = (2 * intermediate * hidden, hidden * intermediate);
     let mut tasks = Vec::new();
