@@ -207,6 +207,8 @@ def flex_block_sparse_attention(
     reason = flex_unavailable_reason(query.device, lay.block_size, grad)
     if reason is not None:
         raise DeviceError(reason)
+    if not grad:  # torch's CPU check looks at requires_grad, not at the grad mode
+        query, key, value = query.detach(), key.detach(), value.detach()
     compile = query.device.type == "cuda" if compile is None else bool(compile)
     if compile and query.device.type == "cpu" and (return_lse or return_block_mass):
         raise InvalidValueError("compiled FlexAttention on the CPU returns no lse: use compile=False")
