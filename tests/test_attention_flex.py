@@ -141,16 +141,16 @@ def test_length_one_and_rows_without_keys():
 
 def test_dynamic_attention_module_backends_agree():
     gen = torch.Generator().manual_seed(4)
-    q = torch.randn(2, 4, 50, 8, generator=gen)
-    k = torch.randn(2, 2, 50, 8, generator=gen)
-    v = torch.randn(2, 2, 50, 8, generator=gen)
+    q = torch.randn(2, 4, 50, 8, generator=gen, dtype=f64)  # float64: eager FlexAttention, no compile
+    k = torch.randn(2, 2, 50, 8, generator=gen, dtype=f64)
+    v = torch.randn(2, 2, 50, 8, generator=gen, dtype=f64)
     outs = []
     for backend in ("gather", "flex"):
-        m = DynamicAttention(4, 2, 8, block_size=8, top_k=2, backend=backend).eval()
+        m = DynamicAttention(4, 2, 8, block_size=8, top_k=2, backend=backend, dtype=f64).eval()
         with torch.no_grad():
             outs.append((m(q, k, v), m.last_selection.block_indices))
     assert torch.equal(outs[0][1], outs[1][1])
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-12, atol=1e-12)
 
 
 def test_auto_takes_gather_on_the_cpu_and_flex_where_it_can_on_cuda():
@@ -169,8 +169,8 @@ def test_auto_takes_gather_on_the_cpu_and_flex_where_it_can_on_cuda():
 
 
 def test_bad_input_errors():
-    q = torch.randn(1, 2, 8, 4)
-    k = v = torch.randn(1, 1, 8, 4)
+    q = torch.randn(1, 2, 8, 4, dtype=f64)
+    k = v = torch.randn(1, 1, 8, 4, dtype=f64)
     idx = torch.tensor([[[[0, 1], [1, -1]]]])
     with pytest.raises(InvalidValueError, match="backend"):
         block_sparse_attention(q, k, v, idx, block_size=4, backend="cuda")
@@ -181,8 +181,12 @@ def test_bad_input_errors():
     with torch.no_grad():  # no gradient wanted: the CPU flex path runs
         block_sparse_attention(q, k, v, idx, block_size=4, backend="flex")
     q = q.detach()
-    with pytest.raises(InvalidValueError, match="no lse"):
-        flex.flex_block_sparse_attention(q, k, v, idx, block_size=4, compile=True, return_lse=True)
+    with pytest.raises(InvalidValueError, match="inference only"):
+        flex.flex_block_sparse_attention(
+            q.float(), k.float(), v.float(), idx, block_size=4, compile=True, return_lse=True
+        )
+    with pytest.raises(InvalidValueError, match="float64"):
+        flex.flex_block_sparse_attention(q, k, v, idx, block_size=4, compile=True)
     with pytest.raises(ShapeError, match="block_indices"):
         flex.flex_block_sparse_attention(q, k, v, idx[:, :, :1], block_size=4)
     with pytest.raises(InvalidValueError, match="twice"):

@@ -3,12 +3,13 @@
 :func:`flex_block_sparse_attention` computes what :func:`deepseek_rs.attention.block_sparse_attention`
 computes (same arguments, scale, output, ``lse`` and ``block_mass``) with
 ``torch.nn.attention.flex_attention``: the selection becomes a ``BlockMask`` whose tiles are
-our blocks (``BLOCK_SIZE = block_size``), so the fused kernel (``torch.compile``, on CUDA)
-visits only the selected key blocks of each query block. Selected blocks that need no masking
-(under causal attention strictly before the query block, every key real) go into the mask's
-"full" lists and skip the ``mask_mod``; the others are masked by a ``mask_mod`` that also looks
-the selection up, so the result is exact whether or not an implementation skips blocks by the
-``BlockMask`` (the eager CPU implementation computes every score and masks).
+our blocks (``BLOCK_SIZE = block_size``), so the fused kernel (``torch.compile``: on CUDA, and
+on the CPU for inference) visits only the selected key blocks of each query block. Selected
+blocks that need no masking (under causal attention strictly before the query block, every key
+real) go into the mask's "full" lists and skip the ``mask_mod``; the others are masked by a
+``mask_mod`` that also looks the selection up, so the result is exact whether or not an
+implementation skips blocks by the ``BlockMask`` (torch's eager FlexAttention computes every
+score and masks).
 
 Query blocks are ours, not FlexAttention's (ours are aligned to the key blocks: a KV cache's
 queries start mid-block), so the queries are padded in front to their block boundary, and at
@@ -42,6 +43,7 @@ from .attention import (
 from .errors import DeviceError, InvalidValueError
 
 BACKENDS = _BACKENDS
+_CPU_COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MASS_COLUMNS = 64  # key blocks per one-hot pass of the block-mass computation
 
 
@@ -155,7 +157,8 @@ def selection_block_mask(
     key_ok = key_ok.contiguous()
     selected, full = _selection_tables(block_indices, layout, causal, key_ok)
     partial = selected & ~full
-    offset = layout.first_block * bs  # key position of padded query row 0
+    # key position of padded query row 0; a tensor, so that compiled code is not specialised to it
+    offset = torch.tensor(layout.first_block * bs, device=device)
 
     def mask_mod(bi, hi, q_idx, kv_idx):
         keep = selected[bi, hi // g, q_idx // bs, kv_idx // bs] & key_ok[bi, kv_idx]
@@ -194,10 +197,11 @@ def flex_block_sparse_attention(
 
     Same arguments and results (the output is 0 for a query row that sees no key; ``lse`` in
     float32, float64 for float64 input, ``-inf`` there). ``compile``: run the
-    ``torch.compile``-d FlexAttention (the fused, block-skipping kernel); ``None`` compiles on
-    CUDA only. On the CPU the compiled kernel serves inference only (no ``lse``, no
-    ``block_mass``); the eager one computes every score and masks, so it is a reference, not
-    a fast path.
+    ``torch.compile``-d FlexAttention (the fused kernel, which skips the blocks outside the
+    selection; the first call per shape compiles); ``None`` compiles wherever torch can: on
+    CUDA always, on the CPU for float32/bfloat16/float16 inference without ``lse`` or
+    ``block_mass``. ``compile=False`` runs torch's eager FlexAttention, which computes every
+    score and masks: a reference, not a fast path.
     """
     b, hq, hkv, tq, tk = _check_qkv(query, key, value)
     lay = block_layout(tq, tk, block_size)
@@ -209,9 +213,15 @@ def flex_block_sparse_attention(
         raise DeviceError(reason)
     if not grad:  # torch's CPU check looks at requires_grad, not at the grad mode
         query, key, value = query.detach(), key.detach(), value.detach()
-    compile = query.device.type == "cuda" if compile is None else bool(compile)
-    if compile and query.device.type == "cpu" and (return_lse or return_block_mass):
-        raise InvalidValueError("compiled FlexAttention on the CPU returns no lse: use compile=False")
+    cpu_compiles = query.dtype in _CPU_COMPILED_DTYPES and not (return_lse or return_block_mass)
+    if compile is None:
+        compile = query.device.type == "cuda" or cpu_compiles
+    elif compile and query.device.type == "cpu" and not cpu_compiles:
+        raise InvalidValueError(
+            "compiled FlexAttention on the CPU serves float32/bfloat16/float16 inference only (no lse, "
+            f"no block_mass), got {query.dtype}, return_lse={return_lse}, "
+            f"return_block_mass={return_block_mass}: use compile=False"
+        )
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     bs, nq, s = lay.block_size, lay.num_query_blocks, block_indices.shape[-1]
     dv = value.shape[-1]
