@@ -4,6 +4,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 BENCH = pathlib.Path(__file__).with_name("bench_attention.py")
 
 
@@ -25,3 +27,26 @@ def test_quick_attention_benchmark_prints_every_section():
         "DAR / SDPA",
     ):
         assert section in out, out
+
+
+@pytest.mark.slow
+def test_quick_latency_with_the_flex_backend_times_the_gather_baseline():
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--section",
+            "latency",
+            "--backend",
+            "flex",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
+    assert "backend='flex'" in out and "flex / gather" in out, out
+    assert out.count("\n| 256 |") == 1 and out.count("\n| 512 |") == 1, out

@@ -241,8 +241,12 @@ def flex_block_sparse_attention(
     run = _compiled_flex() if compile else fa.flex_attention
     kwargs = dict(block_mask=mask, scale=scale, enable_gqa=hq != hkv)
     if return_lse:
-        out, aux = run(q, key, value, return_aux=fa.AuxRequest(lse=True), **kwargs)
-        lse = aux.lse[:, :, lay.front : lay.front + tq].to(acc)
+        if hasattr(fa, "AuxRequest"):
+            out, aux = run(q, key, value, return_aux=fa.AuxRequest(lse=True), **kwargs)
+            lse = aux.lse
+        else:  # torch < 2.9
+            out, lse = run(q, key, value, return_lse=True, **kwargs)
+        lse = lse[:, :, lay.front : lay.front + tq].to(acc)
     else:
         out, lse = run(q, key, value, **kwargs), None
     mass = None
