@@ -155,17 +155,21 @@ def test_dynamic_attention_module_backends_agree():
 
 def test_auto_takes_gather_on_the_cpu_and_flex_where_it_can_on_cuda():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert flex.resolve_backend("auto", cpu, 64, False) == "gather"
-    assert flex.resolve_backend("flex", cpu, 7, False) == "flex"
-    assert flex.resolve_backend("gather", cuda, 64, True) == "gather"
+    assert flex.resolve_backend("auto", cpu, 64, 64, 64, False) == "gather"
+    assert flex.resolve_backend("flex", cpu, 7, 4, 3, False) == "flex"
+    assert flex.resolve_backend("gather", cuda, 64, 64, 64, True) == "gather"
     for bs in (16, 64, 128, 256, 384):
-        assert flex.flex_unavailable_reason(cuda, bs) is None
-        assert flex.resolve_backend("auto", cuda, bs, True) == "flex"
+        assert flex.flex_unavailable_reason(cuda, bs, 64, 64) is None
+        assert flex.resolve_backend("auto", cuda, bs, 64, 64, True) == "flex"
     for bs in (1, 8, 24, 100):
-        assert "power of two >= 16 or a multiple of 128" in flex.flex_unavailable_reason(cuda, bs)
-        assert flex.resolve_backend("auto", cuda, bs, True) == "gather"
+        assert "power of two >= 16 or a multiple of 128" in flex.flex_unavailable_reason(cuda, bs, 64, 64)
+        assert flex.resolve_backend("auto", cuda, bs, 64, 64, True) == "gather"
         with pytest.raises(DeviceError, match="power of two"):
-            flex.resolve_backend("flex", cuda, bs, False)
+            flex.resolve_backend("flex", cuda, bs, 64, 64, False)
+    assert "head dims >= 16" in flex.flex_unavailable_reason(cuda, 64, 8, 64)
+    assert flex.resolve_backend("auto", cuda, 64, 64, 8, True) == "gather"
+    with pytest.raises(DeviceError, match="head dims"):
+        flex.resolve_backend("flex", cuda, 64, 64, 8, False)
 
 
 def test_bad_input_errors():

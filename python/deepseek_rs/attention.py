@@ -333,7 +333,7 @@ def block_sparse_attention(
     from . import attention_flex as _flex  # imports this module
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if _flex.resolve_backend(backend, query.device, bs, grad) == "flex":
+    if _flex.resolve_backend(backend, query.device, bs, query.shape[-1], value.shape[-1], grad) == "flex":
         return _flex.flex_block_sparse_attention(
             query,
             key,

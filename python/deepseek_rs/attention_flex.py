@@ -56,7 +56,7 @@ def _flex_module():
 
 
 def flex_unavailable_reason(
-    device: torch.device, block_size: int, requires_grad: bool = False
+    device: torch.device, block_size: int, head_dim: int, value_dim: int, requires_grad: bool = False
 ) -> Optional[str]:
     """Why the FlexAttention path cannot run here (``None`` when it can)."""
     if _flex_module() is None:
@@ -67,6 +67,11 @@ def flex_unavailable_reason(
                 f"FlexAttention on CUDA needs a block_size that is a power of two >= 16 or a multiple of "
                 f"128 (its kernel tiles must divide the block), got {block_size}"
             )
+        if min(head_dim, value_dim) < 16:
+            return (
+                "FlexAttention on CUDA needs head dims >= 16, "
+                f"got {head_dim} (query, key), {value_dim} (value)"
+            )
         return None
     if device.type == "cpu":
         if requires_grad:
@@ -75,13 +80,15 @@ def flex_unavailable_reason(
     return f"the FlexAttention path runs on CUDA or the CPU, the tensors are on {device}"
 
 
-def resolve_backend(backend: str, device: torch.device, block_size: int, requires_grad: bool) -> str:
+def resolve_backend(
+    backend: str, device: torch.device, block_size: int, head_dim: int, value_dim: int, requires_grad: bool
+) -> str:
     """``"gather"`` or ``"flex"``: ``"auto"`` takes FlexAttention on CUDA when it can run there."""
     if backend not in BACKENDS:
         raise InvalidValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "gather":
         return "gather"
-    reason = flex_unavailable_reason(device, block_size, requires_grad)
+    reason = flex_unavailable_reason(device, block_size, head_dim, value_dim, requires_grad)
     if backend == "auto":
         return "flex" if device.type == "cuda" and reason is None else "gather"
     if reason is not None:
@@ -208,7 +215,7 @@ def flex_block_sparse_attention(
     _check_block_indices(block_indices, b, hkv, lay, query.device)
     padding = _check_padding(key_padding_mask, b, tk, query.device)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    reason = flex_unavailable_reason(query.device, lay.block_size, grad)
+    reason = flex_unavailable_reason(query.device, lay.block_size, query.shape[-1], value.shape[-1], grad)
     if reason is not None:
         raise DeviceError(reason)
     if not grad:  # torch's CPU check looks at requires_grad, not at the grad mode
@@ -240,6 +247,10 @@ def flex_block_sparse_attention(
     fa = _flex_module()
     run = _compiled_flex() if compile else fa.flex_attention
     kwargs = dict(block_mask=mask, scale=scale, enable_gqa=hq != hkv)
+    if query.device.type == "cuda":
+        # The decoding kernel (taken for short queries) needs the block size to be a multiple of
+        # its query tile, which grows with the query length: the main kernel has no such limit.
+        kwargs["kernel_options"] = {"FORCE_USE_FLEX_ATTENTION": True}
     if return_lse:
         if hasattr(fa, "AuxRequest"):
             out, aux = run(q, key, value, return_aux=fa.AuxRequest(lse=True), **kwargs)
@@ -268,11 +279,13 @@ def _block_mass(
     key_block = torch.arange(tk, device=q.device) // bs
     parts = []
     for c0 in range(0, nk, _MASS_COLUMNS):
-        cols = torch.arange(c0, min(nk, c0 + _MASS_COLUMNS), device=q.device)
+        # always _MASS_COLUMNS wide (zero columns past the last block): one kernel shape, and a
+        # value dim the CUDA kernel takes (>= 16)
+        cols = torch.arange(c0, c0 + _MASS_COLUMNS, device=q.device)
         onehot = (key_block.view(tk, 1) == cols.view(1, -1)).to(q.dtype)
-        onehot = onehot.expand(b, hkv, tk, cols.numel()).contiguous()
+        onehot = onehot.expand(b, hkv, tk, _MASS_COLUMNS).contiguous()
         parts.append(run(q, key, onehot, **kwargs).to(acc))
-    per_block = torch.cat(parts, dim=-1).view(b, hkv, g, nq, bs, nk)  # probability per row and key block
+    per_block = torch.cat(parts, dim=-1)[..., :nk].reshape(b, hkv, g, nq, bs, nk)  # mass per row, key block
     idx = block_indices.clamp_min(0).view(b, hkv, 1, nq, 1, -1).expand(-1, -1, g, -1, bs, -1)
     per_slot = per_block.gather(-1, idx) * (block_indices >= 0).view(b, hkv, 1, nq, 1, -1)
     r = torch.arange(nq * bs, device=q.device) - lay.front
