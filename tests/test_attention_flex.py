@@ -308,3 +308,20 @@ def test_scale_is_passed_through():
     want = block_sparse_attention(q, k, v, idx, block_size=4, backend="gather", scale=0.3, causal=False)
     torch.testing.assert_close(got.out, want.out, rtol=1e-12, atol=1e-12)
     assert not math.isclose(float(got.out.abs().sum()), 0.0)
+
+
+def test_block_mass_over_more_key_blocks_than_one_pass_takes():
+    gen = torch.Generator().manual_seed(7)
+    b, hkv, g, tk, tq, d, bs = 1, 2, 2, 161, 150, 4, 2  # 81 key blocks: two one-hot passes
+    q = torch.randn(b, hkv * g, tq, d, dtype=f64, generator=gen)
+    k = torch.randn(b, hkv, tk, d, dtype=f64, generator=gen)
+    v = torch.randn(b, hkv, tk, d, dtype=f64, generator=gen)
+    lay = block_layout(tq, tk, bs)
+    assert lay.num_key_blocks > flex._MASS_COLUMNS
+    idx = random_indices(b, hkv, lay, gen, p=0.3)
+    padding = torch.rand(b, tk, generator=gen) < 0.9
+    kw = dict(block_size=bs, key_padding_mask=padding, return_block_mass=True)
+    got = block_sparse_attention(q, k, v, idx, backend="flex", **kw).block_mass
+    want = block_sparse_attention(q, k, v, idx, backend="gather", **kw).block_mass
+    assert bool((want > 0).any())
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

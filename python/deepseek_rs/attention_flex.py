@@ -271,26 +271,28 @@ def _block_mass(
     q: Tensor, key: Tensor, block_indices: Tensor, lay: BlockLayout, tq: int, run: Callable, kwargs: dict
 ) -> Tensor:
     """``block_mass`` [B, Hkv, NQ, S] (see ``block_sparse_attention``): attention with one-hot
-    values gives each row's probability per key block, ``_MASS_COLUMNS`` key blocks a pass."""
+    values gives each row's probability per key block, ``_MASS_COLUMNS`` key blocks a pass,
+    reduced over the group's heads and the real rows of each query block before the next pass."""
     b, hq, _, _ = q.shape
     hkv, tk = key.shape[1], key.shape[2]
     g, bs, nq, nk = hq // hkv, lay.block_size, lay.num_query_blocks, lay.num_key_blocks
     acc = torch.promote_types(q.dtype, torch.float32)
     key_block = torch.arange(tk, device=q.device) // bs
-    parts = []
+    r = torch.arange(nq * bs, device=q.device) - lay.front
+    rows_ok = ((r >= 0) & (r < tq)).view(1, 1, 1, nq, bs, 1).to(acc)
+    mass = torch.zeros(b, hkv, nq, block_indices.shape[-1], device=q.device, dtype=acc)
     for c0 in range(0, nk, _MASS_COLUMNS):
         # always _MASS_COLUMNS wide (zero columns past the last block): one kernel shape, and a
         # value dim the CUDA kernel takes (>= 16)
         cols = torch.arange(c0, c0 + _MASS_COLUMNS, device=q.device)
         onehot = (key_block.view(tk, 1) == cols.view(1, -1)).to(q.dtype)
         onehot = onehot.expand(b, hkv, tk, _MASS_COLUMNS).contiguous()
-        parts.append(run(q, key, onehot, **kwargs).to(acc))
-    per_block = torch.cat(parts, dim=-1)[..., :nk].reshape(b, hkv, g, nq, bs, nk)  # mass per row, key block
-    idx = block_indices.clamp_min(0).view(b, hkv, 1, nq, 1, -1).expand(-1, -1, g, -1, bs, -1)
-    per_slot = per_block.gather(-1, idx) * (block_indices >= 0).view(b, hkv, 1, nq, 1, -1)
-    r = torch.arange(nq * bs, device=q.device) - lay.front
-    rows_ok = ((r >= 0) & (r < tq)).view(1, 1, 1, nq, bs, 1).to(acc)
-    return (per_slot * rows_ok).sum((2, 4)) / (rows_ok.sum((2, 4)) * g).clamp_min(1.0)
+        per_block = run(q, key, onehot, **kwargs).to(acc).view(b, hkv, g, nq, bs, _MASS_COLUMNS)
+        per_block = (per_block * rows_ok).sum((2, 4))  # [B, Hkv, NQ, columns]
+        local = block_indices - c0
+        here = (local >= 0) & (local < _MASS_COLUMNS)
+        mass += per_block.gather(-1, local.clamp(0, _MASS_COLUMNS - 1)) * here
+    return mass / (rows_ok.sum((2, 4)) * g).clamp_min(1.0)
 
 
 __all__ = ["BACKENDS", "flex_block_sparse_attention", "flex_unavailable_reason", "selection_block_mask"]
