@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,9 @@ from .attention import (
     block_layout,
 )
 from .errors import DeviceError, InvalidValueError
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 BACKENDS = _BACKENDS
 _CPU_COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -144,7 +147,7 @@ def selection_block_mask(
     num_heads: int,
     causal: bool = True,
     key_padding_mask: Optional[Tensor] = None,
-):
+) -> BlockMask:
     """The FlexAttention ``BlockMask`` of a selection, over the block-aligned padded queries.
 
     ``block_indices`` [B, Hkv, NQ, S] (``-1`` = unused); ``num_heads`` query heads (a multiple of
