@@ -7,6 +7,7 @@ check to run torch's eager (math) backward with our mask. Tests marked ``gpu`` r
 kernel on CUDA and skip without it.
 """
 
+import copy
 import math
 
 import pytest
@@ -346,3 +347,35 @@ def test_auto_on_the_cpu_never_calls_flex(monkeypatch):
     DynamicAttention(1, 1, 4, block_size=4)(q, k, v)
     with pytest.raises(AssertionError, match="flex path ran"):
         block_sparse_attention(q, k, v, idx, block_size=4, backend="flex")
+
+
+def test_patched_llama_with_the_flex_backend_matches_gather_in_cached_decoding():
+    transformers = pytest.importorskip("transformers")
+    from deepseek_rs import patch_attention
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    base = transformers.LlamaForCausalLM(cfg).double().eval()  # float64: eager FlexAttention
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    logits = {}
+    for backend in ("gather", "flex"):
+        model = patch_attention(copy.deepcopy(base), block_size=4, top_k=2, backend=backend)
+        with torch.no_grad():
+            out = model(ids[:, :17], attention_mask=mask[:, :17], use_cache=True)
+            steps, cache = [out.logits], out.cache
+            for t in range(17, 30):  # one-token decoding: the query starts mid-block
+                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
+                steps.append(out.logits)
+                cache = out.cache
+        logits[backend] = torch.cat(steps, 1)
+    torch.testing.assert_close(logits["flex"], logits["gather"], rtol=1e-10, atol=1e-10)
