@@ -213,6 +213,11 @@ def test_compiled_cpu_kernel_equals_gather():
         got = flex.flex_block_sparse_attention(q, k, v, idx, compile=True, **kw).out
         want = block_sparse_attention(q, k, v, idx, backend="gather", **kw).out
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for bs in (3, 4):  # new block sizes recompile (torch's dynamic-shape CPU kernel failed to build here)
+        idx = random_indices(b, hkv, block_layout(tq, tk, bs), gen)
+        got = flex.flex_block_sparse_attention(q, k, v, idx, block_size=bs, compile=True).out
+        want = block_sparse_attention(q, k, v, idx, block_size=bs, backend="gather").out
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

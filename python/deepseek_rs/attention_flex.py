@@ -100,9 +100,11 @@ def resolve_backend(
 
 
 @functools.cache
-def _compiled_flex() -> Callable:
-    # One compiled function for the process: torch.compile caches its graphs per shape and dtype.
-    return torch.compile(_flex_module().flex_attention)
+def _compiled_flex(device_type: str) -> Callable:
+    # One compiled function per device type for the process: torch.compile caches its graphs.
+    # On the CPU, graphs are static (one per shape): the C++ kernel that torch 2.15 generates for
+    # dynamic shapes fails to compile for some block sizes.
+    return torch.compile(_flex_module().flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
 def _selection_tables(
@@ -248,7 +250,7 @@ def flex_block_sparse_attention(
     back = nq * bs - lay.front - tq
     q = nn.functional.pad(query, (0, 0, lay.front, back)) if lay.front or back else query
     fa = _flex_module()
-    run = _compiled_flex() if compile else fa.flex_attention
+    run = _compiled_flex(query.device.type) if compile else fa.flex_attention
     kwargs = dict(block_mask=mask, scale=scale, enable_gqa=hq != hkv)
     if query.device.type == "cuda":
         # The decoding kernel (taken for short queries) needs the block size to be a multiple of
