@@ -323,7 +323,7 @@ def block_sparse_attention(
 
     ``backend``: ``"gather"`` gathers the selected K/V blocks and runs dense attention over them
     (torch, any device); ``"flex"`` runs FlexAttention with a block mask of the selection
-    (:mod:`deepseek_rs.attention_flex`; compiled on CUDA, eager and forward-only on the CPU);
+    (:mod:`deepseek_rs.attention_flex`; compiled on CUDA; forward only on the CPU);
     ``"auto"`` takes ``"flex"`` on CUDA when it can run there, else ``"gather"``.
     """
     b, hq, hkv, tq, tk = _check_qkv(query, key, value)
