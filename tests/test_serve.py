@@ -31,7 +31,9 @@ def free_port():
 class Server:
     def __init__(self, *args):
         self.port = free_port()
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+        # The test models' folder first, then whatever makes deepseek_rs importable here.
+        path = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         cmd = [
             sys.executable,
             "-m",
@@ -91,6 +93,15 @@ def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400()
         with torch.inference_mode():
             want = default_model()(x)
         torch.testing.assert_close(torch.tensor(body["outputs"]), want, rtol=1e-4, atol=1e-5)
+        x = torch.randn(200, 256)  # a body of ~1 MB reaches the app in many chunks
+        status, body, _ = server.infer({"inputs": x.tolist(), "id": "big"})
+        assert status == 200 and body["id"] == "big"
+        with torch.inference_mode():
+            want = default_model()(x)
+        torch.testing.assert_close(torch.tensor(body["outputs"]), want, rtol=1e-4, atol=1e-5)
+        status, _, headers = server.get("/v1/infer")
+        assert status == 405 and headers["allow"] == "POST"
+        assert server.get("/nowhere")[0] == 404
         for bad, name in [
             (b"{not json", "JSONDecodeError"),
             ({"input": [[1.0]]}, "InvalidValueError"),
@@ -106,9 +117,9 @@ def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400()
             assert status == 400 and body["error"] == name, body
         status, text, _ = server.get("/metrics")
         assert status == 200
-        assert 'deepseek_batcher_requests_total{outcome="completed"} 1' in text
+        assert 'deepseek_batcher_requests_total{outcome="completed"} 2' in text
         assert 'deepseek_http_responses_total{code="400"} 9' in text
-        assert "deepseek_batcher_latency_seconds_count 1" in text
+        assert "deepseek_batcher_latency_seconds_count 2" in text
     finally:
         assert server.stop()
 
