@@ -141,7 +141,7 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
         server = Server(
             *("--model", "serve_models:gated", "--collate", "stack", "--max-queue-size", "2"),
             *("--item-shape", "1", "--max-body-bytes", "200"),
-            *("--max-batch-size", "1", "--min-batch-size", "1"),
+            *("--max-batch-size", "1", "--min-batch-size", "1", "--drain-delay", "1"),
         )
     finally:
         del os.environ["SERVE_TEST_GATE"]
@@ -186,14 +186,24 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
         assert answers[10][0] == 200
         assert answers[11][0] == 504 and answers[11][1]["error"] == "RequestTimeoutError"
 
-        # SIGTERM with one request running and one queued: both are answered, then it exits.
+        # SIGTERM with one request running and one queued: /health says 503 through the drain
+        # delay, the listener then closes, both requests are still answered, then it exits.
         gate.touch()
         threads = start(20)
         wait_for(server, "in_flight", 1)
         threads += start(21)
         wait_for(server, "queue_depth", 1)
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while (health := server.get("/health"))[0] != 503:  # the signal is handled between ticks
+            assert health[0] == 200 and time.monotonic() < deadline
+            time.sleep(0.01)
+        assert json.loads(health[1]) == {"status": "draining"}
+        with pytest.raises(OSError):  # refused once the delay is over
+            while time.monotonic() < deadline:
+                assert server.get("/health")[0] == 503
+                time.sleep(0.05)
+        assert server.proc.poll() is None and all(t.is_alive() for t in threads)  # still draining
         gate.unlink()
         for t in threads:
             t.join()

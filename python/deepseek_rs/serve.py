@@ -309,10 +309,22 @@ def run(
     port: int = 8000,
     log_level: str = "warning",
     max_body_bytes: int = 16 << 20,
+    drain_delay: float = 0.0,
     **batcher_kwargs: Any,
 ) -> None:
-    """Serve until SIGTERM / SIGINT, then drain."""
+    """Serve until SIGTERM / SIGINT, then drain. With ``drain_delay`` seconds, the server first
+    keeps serving that long with /health answering 503, so that a load balancer polling it
+    stops sending requests before the listener closes (a second signal ends the delay)."""
+    import time
+
     import uvicorn
+
+    if (
+        isinstance(drain_delay, bool)
+        or not isinstance(drain_delay, (int, float))
+        or not 0 <= drain_delay < 1e9
+    ):
+        raise InvalidValueError(f"drain_delay must be a number of seconds >= 0, got {drain_delay!r}")
 
     model = load_model(model_spec)
     if model_spec is None:
@@ -325,9 +337,19 @@ def run(
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
 
     class Server(uvicorn.Server):
+        stop_at: Optional[float] = None
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             app.state.draining = True  # /health says 503 from the signal on
-            super().handle_exit(sig, frame)
+            if drain_delay > 0 and self.stop_at is None:
+                self.stop_at = time.monotonic() + drain_delay
+            else:
+                super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:  # uvicorn calls it every 0.1 s
+            if self.stop_at is not None and time.monotonic() >= self.stop_at:
+                self.should_exit = True
+            return await super().on_tick(counter)
 
     server = Server(config)
     try:
