@@ -40,13 +40,12 @@ def test_copy_task_sources_lie_beyond_the_local_and_sink_blocks():
     task = CopyTask(seq, bs)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, seq), generator=gen)
-    y, src = task.apply(x, gen)
+    y, dist = task.apply(x, gen)
     assert torch.equal(y[:, : task.start], x[:, : task.start])
-    for row, s in zip(y, src.tolist()):
-        assert torch.equal(row[task.start :], row[s : s + task.copy_len])
-        for i in range(task.start, seq):  # the byte at i repeats the byte at j
-            j = s + i - task.start
-            assert j // bs not in (0, i // bs, i // bs - 1)  # not in the sink, own or previous block
-    assert len(set(src.tolist())) > 10
+    for row, d in zip(y, dist.tolist()):
+        for i in range(task.start, seq):  # the byte at i repeats the byte at i - d
+            assert row[i] == row[i - d]
+            assert (i - d) // bs not in (0, i // bs, i // bs - 1)  # not in the sink, own or previous block
+    assert len(set(dist.tolist())) > 10 and min(dist.tolist()) >= 256
     copied = task.copied_targets(seq)  # targets are bytes 1..seq-1
-    assert copied.sum() == task.copy_len - 1 and not copied[task.start - 1] and copied[task.start]
+    assert copied.sum() == seq - task.start - 1 and not copied[task.start - 1] and copied[task.start]

@@ -15,8 +15,8 @@
   blocks alone, random routed blocks, an untrained gate), trained for the same steps on the
   same batches of real text available offline: the docstrings of the Python standard library's
   modules, classes and functions (files split 90/10 into train and validation). With ``--task
-  copy`` (the default) the last quarter of every 1024-byte window repeats a passage from far
-  back in the same window (an induction / retrieval task, as in MoBA's and NSA's retrieval
+  copy`` (the default) the second half of every 1024-byte window repeats the text from 256 to
+  448 bytes back in the same window (an induction / retrieval task, as in MoBA's and NSA's retrieval
   tests): only attention that reaches beyond the local blocks can predict it. Validation
   next-byte accuracy (overall, on the copied part, on the rest), perplexity and the share of
   attention computed. The article claims 42% of the attention work skipped at 1024 tokens with
@@ -145,34 +145,34 @@ def windows(data: torch.Tensor, seq: int, count: int, gen: torch.Generator) -> t
 
 
 class CopyTask:
-    """The last ``seq // 4`` bytes of each window repeat the passage at a random earlier start.
+    """From the middle of each window on, every byte repeats the byte ``distance`` bytes back.
 
-    The source passage starts after the first ``block_size`` bytes (so a sink block does not hold
-    it) and ends at least ``seq // 4`` bytes, and at least ``2 * block_size``, before the copy
-    starts: at every copied byte the source lies outside the query's own and previous blocks.
+    ``distance`` is drawn per window between ``seq // 4`` (at least ``2 * block_size``) and
+    ``seq // 2 - block_size``: the second half of the window replays the text from that far
+    back (a passage copied from earlier, as in induction and retrieval tests), never from the
+    first block (a sink) and never from the query's own or previous block, so only attention
+    that reaches beyond the local blocks can predict it.
     """
 
     def __init__(self, seq: int, block_size: int):
-        self.copy_len = seq // 4
-        self.start = seq - self.copy_len  # first copied byte
-        gap = max(seq // 4, 2 * block_size)
-        self.lo, self.hi = block_size, self.start - self.copy_len - gap
+        self.start = seq // 2  # first copied byte
+        self.lo, self.hi = max(seq // 4, 2 * block_size), self.start - block_size
         if self.hi < self.lo:
             raise ValueError(f"a copy task needs longer windows than {seq} bytes for blocks of {block_size}")
 
     def apply(self, x: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(the windows with the copy, the start of each one's source passage)."""
-        src = torch.randint(self.lo, self.hi + 1, (x.shape[0],), generator=gen)
+        """(the windows with the copy, each window's distance)."""
+        dist = torch.randint(self.lo, self.hi + 1, (x.shape[0],), generator=gen)
         x = x.clone()
-        for row, s in zip(x, src.tolist()):
-            row[self.start :] = row[s : s + self.copy_len]
-        return x, src
+        for row, d in zip(x, dist.tolist()):
+            for i in range(self.start, x.shape[1], d):  # in pieces of at most d: the source is final
+                row[i : i + d] = row[i - d : i].clone()[: x.shape[1] - i]
+        return x, dist
 
     def copied_targets(self, seq: int) -> torch.Tensor:
         """[seq - 1] bool over next-byte targets: a copied byte, the first one excepted (nothing
         announces where the copy starts)."""
-        t = torch.arange(1, seq)
-        return t > self.start
+        return torch.arange(1, seq) > self.start
 
 
 def batches(data, seq: int, count: int, gen: torch.Generator, task: Optional[CopyTask]) -> torch.Tensor:
@@ -296,20 +296,21 @@ def quality(
     models: Tuple[str, ...] = tuple(MODELS),
     task: str = "copy",
     warmup_steps: int = 0,
+    lr: float = 3e-3,
 ) -> None:
     train, val = docstrings(4_000_000)
     copy_task = CopyTask(seq, DAR["block_size"]) if task == "copy" else None
     print(
         f"\n== quality: byte-level Llama ({layers} layers, hidden {hidden}, "
         f"{hidden // 32} heads / {max(1, hidden // 64)} kv heads), "
-        f"{steps} steps x {batch} x {seq} tokens, seed {seed}, stdlib docstrings "
+        f"{steps} steps x {batch} x {seq} tokens, peak lr {lr}, seed {seed}, stdlib docstrings "
         f"({len(train) / 1e6:.2f} MB train, {len(val) / 1e6:.2f} MB validation), task {task}"
     )
     if copy_task is not None:
         print(
-            f"copy: bytes {copy_task.start}..{seq - 1} of each window repeat the {copy_task.copy_len} bytes "
-            f"starting at a random byte in {copy_task.lo}..{copy_task.hi}; copy accuracy is over the "
-            "copied bytes but the first"
+            f"copy: from byte {copy_task.start} on, each byte repeats the byte a random {copy_task.lo}.."
+            f"{copy_task.hi} bytes back (one distance per window); copy accuracy is over the copied bytes "
+            "but the first"
         )
     print(f"DAR: {DAR}; dense warm-up: the first {warmup_steps} steps")
     results = {}
@@ -319,7 +320,7 @@ def quality(
         print(f"{name}:", flush=True)
         start = time.perf_counter()
         warm = warmup_steps if MODELS[key][2] == "warmup" else 0
-        train_lm(model, train, steps, batch, seq, lr=3e-3, seed=seed, task=copy_task, warmup_steps=warm)
+        train_lm(model, train, steps, batch, seq, lr=lr, seed=seed, task=copy_task, warmup_steps=warm)
         elapsed = time.perf_counter() - start
         results[name] = (evaluate(model, val, seq, evals, copy_task), elapsed)
     print(
@@ -361,6 +362,10 @@ def main(argv=None) -> int:
         default=",".join(MODELS),
         help=f"comma-separated models of the quality section, from {', '.join(MODELS)} (default: all)",
     )
+    p.add_argument("--hidden", type=int, default=128, help="hidden size of the quality models (heads of 32)")
+    p.add_argument("--layers", type=int, default=2, help="layers of the quality models")
+    p.add_argument("--batch", type=int, default=8, help="windows of 1024 bytes per training step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle schedule)")
     p.add_argument(
         "--task",
         choices=("copy", "text"),
@@ -397,5 +402,17 @@ def main(argv=None) -> int:
         if args.quick:
             quality(steps, 512, 2, 64, 1, 4, models=models, task=args.task, warmup_steps=warmup)
         else:
-            quality(steps, 1024, 8, 128, 2, 32, args.seed, models, args.task, warmup)
+            quality(
+                steps,
+                1024,
+                args.batch,
+                args.hidden,
+                args.layers,
+                32,
+                args.seed,
+                models,
+                args.task,
+                warmup,
+                args.lr,
+            )
     return 0
