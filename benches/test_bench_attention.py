@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from deepseek_rs.attention_bench import CopyTask
 
 BENCH = pathlib.Path(__file__).with_name("bench_attention.py")
 
@@ -20,13 +22,34 @@ def test_quick_attention_benchmark_prints_every_section():
     for section in (
         "== latency",
         "== quality",
-        "| DAR |",
         "| dense (SDPA) |",
+        "| DAR, dense warm-up |",
+        "| DAR, no warm-up |",
+        "| own + previous + sink only |",
+        "| random routed blocks |",
+        "| untrained identity gate |",
+        "copied part",
         "of the pairs",
         "products computed",
         "DAR / SDPA",
     ):
         assert section in out, out
+
+
+def test_copy_task_sources_lie_beyond_the_local_and_sink_blocks():
+    seq, bs = 1024, 64
+    task = CopyTask(seq, bs)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, seq), generator=gen)
+    y, dist = task.apply(x, gen)
+    assert torch.equal(y[:, : task.start], x[:, : task.start])
+    for row, d in zip(y, dist.tolist()):
+        for i in range(task.start, seq):  # the byte at i repeats the byte at i - d
+            assert row[i] == row[i - d]
+            assert (i - d) // bs not in (0, i // bs, i // bs - 1)  # not in the sink, own or previous block
+    assert len(set(dist.tolist())) > 10 and min(dist.tolist()) >= 256
+    copied = task.copied_targets(seq)  # targets are bytes 1..seq-1
+    assert copied.sum() == seq - task.start - 1 and not copied[task.start - 1] and copied[task.start]
 
 
 @pytest.mark.slow

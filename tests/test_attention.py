@@ -12,15 +12,18 @@ from deepseek_rs.attention import (
     block_layout,
     block_sparse_attention,
     computed_fraction,
+    dense_warmup,
     dynamic_attention,
     gate_distillation_loss,
     gate_losses,
     pool_blocks,
+    routable_blocks,
     select_blocks,
     work_fraction,
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 f64 = torch.float64
 
@@ -442,3 +445,159 @@ def test_sink_is_the_first_block_with_a_real_key():
     idx = select_blocks(logits, lay, top_k=0, sink_block=True, key_block_valid=valid)
     assert idx[0, 0, 3].tolist() == [1, 3] and idx[1, 0, 3].tolist() == [0, 3]
     assert idx[0, 0, 0].tolist() == [0, -1]  # the sink is never after the query block
+
+
+class SpyGate(BlockGate):
+    """A BlockGate that keeps its logits and their gradient."""
+
+    def forward(self, query_pooled, key_pooled):
+        self.logits = super().forward(query_pooled, key_pooled)
+        self.logits.retain_grad()
+        return self.logits
+
+
+def reference_routable(lay, b, causal, local, sink, key_valid):
+    """[B, NQ, NK] bool, written out: visible, not forced (own, local, sink), holding a real key."""
+    nq, nk = lay.num_query_blocks, lay.num_key_blocks
+    out = torch.zeros(b, nq, nk, dtype=torch.bool)
+    for i in range(b):
+        sink_block = next((m for m in range(nk) if key_valid[i, m]), 0)
+        for n in range(nq):
+            qb = lay.first_block + n
+            for m in range(nk):
+                visible = m <= qb or not causal
+                forced = abs(m - qb) <= local or (sink and m == sink_block)
+                out[i, n, m] = visible and not forced and bool(key_valid[i, m])
+    return out
+
+
+@given(
+    st.integers(1, 2),
+    st.integers(1, 2),
+    st.integers(1, 40),
+    st.integers(1, 8),
+    st.booleans(),
+    st.integers(0, 2),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+def test_warmup_gate_loss_is_the_kl_of_dense_block_mass_over_routable_blocks(
+    b, g, t, bs, causal, local, sink, with_padding, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    hkv, d = 2, 4
+    q = torch.randn(b, hkv * g, t, d, dtype=f64, generator=gen)
+    k = torch.randn(b, hkv, t, d, dtype=f64, generator=gen)
+    v = torch.randn(b, hkv, t, d, dtype=f64, generator=gen)
+    padding = torch.rand(b, t, generator=gen) < 0.8 if with_padding else None
+    gate = BlockGate(hkv, d).double()
+    with torch.no_grad():
+        gate.q_proj.add_(0.5 * torch.randn(gate.q_proj.shape, generator=gen, dtype=f64))
+    out, sel, loss = dynamic_attention(
+        q, k, v, gate, block_size=bs, causal=causal, top_k=0, local_blocks=local, sink_block=sink,
+        key_padding_mask=padding, return_gate_loss=True, warmup=True,
+    )  # fmt: skip
+    # dense probabilities, then the mass of each key block averaged over the group's heads and rows
+    lay = block_layout(t, t, bs)
+    nq, nk = lay.num_query_blocks, lay.num_key_blocks
+    every = torch.arange(nk).expand(b, hkv, nq, nk)
+    mask = dense_mask(every, t, t, bs, causal, padding, g)
+    want_out, _ = reference(q, k, v, mask)
+    torch.testing.assert_close(out, want_out)
+    kk = k.repeat_interleave(g, 1)
+    s = (q @ kk.transpose(-1, -2) / math.sqrt(d)).masked_fill(~mask, -math.inf)
+    p = torch.nan_to_num(torch.softmax(s, -1))  # rows without a key: 0
+    pad = nk * bs - t
+    per_block = F.pad(p, (0, pad)).view(b, hkv * g, t, nk, bs).sum(-1)
+    per_block = F.pad(per_block, (0, 0, 0, pad)).view(b, hkv, g, nq, bs, nk).sum((2, 4))
+    rows = torch.tensor([min(bs, t - n * bs) for n in range(nq)], dtype=f64)
+    mass = per_block / (rows.view(1, 1, -1, 1) * g)
+    valid = torch.ones(b, t, dtype=torch.bool) if padding is None else padding
+    key_valid = F.pad(valid, (0, pad)).view(b, nk, bs).any(-1)
+    routable = reference_routable(lay, b, causal, local, sink, key_valid).unsqueeze(1)
+    kls = []
+    for i in range(b):
+        for h in range(hkv):
+            for n in range(nq):
+                r = routable[i, 0, n]
+                m = mass[i, h, n][r]
+                if not bool(r.any()) or m.sum() <= 0:
+                    continue
+                target = m / m.sum()
+                log_q = torch.log_softmax(sel.gate_logits[i, h, n][r], -1)
+                kls.append(torch.where(target > 0, target * (target.log() - log_q), 0.0).sum())
+    want = torch.stack(kls).mean() if kls else torch.zeros((), dtype=f64)
+    torch.testing.assert_close(loss, want, rtol=1e-9, atol=1e-12)
+    assert loss.requires_grad
+
+
+def test_warmup_trains_the_gate_on_blocks_it_never_picks_and_never_on_forced_ones():
+    torch.manual_seed(0)
+    b, hkv, t, d, bs = 2, 2, 48, 8, 4
+    q = torch.randn(b, hkv, t, d, dtype=f64)
+    k = torch.randn(b, hkv, t, d, dtype=f64)
+    v = torch.randn(b, hkv, t, d, dtype=f64)
+    lay = block_layout(t, t, bs)
+    grads = {}
+    for warmup in (False, True):
+        gate = SpyGate(hkv, d).double()
+        _, sel, loss = dynamic_attention(
+            q, k, v, gate, block_size=bs, top_k=1, local_blocks=1, sink_block=True,
+            return_gate_loss=True, warmup=warmup,
+        )  # fmt: skip
+        loss.backward()
+        grads[warmup] = (gate.logits.grad, sel.block_indices)
+    forced, routable = routable_blocks(lay, b, hkv, local_blocks=1, sink_block=True)
+    grad, idx = grads[True]
+    assert bool(idx.ge(0).sum(-1).eq(torch.arange(1, lay.num_query_blocks + 1)).all())  # dense
+    assert bool((grad[~routable] == 0).all())  # forced and future blocks: no gradient
+    several = routable & (routable.sum(-1, keepdim=True) > 1)  # (one block alone: KL 0, no gradient)
+    assert bool((grad[several] != 0).all())  # every routable block, picked or not
+    grad, idx = grads[False]
+    picked = (idx.unsqueeze(-1) == torch.arange(lay.num_key_blocks)).any(-2)
+    assert bool((grad[~(picked & routable)] == 0).all())  # sparse: only the picked routable blocks
+    assert int(routable.sum()) > int((picked & routable).sum()) > 0
+    assert bool((forced == (picked & ~routable)).all())
+
+
+def test_gate_loss_is_zero_without_routable_blocks_and_has_no_nan():
+    gate = SpyGate(1, 4).double()
+    q, k, v = (torch.randn(1, 1, 8, 4, dtype=f64) for _ in range(3))
+    for warmup in (False, True):  # 2 blocks of 4: block 1 sees block 0, which is local (and sink)
+        _, _, loss = dynamic_attention(
+            q, k, v, gate, block_size=4, top_k=2, local_blocks=1, return_gate_loss=True, warmup=warmup
+        )
+        assert loss.item() == 0.0
+        loss.backward()
+        assert bool((gate.logits.grad == 0).all())
+    logits = torch.randn(1, 1, 2, 3, dtype=f64, requires_grad=True)
+    idx = torch.tensor([[[[0, 1], [-1, -1]]]])
+    none = torch.zeros(1, 1, 2, 3, dtype=torch.bool)
+    loss = gate_distillation_loss(logits, idx, torch.rand(1, 1, 2, 2, dtype=f64), none)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+    # a block whose routable slots got no mass is skipped, the others still count
+    some = none.clone()
+    some[0, 0, 0, 1] = True
+    mass = torch.tensor([[[[0.5, 0.0], [0.0, 0.0]]]], dtype=f64)
+    assert gate_distillation_loss(logits, idx, mass, some).item() == 0.0
+
+
+def test_dense_warmup_sets_and_restores_the_flag():
+    m = nn.Sequential(
+        DynamicAttention(2, 1, 4, block_size=2, top_k=0), DynamicAttention(2, 1, 4, warmup=True)
+    )
+    q = torch.randn(1, 2, 16, 4, dtype=f64)
+    k, v = torch.randn(1, 1, 16, 4, dtype=f64), torch.randn(1, 1, 16, 4, dtype=f64)
+    m.double()
+    with dense_warmup(m) as same:
+        assert same is m and m[0].warmup and m[1].warmup
+        torch.testing.assert_close(
+            m[0](q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        )
+        assert "warmup=True" in repr(m[0])
+    assert not m[0].warmup and m[1].warmup
+    assert computed_fraction(m[0].last_selection, 16, 16, 2) == pytest.approx(1.0)
+    m[0](q, k, v)
+    assert computed_fraction(m[0].last_selection, 16, 16, 2) < 0.5

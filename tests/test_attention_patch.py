@@ -7,7 +7,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-from deepseek_rs import DynamicAttention, InvalidValueError, patch_attention  # noqa: E402
+from deepseek_rs import DynamicAttention, InvalidValueError, dense_warmup, patch_attention  # noqa: E402
 from deepseek_rs.attention import gate_losses  # noqa: E402
 
 V = 97
@@ -75,7 +75,8 @@ def test_greedy_generation_with_kv_cache_matches_the_original():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_sparse_model_fine_tunes_with_the_gate_loss(name):
     torch.manual_seed(2)
-    model = patch_attention(MODELS[name](), block_size=4, top_k=1, local_blocks=0, sink_block=True).train()
+    # top_k=2: the sparse KL runs over the selected routable blocks, so one routed block gives it nothing
+    model = patch_attention(MODELS[name](), block_size=4, top_k=2, local_blocks=0, sink_block=True).train()
     ids, mask = batch(t=48)
     dar = next(m for m in model.modules() if isinstance(m, DynamicAttention))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -91,10 +92,31 @@ def test_sparse_model_fine_tunes_with_the_gate_loss(name):
         losses.append(out.loss.item())
     assert losses[-1] < losses[0]
     sel = dar.last_selection.block_indices
-    assert sel.shape[-1] <= 3  # own + sink + one routed block
+    assert sel.shape[-1] <= 4  # own + sink + two routed blocks
     model.eval()
     with torch.no_grad():
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_dense_warmup_computes_the_original_model_and_trains_the_gates():
+    torch.manual_seed(3)
+    model = llama().eval()
+    ids, mask = batch(t=48)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+    patched = patch_attention(copy.deepcopy(model), block_size=4, top_k=1, local_blocks=1).train()
+    with dense_warmup(patched):
+        got = patched(ids, attention_mask=mask).logits
+        gate = gate_losses(patched)
+        gate.backward()
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+    dars = [m for m in patched.modules() if isinstance(m, DynamicAttention)]
+    assert gate.item() > 0 and all(m.gate.k_proj.grad.abs().sum() > 0 for m in dars)
+    assert not any(m.warmup for m in dars)
+    with torch.no_grad():
+        sparse = patched(ids, attention_mask=mask).logits
+    assert not torch.allclose(sparse[real], want[real], rtol=1e-4, atol=1e-4)
 
 
 def test_state_dict_gains_only_the_gates():

@@ -7,7 +7,14 @@ custom ops (``torch.ops.deepseek_rs.*``).
 from importlib.metadata import PackageNotFoundError, version
 
 from . import cuda, datafilter  # cuda: the GPU path (CuPy is imported only when a kernel runs)
-from .attention import BlockGate, DynamicAttention, block_sparse_attention, dynamic_attention, gate_losses
+from .attention import (
+    BlockGate,
+    DynamicAttention,
+    block_sparse_attention,
+    dense_warmup,
+    dynamic_attention,
+    gate_losses,
+)
 from .attention_patch import patch_attention
 from .batching import DynamicBatcher
 from .config import OptimizedModel, optimize
@@ -65,6 +72,7 @@ __all__ = [
     "convert_int8",
     "cuda",
     "datafilter",
+    "dense_warmup",
     "dynamic_attention",
     "gate_losses",
     "optimize",

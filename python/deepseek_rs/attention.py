@@ -21,24 +21,31 @@ the "query" of block n is the mean-pooled keys of block n - 1: every row of bloc
 them and they sit in the KV cache, so no row's selection depends on a later token and
 one-token decoding routes exactly as the full forward (the block's own mean query would leak
 later tokens into earlier rows' selections). Bidirectional attention uses the block's mean
-query. The gate is trained by distillation, as DeepSeek Sparse Attention trains its lightning
+query.
+
+The gate is trained by distillation, as DeepSeek Sparse Attention (DSA) trains its lightning
 indexer: after a training forward, :attr:`DynamicAttention.gate_loss` holds the KL divergence
-from the attention mass that the query block actually put on each selected key block (detached)
-to the gate's softmax over the same blocks; the gate's inputs are detached, so this loss trains
-the gate only and never pulls the attention toward the gate. We chose distillation over a soft
-gate that scales the selected blocks' outputs because a soft gate changes the function: a
-converted model would no longer compute its own attention (even with every block selected), and
-the gate would be trained only through the blocks it already picked. Selecting every block
-(``top_k`` = the number of blocks) is DSA's dense warm-up: the loss then distils the full
-attention distribution. Limitation: the KL covers the selected blocks only (forced ones
-included), so a block the gate never picks gets no gradient.
+from the attention mass that the query block actually put on each key block (detached) to the
+gate's softmax over the same blocks. The KL runs over routable blocks only
+(:func:`routable_blocks`): the forced ones (own, local, sink) are attended whatever the gate
+says, and in the target they would take most of the mass and teach the gate nothing. Two phases,
+as in DSA: under the dense warm-up (``warmup=True`` or :func:`dense_warmup`) every visible
+block is attended (the output is dense attention's, exactly) and the KL covers every routable
+block, so the gate learns the full distribution, including blocks it would never pick; in
+sparse training the KL covers the selected routable blocks (a block the gate does not pick then
+gets no gradient, hence the warm-up). The gate's inputs are detached, so the loss trains the
+gate only and never pulls the attention toward the gate. We chose distillation over a soft gate
+that scales the selected blocks' outputs because a soft gate changes the function: a converted
+model would no longer compute its own attention (even with every block selected), and the gate
+would be trained only through the blocks it already picked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
-from typing import NamedTuple, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -185,6 +192,42 @@ def pool_blocks(
     return query_pooled, key_pooled, kcount.view(b, nk) > 0
 
 
+def routable_blocks(
+    layout: BlockLayout,
+    batch: int,
+    heads: int,
+    *,
+    causal: bool = True,
+    local_blocks: int = 0,
+    sink_block: bool = False,
+    key_block_valid: Optional[Tensor] = None,
+    device=None,
+) -> Tuple[Tensor, Tensor]:
+    """The forced and the routable key blocks of each query block, as ``[B, Hkv, NQ, NK]`` bool masks.
+
+    Forced: the query block's own block, the ``local_blocks`` nearest on each side and, with
+    ``sink_block``, the first block holding a real key (per ``key_block_valid`` [B, NK]), all
+    of them attended whatever the gate says. Routable: the other visible blocks (not after the
+    query block when ``causal``) that hold a real key; the gate chooses among these.
+    """
+    if local_blocks < 0:
+        raise InvalidValueError(f"local_blocks must be >= 0, got {local_blocks}")
+    nq, nk = layout.num_query_blocks, layout.num_key_blocks
+    qb = layout.first_block + torch.arange(nq, device=device).view(nq, 1)
+    kb = torch.arange(nk, device=device).view(1, nk)
+    visible = kb <= qb if causal else torch.ones(nq, nk, dtype=torch.bool, device=device)
+    forced = (visible & ((kb - qb).abs() <= local_blocks)).view(1, 1, nq, nk)
+    if sink_block:
+        sink = torch.zeros(batch, dtype=torch.int64, device=device)
+        if key_block_valid is not None and nk > 0:
+            sink = key_block_valid.to(torch.int8).argmax(dim=-1)
+        forced = forced | (visible & (kb == sink.view(batch, 1, 1))).unsqueeze(1)
+    candidates = visible & ~forced
+    if key_block_valid is not None:
+        candidates = candidates & key_block_valid.view(batch, 1, 1, nk)
+    return forced.expand(batch, heads, nq, nk), candidates.expand(batch, heads, nq, nk)
+
+
 def select_blocks(
     gate_logits: Tensor,
     layout: BlockLayout,
@@ -201,9 +244,8 @@ def select_blocks(
 ) -> Tensor:
     """Choose the key blocks of each query block from ``gate_logits`` [B, Hkv, NQ, NK].
 
-    Forced blocks: the query block's own, the ``local_blocks`` nearest on each side and, with
-    ``sink_block``, block 0. Among the other visible blocks (not after the query block when
-    ``causal``; holding a real key per ``key_block_valid`` [B, NK]) the router picks ``top_k``
+    The forced blocks of :func:`routable_blocks` are always chosen; among the routable ones
+    (visible, holding a real key per ``key_block_valid`` [B, NK], not forced) the router picks ``top_k``
     more (``rule="top_k"``), or the smallest set whose softmax mass over those candidates
     reaches ``top_p``, at least ``min_blocks`` and at most ``max_blocks`` (``rule="top_p"``).
     Returns ``block_indices`` [B, Hkv, NQ, S] (ascending, ``-1`` = unused slot).
@@ -224,24 +266,19 @@ def select_blocks(
             raise InvalidValueError(
                 f"need 1 <= min_blocks <= max_blocks, got min_blocks={min_blocks}, max_blocks={max_blocks}"
             )
-    if local_blocks < 0:
-        raise InvalidValueError(f"local_blocks must be >= 0, got {local_blocks}")
     b, h, nq, nk = gate_logits.shape
+    forced, candidates = routable_blocks(
+        layout,
+        b,
+        h,
+        causal=causal,
+        local_blocks=local_blocks,
+        sink_block=sink_block,
+        key_block_valid=key_block_valid,
+        device=gate_logits.device,
+    )
     device = gate_logits.device
-    qb = layout.first_block + torch.arange(nq, device=device).view(nq, 1)
-    kb = torch.arange(nk, device=device).view(1, nk)
-    visible = kb <= qb if causal else torch.ones(nq, nk, dtype=torch.bool, device=device)
-    forced = visible & ((kb - qb).abs() <= local_blocks)
-    if sink_block:
-        # the sink is the first block holding a real key (not a block of left padding)
-        sink = torch.zeros(b, dtype=torch.int64, device=device)
-        if key_block_valid is not None and nk > 0:
-            sink = key_block_valid.to(torch.int8).argmax(dim=-1)
-        forced = forced | (visible & (kb == sink.view(b, 1, 1)))
-    forced = forced.unsqueeze(-3) if forced.dim() == 3 else forced.view(1, 1, nq, nk)  # [1|B, 1, NQ, NK]
-    candidates = (visible & ~forced).expand(b, h, nq, nk)
-    if key_block_valid is not None:
-        candidates = candidates & key_block_valid.view(b, 1, 1, nk)
+    kb = torch.arange(nk, device=device)
     bad = candidates & ~torch.isfinite(gate_logits.detach())
     if bool(bad.any()):
         i = [int(x) for x in bad.nonzero()[0]]
@@ -249,7 +286,7 @@ def select_blocks(
             f"gate score is not finite (NaN or infinite queries or keys?) at batch {i[0]}, kv head {i[1]}, "
             f"query block {i[2]}, key block {i[3]}"
         )
-    chosen = forced.expand(b, h, nq, nk).clone()
+    chosen = forced.clone()
     rows = b * h * nq
     k = min(top_k, nk) if rule == "top_k" else min(nk if max_blocks is None else max_blocks, nk)
     if rows and k > 0:
@@ -547,18 +584,30 @@ class BlockGate(nn.Module):
         return f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, gate_dim={self.gate_dim}"
 
 
-def gate_distillation_loss(gate_logits: Tensor, block_indices: Tensor, block_mass: Tensor) -> Tensor:
-    """KL(attention mass || gate) over each query block's selected key blocks (DSA's indexer loss).
+def gate_distillation_loss(
+    gate_logits: Tensor, block_indices: Tensor, block_mass: Tensor, routable: Optional[Tensor] = None
+) -> Tensor:
+    """KL(attention mass || gate) over each query block's selected routable key blocks (DSA's indexer loss).
 
-    ``gate_logits`` [B, Hkv, NQ, NK], ``block_indices`` and ``block_mass`` [B, Hkv, NQ, S]. The
-    target is ``block_mass`` renormalised over the used slots; query blocks whose target is
-    empty are skipped. Returns the mean over query blocks (a scalar).
+    ``gate_logits`` [B, Hkv, NQ, NK]; ``block_indices`` and ``block_mass`` [B, Hkv, NQ, S] as
+    from :func:`block_sparse_attention`; ``routable`` [B, Hkv, NQ, NK] bool, the blocks the gate
+    chooses among (:func:`routable_blocks`; None = every block). The KL runs over the used slots
+    that hold a routable block: forced blocks are attended whatever the gate says, so they are
+    not in the target. The target is ``block_mass`` on those slots renormalised; the gate's
+    distribution is its softmax over the same slots. Query blocks without such a slot (or with
+    no mass on them) are skipped. Returns the mean over the other query blocks; a zero that still
+    depends on ``gate_logits`` when there is none.
     """
-    used = block_indices >= 0
     acc = torch.promote_types(gate_logits.dtype, torch.float32)
-    logits = gate_logits.gather(-1, block_indices.clamp_min(0)).to(acc).masked_fill(~used, -math.inf)
+    safe = block_indices.clamp_min(0)
+    slots = block_indices >= 0
+    if routable is not None:
+        slots = slots & routable.gather(-1, safe)
+    # _MASKED, not -inf: a query block without any slot gets a finite (unused) softmax, so no NaN
+    # reaches the gradient through log_softmax's backward
+    logits = gate_logits.gather(-1, safe).to(acc).masked_fill(~slots, _MASKED)
     log_q = torch.log_softmax(logits, dim=-1)
-    mass = block_mass.to(acc).masked_fill(~used, 0.0)
+    mass = block_mass.to(acc).masked_fill(~slots, 0.0)
     total = mass.sum(-1, keepdim=True)
     target = mass / total.clamp_min(1e-30)
     rows = total.squeeze(-1) > 0
@@ -585,6 +634,7 @@ def dynamic_attention(
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_gate_loss: bool = False,
+    warmup: bool = False,
     backend: str = "auto",
 ) -> Tuple[Tensor, Selection, Optional[Tensor]]:
     """Dynamic Attention Routing, functional form: gate -> router -> block-sparse attention.
@@ -592,11 +642,14 @@ def dynamic_attention(
     ``query`` [B, Hq, Tq, D], ``key`` / ``value`` [B, Hkv, Tk, D|Dv] (the layout of
     ``scaled_dot_product_attention`` with grouped-query heads). ``gate`` is a
     :class:`BlockGate`; ``None`` scores with MoBA's parameter-free ``q̄ · k̄ / sqrt(D)``.
-    The selection arguments are those of :func:`select_blocks`; ``backend`` that of
+    The selection arguments are those of :func:`select_blocks`. ``warmup`` is DSA's dense
+    warm-up: every visible block is attended (the dense result, exactly) and the gate loss
+    covers every routable block, whatever the selection arguments say. ``backend`` is that of
     :func:`block_sparse_attention`.
 
     Returns ``(out [B, Hq, Tq, Dv], selection, gate_loss)``; ``gate_loss`` (see
-    :func:`gate_distillation_loss`) only with ``return_gate_loss`` and a gate.
+    :func:`gate_distillation_loss`: over the selected routable blocks, under ``warmup`` all of
+    them) only with ``return_gate_loss`` and a gate.
     """
     b, hq, hkv, tq, tk = _check_qkv(query, key, value)
     padding = _check_padding(key_padding_mask, b, tk, query.device)
@@ -623,8 +676,8 @@ def dynamic_attention(
         logits,
         lay,
         causal=causal,
-        rule=rule,
-        top_k=top_k,
+        rule="top_k" if warmup else rule,
+        top_k=lay.num_key_blocks if warmup else top_k,
         top_p=top_p,
         min_blocks=min_blocks,
         max_blocks=max_blocks,
@@ -645,7 +698,19 @@ def dynamic_attention(
         return_block_mass=want_loss,
         backend=backend,
     )
-    loss = gate_distillation_loss(logits, idx, mass) if want_loss and mass is not None else None
+    loss = None
+    if want_loss and mass is not None:
+        _, routable = routable_blocks(
+            lay,
+            b,
+            hkv,
+            causal=causal,
+            local_blocks=local_blocks,
+            sink_block=sink_block,
+            key_block_valid=kvalid,
+            device=query.device,
+        )
+        loss = gate_distillation_loss(logits, idx, mass, routable)
     return out, Selection(idx, logits), loss
 
 
@@ -709,6 +774,11 @@ class DynamicAttention(nn.Module):
     loss, e.g. with weight 1: it only reaches the gate's parameters); ``last_selection`` holds
     the selection of the last forward. Reentrant gradient checkpointing runs the forward under
     ``no_grad`` and so produces no ``gate_loss``: use ``use_reentrant=False``.
+
+    ``warmup`` (an attribute, also settable for a whole model with :func:`dense_warmup`) is
+    DSA's dense warm-up: while True every visible block is attended, so the output is dense
+    attention's, and ``gate_loss`` distils the attention mass over every routable block, also
+    those the gate would never pick. Train with it for a while before sparse training.
     """
 
     def __init__(
@@ -727,6 +797,7 @@ class DynamicAttention(nn.Module):
         local_blocks: int = 0,
         sink_block: bool = True,
         gate_dim: Optional[int] = None,
+        warmup: bool = False,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -760,7 +831,7 @@ class DynamicAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.block_size, self.causal, self.rule = block_size, causal, rule
         self.top_k, self.top_p, self.min_blocks, self.max_blocks = top_k, top_p, min_blocks, max_blocks
-        self.local_blocks, self.sink_block = local_blocks, sink_block
+        self.local_blocks, self.sink_block, self.warmup = local_blocks, sink_block, bool(warmup)
         self.backend = backend
         self.gate = BlockGate(num_kv_heads, head_dim, gate_dim, device=device, dtype=dtype)
         self.gate_loss: Optional[Tensor] = None
@@ -799,6 +870,7 @@ class DynamicAttention(nn.Module):
             key_padding_mask=key_padding_mask,
             scale=scale,
             return_gate_loss=self.training and torch.is_grad_enabled(),
+            warmup=self.warmup,
             backend=self.backend,
         )
         self.gate_loss, self.last_selection = loss, sel
@@ -813,8 +885,29 @@ class DynamicAttention(nn.Module):
         return (
             f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"block_size={self.block_size}, causal={self.causal}, rule={self.rule!r}, {sel}, "
-            f"local_blocks={self.local_blocks}, sink_block={self.sink_block}"
+            f"local_blocks={self.local_blocks}, sink_block={self.sink_block}, warmup={self.warmup}, "
+            f"backend={self.backend!r}"
         )
+
+
+@contextlib.contextmanager
+def dense_warmup(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every :class:`DynamicAttention` in ``model`` in dense warm-up mode inside the block.
+
+    ``with dense_warmup(model): train(...)`` attends every block (the dense result) and trains the
+    gates by distillation over every routable block; each module's own ``warmup`` flag is
+    restored on exit (for a warm-up that ends at a step count inside one loop, set
+    ``module.warmup`` directly).
+    """
+    modules = [m for m in model.modules() if isinstance(m, DynamicAttention)]
+    before = [m.warmup for m in modules]
+    for m in modules:
+        m.warmup = True
+    try:
+        yield model
+    finally:
+        for m, w in zip(modules, before):
+            m.warmup = w
 
 
 def gate_losses(model: nn.Module) -> Tensor:
@@ -836,10 +929,12 @@ __all__ = [
     "block_layout",
     "block_sparse_attention",
     "computed_fraction",
+    "dense_warmup",
     "dynamic_attention",
     "gate_distillation_loss",
     "gate_losses",
     "pool_blocks",
+    "routable_blocks",
     "select_blocks",
     "work_fraction",
 ]

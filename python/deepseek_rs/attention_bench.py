@@ -12,13 +12,17 @@
   lower latency at 16K tokens. ``--backend gather`` (default) gathers the selected blocks;
   ``--backend flex`` runs the compiled FlexAttention kernel with the selection's block mask
   and times the gather path too, as its baseline.
-* Quality: two small Hugging Face Llama language models over bytes, identical except that one
-  is converted with ``patch_attention`` (DAR with its gate distillation loss), trained for the
-  same steps with the same batches on real text available offline: the docstrings of the
-  Python standard library's modules, classes and functions (files split 90/10 into train and
-  validation). Validation next-byte accuracy, perplexity and the share of attention pairs
-  computed, at 1024 tokens. The article claims 42% of the attention work skipped at 1024
-  tokens with 98.7% of the dense model's accuracy.
+* Quality: small byte-level Hugging Face Llama language models that differ only in attention
+  (dense SDPA, DAR with and without the dense warm-up of its gate, and ablations: the forced
+  blocks alone, random routed blocks, an untrained gate), trained for the same steps on the
+  same batches of real text available offline: the docstrings of the Python standard library's
+  modules, classes and functions (files split 90/10 into train and validation). With ``--task
+  copy`` (the default) the second half of every 1024-byte window repeats the text from 256 to
+  448 bytes back in the same window (an induction / retrieval task, as in MoBA's and NSA's retrieval
+  tests): only attention that reaches beyond the local blocks can predict it. Validation
+  next-byte accuracy (overall, on the copied part, on the rest), perplexity and the share of
+  attention computed. The article claims 42% of the attention work skipped at 1024 tokens with
+  98.7% of the dense model's accuracy.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ import sysconfig
 import time
 import warnings
 import zlib
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .attention import DynamicAttention, block_layout, computed_fraction, gate_losses, work_fraction
 from .attention_flex import selection_block_mask
@@ -145,7 +150,7 @@ def language_model(seed: int, seq: int, hidden: int, layers: int):
         intermediate_size=hidden * 4,
         num_hidden_layers=layers,
         num_attention_heads=hidden // 32,
-        num_key_value_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 64),
         max_position_embeddings=seq,
         attn_implementation="sdpa",
     )
@@ -157,13 +162,67 @@ def windows(data: torch.Tensor, seq: int, count: int, gen: torch.Generator) -> t
     return torch.stack([data[s : s + seq] for s in start.tolist()])
 
 
-def train_lm(model, data, steps: int, batch: int, seq: int, lr: float, seed: int):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+class CopyTask:
+    """From the middle of each window on, every byte repeats the byte ``distance`` bytes back.
+
+    ``distance`` is drawn per window between ``seq // 4`` (at least ``2 * block_size``) and
+    ``seq // 2 - block_size``: the second half of the window replays the text from that far
+    back (a passage copied from earlier, as in induction and retrieval tests), never from the
+    first block (a sink) and never from the query's own or previous block, so only attention
+    that reaches beyond the local blocks can predict it.
+    """
+
+    def __init__(self, seq: int, block_size: int):
+        self.start = seq // 2  # first copied byte
+        self.lo, self.hi = max(seq // 4, 2 * block_size), self.start - block_size
+        if self.hi < self.lo:
+            raise ValueError(f"a copy task needs longer windows than {seq} bytes for blocks of {block_size}")
+
+    def apply(self, x: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(the windows with the copy, each window's distance)."""
+        dist = torch.randint(self.lo, self.hi + 1, (x.shape[0],), generator=gen)
+        x = x.clone()
+        for row, d in zip(x, dist.tolist()):
+            for i in range(self.start, x.shape[1], d):  # in pieces of at most d: the source is final
+                row[i : i + d] = row[i - d : i].clone()[: x.shape[1] - i]
+        return x, dist
+
+    def copied_targets(self, seq: int) -> torch.Tensor:
+        """[seq - 1] bool over next-byte targets: a copied byte, the first one excepted (nothing
+        announces where the copy starts)."""
+        return torch.arange(1, seq) > self.start
+
+
+def batches(data, seq: int, count: int, gen: torch.Generator, task: Optional[CopyTask]) -> torch.Tensor:
+    x = windows(data, seq, count, gen)
+    return x if task is None else task.apply(x, gen)[0]
+
+
+class RandomGate(nn.Module):
+    """Ablation: uniform random gate scores, i.e. random routed blocks (a fresh draw every call)."""
+
+    def __init__(self, gate: nn.Module, seed: int):
+        super().__init__()
+        self.num_kv_heads, self.head_dim = gate.num_kv_heads, gate.head_dim
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def forward(self, query_pooled: torch.Tensor, key_pooled: torch.Tensor) -> torch.Tensor:
+        b, h, nq, _ = query_pooled.shape
+        return torch.rand(b, h, nq, key_pooled.shape[2], generator=self.gen).to(query_pooled.device)
+
+
+def train_lm(
+    model, data, steps: int, batch: int, seq: int, lr: float, seed: int, task, warmup_steps: int = 0
+):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(seed)  # the same batches for both models
+    gen = torch.Generator().manual_seed(seed)  # the same batches for every model
+    dars = [m for m in model.modules() if isinstance(m, DynamicAttention)]
     model.train()
     for step in range(steps):
-        x = windows(data, seq, batch, gen)
+        for m in dars:
+            m.warmup = step < warmup_steps
+        x = batches(data, seq, batch, gen, task)
         loss = model(x, labels=x).loss
         gate = gate_losses(model)
         opt.zero_grad()
@@ -171,42 +230,77 @@ def train_lm(model, data, steps: int, batch: int, seq: int, lr: float, seed: int
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % max(1, steps // 5) == 0 or step == steps - 1:
-            print(f"  step {step:4d}  loss {loss.item():.4f}  gate loss {gate.item():.4f}", flush=True)
+        if step % max(1, steps // 5) == 0 or step == steps - 1 or step == warmup_steps - 1:
+            phase = " (dense warm-up)" if step < warmup_steps else ""
+            print(f"  step {step:4d}  loss {loss.item():.4f}  gate loss {gate.item():.4f}{phase}", flush=True)
+    for m in dars:
+        m.warmup = False
     return model.eval()
 
 
+class Scores(NamedTuple):
+    accuracy: float
+    copy_accuracy: float  # nan without the copy task
+    rest_accuracy: float
+    perplexity: float
+    copy_perplexity: float
+    pairs: float  # DAR's share of the (query, key) pairs of dense causal attention
+    products: float  # DAR's score products over the same
+
+
 @torch.no_grad()
-def evaluate(model, val: torch.Tensor, seq: int, count: int):
-    """Next-byte accuracy, perplexity and DAR's computed share of pairs on ``count`` validation windows."""
-    x = windows(val, seq, count, torch.Generator().manual_seed(1234))
-    correct = total = 0
-    nll = 0.0
+def evaluate(model, val: torch.Tensor, seq: int, count: int, task: Optional[CopyTask]) -> Scores:
+    """Next-byte accuracy and perplexity on ``count`` validation windows, overall and per region."""
+    x = batches(val, seq, count, torch.Generator().manual_seed(1234), task)
+    copied = task.copied_targets(seq) if task is not None else torch.zeros(seq - 1, dtype=torch.bool)
+    hits, nlls = [], []
     fracs, works = [], []
     dars = [m for m in model.modules() if isinstance(m, DynamicAttention)]
     for row in x.split(4):
-        logits = model(row).logits[:, :-1]
+        logits = model(row).logits[:, :-1].float()
         target = row[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, 256), target.reshape(-1), reduction="sum").item()
-        correct += (logits.argmax(-1) == target).sum().item()
-        total += target.numel()
+        nlls.append(F.cross_entropy(logits.transpose(1, 2), target, reduction="none"))
+        hits.append(logits.argmax(-1) == target)
         fracs += [computed_fraction(m.last_selection, seq, seq, m.block_size) for m in dars]
         works += [work_fraction(m.last_selection, seq, seq, m.block_size) for m in dars]
-    mean = statistics.mean
-    return (
-        correct / total,
-        math.exp(nll / total),
-        mean(fracs) if fracs else 1.0,
-        mean(works) if works else 1.0,
+    hit, nll = torch.cat(hits).double(), torch.cat(nlls).double()
+    copy = copied.expand_as(hit)
+    nan = float("nan")
+    return Scores(
+        hit.mean().item(),
+        hit[copy].mean().item() if bool(copy.any()) else nan,
+        hit[~copy].mean().item(),
+        math.exp(nll.mean().item()),
+        math.exp(nll[copy].mean().item()) if bool(copy.any()) else nan,
+        statistics.mean(fracs) if fracs else 1.0,
+        statistics.mean(works) if works else 1.0,
     )
 
 
+# key: (row name, DynamicAttention arguments or None for dense SDPA, variant)
 MODELS = {
-    "dense": ("dense (SDPA)", None),
-    "dar": ("DAR", DAR),
-    # ablation: the same forced blocks, nothing routed (does the gate's choice matter?)
-    "fixed": ("own + previous + sink, no routing", {**DAR, "top_k": 0}),
+    "dense": ("dense (SDPA)", None, None),
+    "dar": ("DAR, dense warm-up", DAR, "warmup"),
+    "dar-nowarm": ("DAR, no warm-up", DAR, None),
+    # ablations at the same selection sizes: does the gate's choice matter?
+    "fixed": ("own + previous + sink only", {**DAR, "top_k": 0}, None),
+    "random": ("random routed blocks", DAR, "random"),
+    "frozen": ("untrained identity gate", DAR, "frozen"),
 }
+
+
+def build(key: str, seed: int, seq: int, hidden: int, layers: int):
+    _, dar_kwargs, variant = MODELS[key]
+    model = language_model(seed, seq, hidden, layers)
+    if dar_kwargs is not None:
+        patch_attention(model, **dar_kwargs)
+    for m in model.modules():
+        if isinstance(m, DynamicAttention):
+            if variant == "random":
+                m.gate = RandomGate(m.gate, seed)
+            elif variant == "frozen":
+                m.gate.requires_grad_(False)  # MoBA's parameter-free scoring, never trained
+    return model
 
 
 def quality(
@@ -217,38 +311,55 @@ def quality(
     layers: int,
     evals: int,
     seed: int = 0,
-    models: Tuple[str, ...] = ("dense", "dar"),
+    models: Tuple[str, ...] = tuple(MODELS),
+    task: str = "copy",
+    warmup_steps: int = 0,
+    lr: float = 3e-3,
 ) -> None:
     train, val = docstrings(4_000_000)
+    copy_task = CopyTask(seq, DAR["block_size"]) if task == "copy" else None
     print(
         f"\n== quality: byte-level Llama ({layers} layers, hidden {hidden}, "
-        f"{hidden // 32} heads / {hidden // 64} kv heads), "
-        f"{steps} steps x {batch} x {seq} tokens, seed {seed}, stdlib docstrings "
-        f"({len(train) / 1e6:.2f} MB train, {len(val) / 1e6:.2f} MB validation)"
+        f"{hidden // 32} heads / {max(1, hidden // 64)} kv heads), "
+        f"{steps} steps x {batch} x {seq} tokens, peak lr {lr}, seed {seed}, stdlib docstrings "
+        f"({len(train) / 1e6:.2f} MB train, {len(val) / 1e6:.2f} MB validation), task {task}"
     )
+    if copy_task is not None:
+        print(
+            f"copy: from byte {copy_task.start} on, each byte repeats the byte a random {copy_task.lo}.."
+            f"{copy_task.hi} bytes back (one distance per window); copy accuracy is over the copied bytes "
+            "but the first"
+        )
+    print(f"DAR: {DAR}; dense warm-up: the first {warmup_steps} steps")
     results = {}
     for key in models:
-        name, dar_kwargs = MODELS[key]
-        model = language_model(seed, seq, hidden, layers)
-        if dar_kwargs is not None:
-            patch_attention(model, **dar_kwargs)
+        name = MODELS[key][0]
+        model = build(key, seed, seq, hidden, layers)
         print(f"{name}:", flush=True)
         start = time.perf_counter()
-        train_lm(model, train, steps, batch, seq, lr=3e-3, seed=seed)
+        warm = warmup_steps if MODELS[key][2] == "warmup" else 0
+        train_lm(model, train, steps, batch, seq, lr=lr, seed=seed, task=copy_task, warmup_steps=warm)
         elapsed = time.perf_counter() - start
-        results[name] = (*evaluate(model, val, seq, evals), elapsed)
+        results[name] = (evaluate(model, val, seq, evals, copy_task), elapsed)
     print(
-        "\n| model | val next-byte accuracy | val perplexity | pairs attended | products computed | train s |"
+        "\n| model | accuracy | copied part | rest | perplexity | copied part ppl | pairs attended "
+        "| products computed | train s |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, (acc, ppl, frac, work, secs) in results.items():
-        print(f"| {name} | {acc:.4f} | {ppl:.3f} | {frac:.1%} | {work:.1%} | {secs:.0f} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (r, secs) in results.items():
+        print(
+            f"| {name} | {r.accuracy:.4f} | {r.copy_accuracy:.4f} | {r.rest_accuracy:.4f} | "
+            f"{r.perplexity:.3f} | {r.copy_perplexity:.3f} | {r.pairs:.1%} | {r.products:.1%} | {secs:.0f} |"
+        )
     dense = results.get(MODELS["dense"][0])
-    for name, res in results.items():
-        if dense is not None and res is not dense:
+    for name, (r, _) in results.items():
+        if dense is not None and name != MODELS["dense"][0]:
+            d = dense[0]
+            copied = f", {r.copy_accuracy / d.copy_accuracy:.2%} on the copied part" if copy_task else ""
             print(
-                f"{name}: {1 - res[3]:.1%} of the attention work (score products) and {1 - res[2]:.1%} of "
-                f"the pairs skipped at {seq} tokens, {res[0] / dense[0]:.2%} of the dense accuracy"
+                f"{name}: {1 - r.products:.1%} of the attention work (score products) and "
+                f"{1 - r.pairs:.1%} of the pairs skipped at {seq} tokens; "
+                f"{r.accuracy / d.accuracy:.2%} of the dense accuracy{copied}"
             )
     print("   article: >= 42% of the attention work skipped at 1024 tokens with >= 98.7% of the accuracy")
 
@@ -259,9 +370,25 @@ def main(argv=None) -> int:
     p.add_argument("--section", choices=("latency", "quality", "all"), default="all")
     p.add_argument("--steps", type=int, default=150, help="training steps of each language model")
     p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="dense warm-up steps of the 'dar' model (default: a fifth of the steps, at least 1)",
+    )
+    p.add_argument(
         "--models",
-        default="dense,dar",
-        help=f"comma-separated models of the quality section, from {', '.join(MODELS)} (default dense,dar)",
+        default=",".join(MODELS),
+        help=f"comma-separated models of the quality section, from {', '.join(MODELS)} (default: all)",
+    )
+    p.add_argument("--hidden", type=int, default=128, help="hidden size of the quality models (heads of 32)")
+    p.add_argument("--layers", type=int, default=2, help="layers of the quality models")
+    p.add_argument("--batch", type=int, default=8, help="windows of 1024 bytes per training step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle schedule)")
+    p.add_argument(
+        "--task",
+        choices=("copy", "text"),
+        default="copy",
+        help="quality task: copy (a far passage repeated in every window) or text (the plain docstrings)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the quality section (weights and batches)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs of each attention per length")
@@ -295,17 +422,22 @@ def main(argv=None) -> int:
         lengths = (256, 512) if args.quick else (1024, 4096, 16384)
         latency(lengths, 2 if args.quick else args.repeat, args.device, args.backend)
     if args.section in ("quality", "all"):
+        steps = 4 if args.quick else args.steps
+        warmup = max(1, steps // 5) if args.warmup_steps is None else args.warmup_steps
         if args.quick:
-            quality(steps=4, seq=256, batch=2, hidden=64, layers=1, evals=4, models=models)
+            quality(steps, 512, 2, 64, 1, 4, models=models, task=args.task, warmup_steps=warmup)
         else:
             quality(
-                steps=args.steps,
-                seq=1024,
-                batch=8,
-                hidden=128,
-                layers=2,
-                evals=32,
-                seed=args.seed,
-                models=models,
+                steps,
+                1024,
+                args.batch,
+                args.hidden,
+                args.layers,
+                32,
+                args.seed,
+                models,
+                args.task,
+                warmup,
+                args.lr,
             )
     return 0
