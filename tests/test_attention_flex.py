@@ -154,7 +154,8 @@ def test_dynamic_attention_module_backends_agree():
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-12, atol=1e-12)
 
 
-def test_auto_takes_gather_on_the_cpu_and_flex_where_it_can_on_cuda():
+def test_auto_takes_gather_on_the_cpu_and_flex_where_it_can_on_cuda(monkeypatch):
+    monkeypatch.setattr(flex, "_has_triton", lambda: True)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert flex.resolve_backend("auto", cpu, 64, 64, 64, False) == "gather"
     assert flex.resolve_backend("flex", cpu, 7, 4, 3, False) == "flex"
@@ -167,6 +168,10 @@ def test_auto_takes_gather_on_the_cpu_and_flex_where_it_can_on_cuda():
         assert flex.resolve_backend("auto", cuda, bs, 64, 64, True) == "gather"
         with pytest.raises(DeviceError, match="power of two"):
             flex.resolve_backend("flex", cuda, bs, 64, 64, False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flex, "_has_triton", lambda: False)
+        assert "Triton" in flex.flex_unavailable_reason(cuda, 64, 64, 64)
+        assert flex.resolve_backend("auto", cuda, 64, 64, 64, True) == "gather"
     assert "head dims >= 16" in flex.flex_unavailable_reason(cuda, 64, 8, 64)
     assert flex.resolve_backend("auto", cuda, 64, 64, 8, True) == "gather"
     with pytest.raises(DeviceError, match="head dims"):

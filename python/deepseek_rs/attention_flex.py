@@ -58,6 +58,14 @@ def _flex_module():
     return fa
 
 
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # torch moved it: let the compile step report
+        return True
+    return has_triton()
+
+
 def flex_unavailable_reason(
     device: torch.device, block_size: int, head_dim: int, value_dim: int, requires_grad: bool = False
 ) -> Optional[str]:
@@ -75,6 +83,8 @@ def flex_unavailable_reason(
                 "FlexAttention on CUDA needs head dims >= 16, "
                 f"got {head_dim} (query, key), {value_dim} (value)"
             )
+        if not _has_triton():
+            return "FlexAttention on CUDA is compiled by Triton, which is not installed (or sees no GPU)"
         return None
     if device.type == "cpu":
         if requires_grad:
