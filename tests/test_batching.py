@@ -627,3 +627,25 @@ def test_distinct_bucket_keys_are_bounded():
         with pytest.raises(ShapeError, match="max_buckets 2"):
             b.submit(torch.zeros(3))
         assert b.metrics()["accepted"] == 3
+
+
+def test_an_answer_arriving_after_its_event_loop_closed_is_dropped_and_frees_the_loop():
+    import gc
+    import weakref
+
+    from deepseek_rs.batching import _LoopWaker
+
+    gate = Gate()
+    loops = []
+
+    async def main(b):
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        return b.submit_async(torch.tensor([1.0]))  # not awaited: the loop closes first
+
+    with DynamicBatcher(gate, dtype=None, min_size=1, max_queue_delay=0.0) as b:
+        asyncio.run(main(b))
+        assert gate.entered.wait(RESULT_TIMEOUT)
+        gate.release.set()  # answered after the loop closed
+    gc.collect()
+    assert loops[0]() is None, "the closed loop is still referenced"
+    assert not any(w._ready for w in _LoopWaker._by_loop.values())

@@ -516,8 +516,8 @@ class _LoopWaker:
             if loop is not None:
                 try:
                     loop.call_soon_threadsafe(self._drain)
-                except RuntimeError:  # the loop is closed: nobody awaits these answers any more
-                    pass
+                except RuntimeError:  # the loop is closed: nobody awaits these answers any more,
+                    self._ready.clear()  # and holding its futures would keep it alive
 
     def _drain(self) -> None:
         """On the loop: answer every queued waiter. The flag is cleared first, so an answer
