@@ -18,8 +18,9 @@
   batch) are checked against the model run in this process. Each request carries a unique id
   that its answer must echo: the run fails if a request is lost, answered twice, or answered
   with another request's id. QPS counts the 200 answers.
-* The same model and batcher in process, without HTTP: 32 threads calling ``submit().result()``
-  (the batching gain of the model alone, before JSON and HTTP costs).
+* The same model (unwrapped: no failing requests) and batcher in process, without HTTP: 32
+  threads calling ``submit().result()`` (the batching gain of the model alone, before JSON and
+  HTTP costs).
 * Mean batch size comes from the server's Prometheus ``/metrics`` (deltas over each point).
 * Scheduler overhead: in-process ``DynamicBatcher`` around a no-op model (``nn.Identity``)
   with 64 requests outstanding, wall time per request of the whole path (submit, schedule,

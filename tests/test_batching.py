@@ -373,7 +373,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_size=self.MAX_SIZE, min_size=self.MIN_SIZE, max_queue_delay=0.003, max_queue_size=self.QUEUE
         )
         self.next_id = 0
-        self.accepted = {}  # id -> (bucket, latest possible deadline or None)
+        self.accepted = {}  # id -> (bucket, deadline in ns on the scheduler's clock, or None)
         self.ended = set()
 
     @rule(
@@ -387,7 +387,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.next_id += 1
         full = len(self.s) >= self.QUEUE
         try:
-            self.s.submit(rid, bucket=bucket, priority=priority, timeout=timeout)
+            deadline = self.s.submit(rid, bucket=bucket, priority=priority, timeout=timeout)
         except QueueFullError:
             assert full
             return -1
@@ -395,7 +395,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert self.s.closed
             return -1
         assert not self.s.closed
-        self.accepted[rid] = (bucket, None if timeout is None else time.monotonic() + timeout)
+        assert (deadline is None) == (timeout is None)
+        self.accepted[rid] = (bucket, deadline)  # the engine's own deadline: checked exactly
         return rid
 
     @rule(bucket=st.integers(0, 1), n=st.integers(2, 8))
@@ -412,25 +413,36 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert was_waiting
             self.ended.add(rid)
 
-    def handle(self, kind, ids, bucket, started):
+    def handle(self, kind, ids, bucket, at):
+        """Check one decision, taken at ``at`` (ns, the clock deadlines are on): exactly, with
+        the engine's own instants, so no violation hides in the time between calls."""
         if kind == "batch":
             assert 1 <= len(ids) <= self.MAX_SIZE
             for rid in ids:
                 b, deadline = self.accepted[rid]
                 assert b == bucket, "a batch mixed bucket keys"
-                assert deadline is None or started < deadline, "dispatched after its deadline"
+                assert deadline is None or at < deadline, "dispatched at or after its deadline"
                 assert rid not in self.ended, "handed out twice"
                 self.ended.add(rid)
             self.s.complete(ids)
         elif kind == "timed_out":
+            assert ids
             for rid in ids:
+                deadline = self.accepted[rid][1]
+                assert deadline is not None and deadline <= at, "timed out before its deadline"
                 assert rid not in self.ended
                 self.ended.add(rid)
+        else:
+            assert kind in ("idle", "closed") and not ids
+            waiting = [d for r, (_, d) in self.accepted.items() if r not in self.ended]
+            if kind == "closed":
+                assert self.s.closed and not waiting, "closed with requests still waiting"
+            else:  # nothing was due: in particular no waiting request was past its deadline
+                assert all(d is None or at < d for d in waiting), "left waiting past its deadline"
 
     @rule()
     def poll(self):
-        started = time.monotonic()
-        self.handle(*self.s.next_batch(0.0), started)
+        self.handle(*self.s.next_batch_at(0.0))
 
     @rule()
     def let_time_pass(self):
@@ -448,12 +460,11 @@ class SchedulerMachine(RuleBasedStateMachine):
     def teardown(self):
         self.s.close()
         while True:
-            started = time.monotonic()
-            kind, ids, bucket = self.s.next_batch(5.0)
+            kind, ids, bucket, at = self.s.next_batch_at(5.0)
             if kind == "closed":
                 break
             assert kind != "idle", "a closed scheduler must drain without waiting"
-            self.handle(kind, ids, bucket, started)
+            self.handle(kind, ids, bucket, at)
         assert self.ended == set(self.accepted), "requests lost"
         m = self.s.metrics()
         assert m["accepted"] == len(self.accepted) and m["in_flight"] == 0
@@ -616,3 +627,25 @@ def test_distinct_bucket_keys_are_bounded():
         with pytest.raises(ShapeError, match="max_buckets 2"):
             b.submit(torch.zeros(3))
         assert b.metrics()["accepted"] == 3
+
+
+def test_an_answer_arriving_after_its_event_loop_closed_is_dropped_and_frees_the_loop():
+    import gc
+    import weakref
+
+    from deepseek_rs.batching import _LoopWaker
+
+    gate = Gate()
+    loops = []
+
+    async def main(b):
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        return b.submit_async(torch.tensor([1.0]))  # not awaited: the loop closes first
+
+    with DynamicBatcher(gate, dtype=None, min_size=1, max_queue_delay=0.0) as b:
+        asyncio.run(main(b))
+        assert gate.entered.wait(RESULT_TIMEOUT)
+        gate.release.set()  # answered after the loop closed
+    gc.collect()
+    assert loops[0]() is None, "the closed loop is still referenced"
+    assert not any(w._ready for w in _LoopWaker._by_loop.values())

@@ -51,6 +51,22 @@ from .errors import DTypeError, InvalidValueError, RequestTimeoutError, ShapeErr
 COLLATE_MODES = ("stack", "pad", "ragged")
 
 
+class _RequestFuture(Future):
+    """A request's future: cancelling it while the request waits also takes the request out of
+    the scheduler's queue (and frees its place); once running it cannot be cancelled."""
+
+    def __init__(self, scheduler: _core.Scheduler, pending: Dict[int, Any], rid: int):
+        super().__init__()
+        self._scheduler, self._pending, self._rid = scheduler, pending, rid
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        if self._scheduler.cancel(self._rid):
+            self._pending.pop(self._rid, None)
+        return True
+
+
 @dataclass
 class _Request:
     x: Tensor
@@ -306,7 +322,7 @@ class DynamicBatcher:
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**32:
             raise InvalidValueError(f"priority must be an integer in [0, 2**32), got {priority!r}")
         rid = next(self._ids)
-        future: Future = Future()
+        future = _RequestFuture(self._scheduler, self._pending, rid)
         # The payload must be in place before the scheduler can hand the id to a worker.
         self._pending[rid] = _Request(x, future)
         queued = False
@@ -318,18 +334,7 @@ class DynamicBatcher:
         finally:
             if not queued:  # refused (or interrupted before the engine took it)
                 self._pending.pop(rid, None)
-        future.add_done_callback(self._on_done(rid))
         return future
-
-    def _on_done(self, rid: int) -> Callable[[Future], None]:
-        scheduler, pending = self._scheduler, self._pending
-
-        def done(future: Future) -> None:
-            # A caller's cancel() takes a waiting request out of the queue (and frees its place).
-            if future.cancelled() and scheduler.cancel(rid):
-                pending.pop(rid, None)
-
-        return done
 
     def submit_async(
         self, x: Tensor, *, timeout: Optional[float] = None, priority: int = 0
@@ -488,7 +493,7 @@ class _LoopWaker:
 
         def cancel_request(w: asyncio.Future) -> None:
             if w.cancelled():
-                future.cancel()  # a request still waiting leaves the queue (DynamicBatcher._on_done)
+                future.cancel()  # a request still waiting leaves the queue (_RequestFuture)
 
         waiter.add_done_callback(cancel_request)
         future.add_done_callback(lambda f: self._post(f, waiter))
@@ -511,8 +516,8 @@ class _LoopWaker:
             if loop is not None:
                 try:
                     loop.call_soon_threadsafe(self._drain)
-                except RuntimeError:  # the loop is closed: nobody awaits these answers any more
-                    pass
+                except RuntimeError:  # the loop is closed: nobody awaits these answers any more,
+                    self._ready.clear()  # and holding its futures would keep it alive
 
     def _drain(self) -> None:
         """On the loop: answer every queued waiter. The flag is cleared first, so an answer

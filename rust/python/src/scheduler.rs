@@ -42,6 +42,23 @@ fn histogram<'py>(py: Python<'py>, h: &engine::LatencyHistogram) -> PyResult<Bou
 #[pyclass(frozen, module = "deepseek_rs._core")]
 pub struct Scheduler {
     inner: engine::Scheduler,
+    /// Zero of the nanosecond clock that `submit` and `next_batch_at` report instants on.
+    epoch: Instant,
+}
+
+fn kind(next: engine::Next) -> (&'static str, Vec<u64>, u64) {
+    match next {
+        engine::Next::Batch(b) => ("batch", b.ids, b.bucket),
+        engine::Next::TimedOut(ids) => ("timed_out", ids, 0),
+        engine::Next::Idle => ("idle", Vec::new(), 0),
+        engine::Next::Closed => ("closed", Vec::new(), 0),
+    }
+}
+
+impl Scheduler {
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
 }
 
 #[pymethods]
@@ -65,12 +82,17 @@ impl Scheduler {
             preferred_sizes: preferred_sizes.unwrap_or_default(),
         };
         let inner = engine::Scheduler::new(config).map_err(EngineError::from)?;
-        Ok(Scheduler { inner })
+        Ok(Scheduler {
+            inner,
+            epoch: Instant::now(),
+        })
     }
 
     /// Queue request `id`; raises QueueFullError, ShutdownError or InvalidValueError at once.
+    /// Returns its deadline in nanoseconds on the scheduler's clock (see `next_batch_at`), or
+    /// None without one.
     #[pyo3(signature = (id, cost=1, bucket=0, priority=0, timeout=None))]
-    fn submit(&self, id: u64, cost: u64, bucket: u64, priority: u32, timeout: Option<f64>) -> PyResult<()> {
+    fn submit(&self, id: u64, cost: u64, bucket: u64, priority: u32, timeout: Option<f64>) -> PyResult<Option<u64>> {
         // A timeout too long for the clock is no deadline.
         let timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
@@ -81,7 +103,8 @@ impl Scheduler {
             priority,
             deadline,
         };
-        self.inner.submit(req).map_err(|e| EngineError::from(e).into())
+        self.inner.submit(req).map_err(EngineError::from)?;
+        Ok(deadline.map(|d| self.nanos(d)))
     }
 
     /// Remove a waiting request; False if it is no longer waiting.
@@ -94,12 +117,18 @@ impl Scheduler {
     #[pyo3(signature = (timeout=None))]
     fn next_batch(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<(&'static str, Vec<u64>, u64)> {
         let timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
-        Ok(match py.detach(|| self.inner.next_batch(timeout)) {
-            engine::Next::Batch(b) => ("batch", b.ids, b.bucket),
-            engine::Next::TimedOut(ids) => ("timed_out", ids, 0),
-            engine::Next::Idle => ("idle", Vec::new(), 0),
-            engine::Next::Closed => ("closed", Vec::new(), 0),
-        })
+        Ok(kind(py.detach(|| self.inner.next_batch(timeout))))
+    }
+
+    /// `next_batch`, plus the instant the decision was taken at (the one deadlines were
+    /// compared with), in nanoseconds on the clock `submit` reports deadlines on: a batch was
+    /// taken strictly before each of its deadlines, a timeout at or after it.
+    #[pyo3(signature = (timeout=None))]
+    fn next_batch_at(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<(&'static str, Vec<u64>, u64, u64)> {
+        let timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
+        let (next, at) = py.detach(|| self.inner.next_batch_at(timeout));
+        let (kind, ids, bucket) = kind(next);
+        Ok((kind, ids, bucket, self.nanos(at)))
     }
 
     /// Wait (GIL released) for waiting requests to pass their deadline and return their ids

@@ -239,6 +239,12 @@ impl Scheduler {
     /// Blocks until a batch is due, requests time out, the scheduler is closed and drained, or
     /// `timeout` passes (None: no limit).
     pub fn next_batch(&self, timeout: Option<Duration>) -> Next {
+        self.next_batch_at(timeout).0
+    }
+
+    /// [`Scheduler::next_batch`], with the instant the decision was taken at (what deadlines
+    /// were compared with), so that a test can check each decision exactly.
+    pub fn next_batch_at(&self, timeout: Option<Duration>) -> (Next, Instant) {
         // A timeout too long for the clock is no limit.
         let give_up = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut q = self.lock();
@@ -252,14 +258,14 @@ impl Scheduler {
                         // Another executor may be able to take the rest.
                         self.changed.notify_one();
                     }
-                    return Next::Batch(b);
+                    return (Next::Batch(b), now);
                 }
-                Poll::TimedOut(ids) => return Next::TimedOut(ids),
+                Poll::TimedOut(ids) => return (Next::TimedOut(ids), now),
                 Poll::Closed => {
                     drop(q);
                     self.changed.notify_all();
                     self.deadlines_changed.notify_all();
-                    return Next::Closed;
+                    return (Next::Closed, now);
                 }
                 Poll::Wait(wake) => wake,
             };
@@ -268,7 +274,7 @@ impl Scheduler {
                 (w, g) => w.or(g),
             };
             if give_up.is_some_and(|g| g <= now) {
-                return Next::Idle;
+                return (Next::Idle, now);
             }
             q = match until {
                 None => self.changed.wait(q).unwrap_or_else(|e| e.into_inner()),

@@ -538,3 +538,35 @@ proptest! {
         prop_assert_eq!((dispatched + m.timed_out + m.cancelled) as usize, accepted.len());
     }
 }
+
+#[test]
+fn next_batch_at_reports_the_instant_deadlines_were_compared_with() {
+    let s = Scheduler::new(config(1, 8)).unwrap();
+    let start = Instant::now();
+    let deadline = start + ms(5);
+    s.submit(Request {
+        deadline: Some(deadline),
+        ..Request::new(1)
+    })
+    .unwrap();
+    let (next, at) = s.next_batch_at(None);
+    assert_eq!(
+        next,
+        Next::Batch(Batch {
+            ids: vec![1],
+            bucket: 0,
+            cost: 1
+        })
+    );
+    assert!(start <= at && at < deadline && at <= Instant::now());
+    s.submit(Request {
+        deadline: Some(Instant::now()),
+        ..Request::new(2)
+    })
+    .unwrap();
+    let (next, at) = s.next_batch_at(Some(ms(1)));
+    assert_eq!(next, Next::TimedOut(vec![2]));
+    let (next, idle_at) = s.next_batch_at(Some(ms(1)));
+    assert_eq!(next, Next::Idle);
+    assert!(at <= idle_at && idle_at >= at + ms(1));
+}
