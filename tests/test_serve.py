@@ -75,13 +75,13 @@ class Server:
         return status, json.loads(text), headers
 
     def stop(self):
-        """SIGTERM; True if the server drained and exited (uvicorn re-raises the signal after a
-        graceful shutdown, so the exit status is 0 or -SIGTERM)."""
+        """SIGTERM; True if the server drained and exited with the signal's status (uvicorn
+        re-raises the signal after a graceful shutdown, as a process killed by it would end)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=60)
         self.proc.stdout.close()
-        return code in (0, -signal.SIGTERM)
+        return code == -signal.SIGTERM
 
 
 def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400():
@@ -101,6 +101,10 @@ def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400()
         torch.testing.assert_close(torch.tensor(body["outputs"]), want, rtol=1e-4, atol=1e-5)
         status, _, headers = server.get("/v1/infer")
         assert status == 405 and headers["allow"] == "POST"
+        status, text, headers = server.request("HEAD", "/v1/infer")
+        assert (status, text, headers["allow"]) == (405, "", "POST")
+        status, text, _ = server.request("POST", "/v1/infer/", {"inputs": [[0.5] * 256], "id": 8})
+        assert status == 200 and json.loads(text)["id"] == 8  # the trailing slash is served too
         assert server.get("/nowhere")[0] == 404
         for bad, name in [
             (b"{not json", "JSONDecodeError"),
@@ -108,6 +112,8 @@ def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400()
             ({"inputs": [[1.0] * 255]}, "ShapeError"),
             ({"inputs": [[1.0] * 256, [1.0]]}, "InvalidValueError"),
             ({"inputs": [["a"] * 256]}, "InvalidValueError"),
+            ({"inputs": [["1"] * 256]}, "InvalidValueError"),  # numpy would parse it as 1.0
+            ({"inputs": [[1.0] * 255 + ["1"]], "id": "x"}, "InvalidValueError"),
             ({"inputs": [[1.0] * 256], "priority": "high"}, "InvalidValueError"),
             ({"inputs": [[None] * 256]}, "InvalidValueError"),  # null would be NaN
             ({"inputs": [[1e39] * 256]}, "InvalidValueError"),  # inf in float32
@@ -117,9 +123,9 @@ def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400()
             assert status == 400 and body["error"] == name, body
         status, text, _ = server.get("/metrics")
         assert status == 200
-        assert 'deepseek_batcher_requests_total{outcome="completed"} 2' in text
-        assert 'deepseek_http_responses_total{code="400"} 9' in text
-        assert "deepseek_batcher_latency_seconds_count 2" in text
+        assert 'deepseek_batcher_requests_total{outcome="completed"} 3' in text
+        assert 'deepseek_http_responses_total{code="400"} 11' in text
+        assert "deepseek_batcher_latency_seconds_count 3" in text
     finally:
         assert server.stop()
 
@@ -215,6 +221,33 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
     finally:
         gate.unlink(missing_ok=True)
         server.stop()
+
+
+def test_scalar_outputs_are_json_numbers_and_stop_iteration_or_system_exit_from_the_model_is_500():
+    server = Server(
+        *("--model", "serve_models:picky", "--collate", "stack", "--item-shape", "1"),
+        *("--min-batch-size", "4", "--max-queue-delay-ms", "2000"),
+    )
+    answers = {}
+
+    def call(v):
+        answers[v] = server.infer({"inputs": [v], "id": v})[:2]
+
+    try:
+        threads = [threading.Thread(target=call, args=(v,)) for v in (1.0, 7.0, 2.0, -1.0)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # One batch of 4: bisection finds the two failing requests, the others are answered.
+        assert answers[1.0] == (200, {"outputs": 1.0, "id": 1.0})
+        assert answers[2.0] == (200, {"outputs": 2.0, "id": 2.0})
+        for v, name in ((7.0, "StopIteration: no next item"), (-1.0, "SystemExit: the model exits")):
+            status, body = answers[v]
+            assert status == 500 and body["error"] == "RuntimeError" and name in body["detail"], body
+        assert "deepseek_batcher_batch_size_bucket{le=\"4\"} 1" in server.get("/metrics")[1]
+    finally:
+        assert server.stop()
 
 
 def test_the_yaml_batching_section_and_flags_configure_the_server(tmp_path):

@@ -26,7 +26,9 @@ Bad input (not a tensor, wrong dtype, wrong trailing shape) is refused by ``subm
 until the failing requests are found: only they get the exception. A model output whose first
 dimension does not match the batch fails that batch with a ``ShapeError``. A full queue raises
 ``QueueFullError`` at once; a request that waits past its ``timeout`` gets
-``RequestTimeoutError`` and is never run. ``shutdown()`` (or leaving the ``with`` block) stops
+``RequestTimeoutError`` and is never run. A ``StopIteration`` or a ``BaseException`` that is not
+an ``Exception`` (``SystemExit``...) raised by the model reaches its caller as a ``RuntimeError``
+with the original as ``__cause__``. ``shutdown()`` (or leaving the ``with`` block) stops
 intake and answers every request already accepted.
 """
 
@@ -516,26 +518,42 @@ class _LoopWaker:
             if loop is not None:
                 try:
                     loop.call_soon_threadsafe(self._drain)
-                except RuntimeError:  # the loop is closed: nobody awaits these answers any more,
-                    self._ready.clear()  # and holding its futures would keep it alive
+                    return
+                except RuntimeError:  # the loop is closed
+                    pass
+            # Nobody awaits these answers any more, and holding their futures would keep the loop
+            # alive. The flag is reset first: an answer queued after the clear below then makes
+            # its own wake-up fail here and be dropped too.
+            self._scheduled = False
+            self._ready.clear()
 
     def _drain(self) -> None:
         """On the loop: answer every queued waiter. The flag is cleared first, so an answer
         queued meanwhile either is taken below or schedules the next drain."""
         self._scheduled = False
         ready = self._ready
-        while ready:
-            future, waiter = ready.popleft()
-            if waiter.done():  # its task was cancelled meanwhile
-                continue
-            if future.cancelled():
-                waiter.cancel()
-                continue
-            error = future.exception()
-            if error is not None:
-                waiter.set_exception(error)
-            else:
-                waiter.set_result(future.result())
+        try:
+            while ready:
+                future, waiter = ready.popleft()
+                if waiter.done():  # its task was cancelled meanwhile
+                    continue
+                if future.cancelled():
+                    waiter.cancel()
+                    continue
+                try:
+                    error = future.exception()
+                    if error is not None:
+                        waiter.set_exception(error)
+                    else:
+                        waiter.set_result(future.result())
+                except Exception as e:  # one answer asyncio refuses must not strand the others
+                    if not waiter.done():
+                        err = RuntimeError(f"asyncio refused the answer: {type(e).__name__}: {e}")
+                        err.__cause__ = e
+                        waiter.set_exception(err)
+        finally:  # a KeyboardInterrupt raised mid-drain leaves the rest to the next drain
+            if ready:
+                self.wake()
 
 
 def _timeout_error() -> RequestTimeoutError:
@@ -554,8 +572,10 @@ def _own_copy(e: Exception) -> Exception:
 
 def _as_exception(e: BaseException) -> Exception:
     """What a caller's future may carry: a SystemExit or KeyboardInterrupt raised by the model
-    would escape ``asyncio.run`` or kill the caller's thread, so it is wrapped."""
-    if isinstance(e, Exception):
+    would escape ``asyncio.run`` or kill the caller's thread, and an asyncio future refuses
+    StopIteration (raised out of a generator it would end it silently), so they are wrapped in
+    a RuntimeError, as PEP 479 does."""
+    if isinstance(e, Exception) and not isinstance(e, (StopIteration, StopAsyncIteration)):
         return e
     err = RuntimeError(f"the model raised {type(e).__name__}: {e}")
     err.__cause__ = e

@@ -103,7 +103,8 @@ def prometheus_text(metrics: Dict[str, Any], responses: Optional[Dict[int, int]]
     _histogram(lines, f"{p}_queue_time_seconds", "Time from arrival to dispatch.", metrics["queue_time"])
     _histogram(lines, f"{p}_latency_seconds", "Time from arrival to answer.", metrics["latency"])
     if responses is not None:
-        lines += ["# HELP deepseek_http_responses_total HTTP responses by status code."]
+        help_ = "HTTP responses by status code (an answer to a client gone meanwhile counts too)."
+        lines += [f"# HELP deepseek_http_responses_total {help_}"]
         lines += ["# TYPE deepseek_http_responses_total counter"]
         for code in sorted(responses):
             lines.append(f'deepseek_http_responses_total{{code="{code}"}} {responses[code]}')
@@ -122,14 +123,26 @@ def _jsonable(y: Any) -> Any:
         try:  # the common case (a CPU float32 row slice) is a view: no copy, one torch call
             a = y.numpy()
             if a.flags.c_contiguous:
-                return a
+                return a if a.ndim else a[()]  # orjson writes numpy scalars, not 0-d arrays
         except (TypeError, RuntimeError):  # bfloat16, on a device, or needs grad
             pass
         y = y.detach().cpu()
         if y.dtype in (torch.float16, torch.bfloat16):
             y = y.float()
-        return y.contiguous().numpy()
+        a = y.contiguous().numpy()
+        return a if a.ndim else a[()]
     return y
+
+
+_INFER_PATHS = ("/v1/infer", "/v1/infer/")
+
+
+def _route_path(scope: Dict[str, Any]) -> str:
+    """The path below the app's mount point (``root_path``), as Starlette's routing sees it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path
 
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -180,6 +193,21 @@ def create_app(
             raise InvalidValueError(f'"inputs" must be finite numbers representable as {dtype}')
         return x
 
+    def check_no_strings(body: Dict[str, Any], raw: bytes) -> None:
+        """Refuse strings in "inputs" (numpy, given a dtype, parses "1" as 1.0). A JSON string has
+        quotes: when the body has no more of them than its keys and string fields account for,
+        "inputs" has none, and the exact check, a second parse, is skipped."""
+        inputs = body["inputs"]
+        strings = sum(type(v) is str for v in body.values())
+        if raw.count(b'"') == 2 * (len(body) + strings) and type(inputs) is not str:
+            return
+        try:
+            kind = np.asarray(inputs).dtype.kind
+        except (ValueError, TypeError):  # ragged or not numbers: to_tensor says which
+            return
+        if kind in "US":
+            raise InvalidValueError('"inputs" must be numbers, not strings')
+
     responses: Counter = Counter()
 
     def error_body(e: BaseException, rid: Any) -> bytes:
@@ -221,6 +249,7 @@ def create_app(
             if type(body) is not dict or "inputs" not in body:
                 raise InvalidValueError('the body must be a JSON object with an "inputs" array')
             rid = body.get("id")
+            check_no_strings(body, raw)
             try:
                 x = to_tensor(body["inputs"])
             except (ValueError, TypeError, RuntimeError) as e:
@@ -248,7 +277,8 @@ def create_app(
                 except TypeError as e:  # an output JSON cannot carry
                     status, payload = 500, error_body(e, rid)
         await _send(send, status, payload, headers)
-        responses[status] += 1  # counted once the answer is sent
+        # Counted once handed to the server, which drops it silently if the client went away.
+        responses[status] += 1
 
     def reply(status: int, body: Dict[str, Any]) -> Response:
         responses[status] += 1
@@ -281,7 +311,7 @@ def create_app(
     starlette.state.draining = False
 
     async def app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/v1/infer":
+        if scope["type"] == "http" and (scope["path"] == "/v1/infer" or _route_path(scope) in _INFER_PATHS):
             if scope["method"] == "POST":
                 await infer(scope, receive, send)
             else:
@@ -341,10 +371,12 @@ def run(
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             app.state.draining = True  # /health says 503 from the signal on
+            # uvicorn records the signal, to re-raise it once drained (the exit status says
+            # SIGTERM, and SIGINT gives KeyboardInterrupt); the delay only postpones the exit.
+            super().handle_exit(sig, frame)
             if drain_delay > 0 and self.stop_at is None:
                 self.stop_at = time.monotonic() + drain_delay
-            else:
-                super().handle_exit(sig, frame)
+                self.should_exit = False
 
         async def on_tick(self, counter: int) -> bool:  # uvicorn calls it every 0.1 s
             if self.stop_at is not None and time.monotonic() >= self.stop_at:
