@@ -640,12 +640,55 @@ def test_an_answer_arriving_after_its_event_loop_closed_is_dropped_and_frees_the
 
     async def main(b):
         loops.append(weakref.ref(asyncio.get_running_loop()))
-        return b.submit_async(torch.tensor([1.0]))  # not awaited: the loop closes first
+        # Not awaited: the loop closes first. Two requests, answered in two batches.
+        return [b.submit_async(torch.tensor([1.0])), b.submit_async(torch.tensor([2.0]))]
 
-    with DynamicBatcher(gate, dtype=None, min_size=1, max_queue_delay=0.0) as b:
-        asyncio.run(main(b))
+    with DynamicBatcher(gate, dtype=None, min_size=1, max_size=1, max_queue_delay=0.0) as b:
+        waiters = asyncio.run(main(b))
         assert gate.entered.wait(RESULT_TIMEOUT)
-        gate.release.set()  # answered after the loop closed
+        gate.release.set()  # both answered after the loop closed, the second after the first
+        del waiters
+    # The second answer must not be kept (with the loop) after the first found the loop closed.
     gc.collect()
     assert loops[0]() is None, "the closed loop is still referenced"
     assert not any(w._ready for w in _LoopWaker._by_loop.values())
+
+
+def test_stop_iteration_from_the_model_is_a_runtime_error_and_strands_no_awaiter():
+    class Stops(nn.Module):
+        def forward(self, x):
+            if (x == 7).any():
+                next(iter(()))  # StopIteration, an Exception that asyncio futures refuse
+            return x * 2
+
+    async def main(b):
+        waiters = [b.submit_async(torch.tensor([v])) for v in (7.0, *map(float, range(7)))]
+        done = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), RESULT_TIMEOUT)
+        return done
+
+    with DynamicBatcher(Stops(), dtype=None, item_shape=(1,), min_size=8, max_queue_delay=5.0) as b:
+        bad, *good = asyncio.run(main(b))
+        assert b.metrics()["batch_sizes"][8] == 1
+        sync = b.submit(torch.tensor([7.0]))
+        with pytest.raises(RuntimeError, match="the model raised StopIteration") as info:
+            sync.result(timeout=RESULT_TIMEOUT)
+        assert isinstance(info.value.__cause__, StopIteration)
+    assert isinstance(bad, RuntimeError) and isinstance(bad.__cause__, StopIteration)
+    assert [y.item() for y in good] == [2.0 * v for v in range(7)]
+
+
+def test_an_answer_asyncio_refuses_fails_its_own_awaiter_only():
+    from concurrent.futures import Future
+
+    from deepseek_rs.batching import _LoopWaker, _settle_all
+
+    async def main():
+        futures = [Future() for _ in range(3)]
+        waiters = [_LoopWaker.of(asyncio.get_running_loop()).wrap(f) for f in futures]
+        answers = [(futures[0], None, StopIteration("raw")), (futures[1], 1, None), (futures[2], 2, None)]
+        await asyncio.to_thread(_settle_all, answers)  # one wake-up drains all three
+        return await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), RESULT_TIMEOUT)
+
+    refused, *rest = asyncio.run(main())
+    assert rest == [1, 2]
+    assert isinstance(refused, RuntimeError) and isinstance(refused.__cause__, TypeError)
