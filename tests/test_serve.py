@@ -1,5 +1,6 @@
 """`deepseek-rs serve` started for real on loopback, driven over HTTP."""
 
+import asyncio
 import json
 import os
 import signal
@@ -14,12 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from deepseek_rs import InvalidValueError  # noqa: E402
 from deepseek_rs.serve import default_model, load_model  # noqa: E402
+
+RESULT_TIMEOUT = 30  # seconds: a hang fails the test instead of stalling the suite
 
 
 def free_port():
@@ -246,7 +251,7 @@ def test_scalar_outputs_are_json_numbers_and_stop_iteration_or_system_exit_from_
         for v, name in ((7.0, "StopIteration: no next item"), (-1.0, "SystemExit: the model exits")):
             status, body = answers[v]
             assert status == 500 and body["error"] == "RuntimeError" and name in body["detail"], body
-        assert "deepseek_batcher_batch_size_bucket{le=\"4\"} 1" in server.get("/metrics")[1]
+        assert 'deepseek_batcher_batch_size_bucket{le="4"} 1' in server.get("/metrics")[1]
     finally:
         assert server.stop()
 
@@ -263,6 +268,95 @@ def test_the_yaml_batching_section_and_flags_configure_the_server(tmp_path):
         assert policy["max_queue_delay"] == 0.001
     finally:
         assert server.stop()
+
+
+async def asgi(app, method, path, messages, root_path=""):
+    """One request through the ASGI app in-process: ``messages`` are what ``receive()`` returns
+    in turn (then ``http.disconnect``); the result is ``(status, headers, body)`` or None if the
+    app sent nothing."""
+    messages, sent = list(messages), []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": method, "path": root_path + path, "root_path": root_path, "headers": [],
+        "query_string": b"", "http_version": "1.1", "scheme": "http", "raw_path": path.encode(),
+    }  # fmt: skip
+    await asyncio.wait_for(app(scope, receive, send), RESULT_TIMEOUT)
+    if not sent:
+        return None
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return sent[0]["status"], dict(sent[0]["headers"]), body
+
+
+def chunk(body, more=False):
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+def test_asgi_disconnects_head_root_path_and_model_base_exceptions():
+    from deepseek_rs import DynamicBatcher
+    from deepseek_rs.serve import create_app
+    from serve_models import Picky
+
+    async def main(app):
+        ok = [chunk(b'{"inputs": [3.0], "id": 1}')]
+        # The client goes away while the app waits for the body, or in the middle of it:
+        # nothing is run and nothing is sent.
+        assert await asgi(app, "POST", "/v1/infer", []) is None
+        assert await asgi(app, "POST", "/v1/infer", [chunk(b'{"inputs": [', more=True)]) is None
+        assert await asgi(app, "POST", "/v1/infer", [chunk(b'{"inputs"', True), chunk(b": [1", True)]) is None
+        status, headers, _ = await asgi(app, "HEAD", "/v1/infer", [])
+        assert status == 405 and headers[b"allow"] == b"POST"
+        # Behind a mount point (root_path) and with a trailing slash, as Starlette routes.
+        for root, path in [("", "/v1/infer/"), ("/api", "/v1/infer"), ("/api", "/v1/infer/")]:
+            status, _, body = await asgi(app, "POST", path, ok, root_path=root)
+            assert (status, json.loads(body)) == (200, {"outputs": 3.0, "id": 1}), (root, path)
+        assert (await asgi(app, "GET", "/health", [], root_path="/api"))[0] == 200
+        assert (await asgi(app, "POST", "/v1/inferx", ok))[0] == 404
+        for value, name in ((7.0, "StopIteration"), (-1.0, "SystemExit")):
+            status, _, body = await asgi(app, "POST", "/v1/infer", [chunk(b'{"inputs": [%g]}' % value)])
+            assert status == 500 and f"the model raised {name}" in json.loads(body)["detail"], body
+        status, _, body = await asgi(app, "POST", "/v1/infer", [chunk(b'{"inputs": "1.5"}')])
+        assert status == 400 and "not strings" in json.loads(body)["detail"]
+
+    batcher = DynamicBatcher(Picky(), dtype=None, item_shape=(1,), min_size=1, max_queue_delay=0.0)
+    with batcher:
+        asyncio.run(main(create_app(batcher, shutdown_batcher=False)))
+        m = batcher.metrics()
+    assert (m["accepted"], m["completed"], m["failed"]) == (5, 3, 2)
+
+
+leaf = st.one_of(
+    st.floats(-1e6, 1e6), st.integers(-1000, 1000), st.booleans(), st.sampled_from(["1", "2.5", "-3", "a"])
+)
+
+
+@given(
+    rows=st.lists(st.lists(leaf, min_size=2, max_size=2), min_size=1, max_size=3),
+    fields=st.dictionaries(
+        st.sampled_from(["id", "timeout", 'x"y']),
+        st.text(st.characters(exclude_characters="\\"), max_size=4) | st.none(),
+    ),
+    unicode_quotes=st.booleans(),
+)
+def test_a_string_anywhere_in_inputs_is_400_whatever_else_the_body_holds(rows, fields, unicode_quotes):
+    from deepseek_rs import DynamicBatcher
+    from deepseek_rs.serve import create_app
+
+    fields.pop("timeout", None)  # a string timeout is a 400 of its own
+    raw = json.dumps({**fields, "inputs": rows})
+    if unicode_quotes:  # the same body, quotes inside strings written as \u0022
+        raw = raw.replace('\\"', "\\u0022")
+    with DynamicBatcher(torch.nn.Identity(), dtype=torch.float32, min_size=1, max_queue_delay=0.0) as b:
+        status, _, body = asyncio.run(asgi(create_app(b), "POST", "/v1/infer", [chunk(raw.encode())]))
+    has_string = any(type(v) is str for row in rows for v in row)
+    assert status == (400 if has_string else 200), body
+    if has_string:
+        assert json.loads(body)["detail"] == '"inputs" must be numbers, not strings'
 
 
 def test_model_specs_are_checked():

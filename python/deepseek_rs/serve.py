@@ -197,12 +197,14 @@ def create_app(
         """Refuse strings in "inputs" (numpy, given a dtype, parses "1" as 1.0). A JSON string has
         quotes: when the body has no more of them than its keys and string fields account for,
         "inputs" has none, and the exact check, a second parse, is skipped."""
-        inputs = body["inputs"]
+        quotes = raw.count(b'"')
+        if quotes == 2 * len(body):  # no string anywhere: the usual body
+            return
         strings = sum(type(v) is str for v in body.values())
-        if raw.count(b'"') == 2 * (len(body) + strings) and type(inputs) is not str:
+        if quotes == 2 * (len(body) + strings) and type(body["inputs"]) is not str:
             return
         try:
-            kind = np.asarray(inputs).dtype.kind
+            kind = np.asarray(body["inputs"]).dtype.kind
         except (ValueError, TypeError):  # ragged or not numbers: to_tensor says which
             return
         if kind in "US":
