@@ -6,7 +6,8 @@
   "timeout": seconds}`` (only ``inputs`` is required) answers ``{"outputs": [...], "id": ...}``.
   Bad JSON or input is 400, a body over the size limit 413, a full queue 429 (with
   ``Retry-After``), a request that waited past its timeout 504, a request arriving while the
-  server drains 503, a model error 500.
+  server drains 503, a model error 500. ``/v1/infer/`` is the same route, and every route
+  works under a ``root_path`` (the app mounted behind a prefix).
 * ``GET /health``: 200 ``{"status": "ok", "batching": {...}}`` (the policy in force) while
   serving, 503 while draining.
 * ``GET /metrics``: the batcher's counters and histograms and the HTTP response counts in the
@@ -14,7 +15,7 @@
 
 On SIGTERM (or Ctrl-C) uvicorn stops accepting connections and waits for the requests in
 flight; the batcher keeps running them, and shuts down (answering whatever it still holds)
-once they are answered.
+once they are answered. The process then ends by the same signal (Ctrl-C: KeyboardInterrupt).
 """
 
 from __future__ import annotations
