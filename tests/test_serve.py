@@ -256,6 +256,14 @@ def test_scalar_outputs_are_json_numbers_and_stop_iteration_or_system_exit_from_
         assert server.stop()
 
 
+def test_ctrl_c_through_the_drain_delay_still_ends_as_ctrl_c():
+    server = Server("--model", "serve_models:picky", "--item-shape", "1", "--drain-delay", "0.2")
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(timeout=60) == -signal.SIGINT  # KeyboardInterrupt, re-raised once drained
+    assert "KeyboardInterrupt" in server.proc.stdout.read()
+    server.proc.stdout.close()
+
+
 def test_the_yaml_batching_section_and_flags_configure_the_server(tmp_path):
     config = tmp_path / "optimization.yaml"
     config.write_text("optimization:\n  batching: {strategy: dynamic, min_size: 2, max_size: 8}\n")
