@@ -197,6 +197,25 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
         assert answers[10][0] == 200
         assert answers[11][0] == 504 and answers[11][1]["error"] == "RequestTimeoutError"
 
+        # A client that goes away while its request runs: the request is still run and answered
+        # (to nobody), and that answer is counted as a response.
+        before = server.get("/metrics")[1]
+        assert 'deepseek_http_responses_total{code="200"} 5\n' in before  # 4 answers, 1 /health
+        gate.touch()
+        with socket.create_connection(("127.0.0.1", server.port)) as conn:
+            body = b'{"inputs": [30.0], "id": 30}'
+            conn.sendall(
+                b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            wait_for(server, "in_flight", 1)
+        gate.unlink()
+        wait_for(server, "in_flight", 0)
+        deadline = time.monotonic() + 60
+        while 'deepseek_http_responses_total{code="200"} 6\n' not in (text := server.get("/metrics")[1]):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.01)
+        assert 'deepseek_batcher_requests_total{outcome="completed"} 5\n' in text
+
         # SIGTERM with one request running and one queued: /health says 503 through the drain
         # delay, the listener then closes, both requests are still answered, then it exits.
         gate.touch()
