@@ -572,9 +572,9 @@ def _own_copy(e: Exception) -> Exception:
 
 def _as_exception(e: BaseException) -> Exception:
     """What a caller's future may carry: a SystemExit or KeyboardInterrupt raised by the model
-    would escape ``asyncio.run`` or kill the caller's thread, and an asyncio future refuses
-    StopIteration (raised out of a generator it would end it silently), so they are wrapped in
-    a RuntimeError, as PEP 479 does."""
+    would escape ``asyncio.run`` or kill the caller's thread, and an asyncio future refuses a
+    StopIteration (a generator re-raising it would just stop), so these are wrapped in a
+    RuntimeError, as PEP 479 does for generators."""
     if isinstance(e, Exception) and not isinstance(e, (StopIteration, StopAsyncIteration)):
         return e
     err = RuntimeError(f"the model raised {type(e).__name__}: {e}")
