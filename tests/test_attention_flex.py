@@ -25,6 +25,14 @@ f64 = torch.float64
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def loud_recompile_limit():
+    """A compiled FlexAttention that hits dynamo's recompile limit falls back to torch's eager
+    (dense) FlexAttention with one warning: make that an error here, so no test passes on it."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+
+
 def selected_table(idx, lay, causal):
     """[B, Hkv, NQ, NK] bool: the blocks a query block attends (none after it when causal)."""
     b, hkv, nq, _ = idx.shape
@@ -223,6 +231,34 @@ def test_compiled_cpu_kernel_equals_gather():
         got = flex.flex_block_sparse_attention(q, k, v, idx, block_size=bs, compile=True).out
         want = block_sparse_attention(q, k, v, idx, block_size=bs, backend="gather").out
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def tol(dtype):
+    low = dtype in (torch.bfloat16, torch.float16)
+    return dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_calls_share_graphs_and_stay_compiled_past_dynamos_limit(monkeypatch):
+    """Dynamo's recompile limit (8 by default, 1 here) would send the process's compiled
+    FlexAttention to torch's dense eager one: the compiled path raises its limit, and causal and
+    non-causal calls (captured tensors, not constants) share one graph. ``aot_eager`` traces what
+    Inductor would compile without building a kernel."""
+    compiled = flex._compiled_flex
+    monkeypatch.setattr(flex, "_compiled_flex", lambda device_type: compiled(device_type, "aot_eager"))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    gen = torch.Generator().manual_seed(8)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for dtype, causal in ((torch.float32, True), (torch.float32, False), (torch.bfloat16, True)):
+            q = torch.randn(1, 4, 20, 16, generator=gen).to(dtype)
+            k, v = (torch.randn(1, 2, 24, 16, generator=gen).to(dtype) for _ in range(2))
+            idx = random_indices(1, 2, block_layout(20, 24, 8), gen)
+            kw = dict(block_size=8, causal=causal)
+            got = flex.flex_block_sparse_attention(q, k, v, idx, compile=True, **kw).out
+            want = block_sparse_attention(q, k, v, idx, backend="gather", **kw).out
+            torch.testing.assert_close(got, want, **tol(dtype))
+    assert counters["stats"]["unique_graphs"] == 2  # float32 (causal or not), bfloat16
 
 
 # --------------------------------------------------------------------------------------------

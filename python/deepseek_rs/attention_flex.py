@@ -109,12 +109,28 @@ def resolve_backend(
     return "flex"
 
 
+# Graphs the compiled FlexAttention may keep (dynamo's default, 8, is reached by an ordinary mix of
+# dtypes, grad modes, lse requests, block sizes and lengths; past it dynamo silently runs torch's
+# eager FlexAttention, which computes every score).
+_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
-def _compiled_flex(device_type: str) -> Callable:
-    # One compiled function per device type for the process: torch.compile caches its graphs.
-    # On the CPU, graphs are static (one per shape): the C++ kernel that torch 2.15 generates for
-    # dynamic shapes fails to compile for some block sizes.
-    return torch.compile(_flex_module().flex_attention, dynamic=False if device_type == "cpu" else None)
+def _compiled_flex(device_type: str, backend: str = "inductor") -> Callable:
+    """The process's ``torch.compile``-d FlexAttention for a device type, run under a recompile
+    limit of at least ``_RECOMPILE_LIMIT``."""
+    # On the CPU, graphs are static (lengths are bucketed, see flex_block_sparse_attention): the
+    # C++ kernel that torch 2.15 generates for dynamic shapes fails to compile for some block sizes.
+    compiled = torch.compile(
+        _flex_module().flex_attention, backend=backend, dynamic=False if device_type == "cpu" else None
+    )
+
+    def run(*args, **kwargs):
+        limit = max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 def _selection_tables(
@@ -130,7 +146,7 @@ def _selection_tables(
     nk, device = lay.num_key_blocks, block_indices.device
     table = torch.zeros(b, hkv, nq, nk + 1, dtype=torch.bool, device=device)
     table.scatter_(-1, torch.where(block_indices >= 0, block_indices, nk), True)
-    selected = table[..., :nk]
+    selected = table[..., :nk].contiguous()  # one layout whatever the options (no recompile)
     own = (lay.first_block + torch.arange(nq, device=device)).view(nq, 1)
     kb = torch.arange(nk, device=device).view(1, nk)
     block_all_real = key_ok.view(b, 1, 1, nk, lay.block_size).all(-1)
@@ -179,14 +195,15 @@ def selection_block_mask(
     key_ok = key_ok.contiguous()
     selected, full = _selection_tables(block_indices, layout, causal, key_ok)
     partial = selected & ~full
-    # key position of padded query row 0; a tensor, so that compiled code is not specialised to it
-    offset = torch.tensor(layout.first_block * bs, device=device)
+    # Captured 0-dim tensors rather than Python constants, so that compiled code is not specialised
+    # to them (one graph serves causal and not, MHA and GQA). Causality is `kv_idx <= q_idx + offset`
+    # with offset the key position of padded query row 0; without it, an offset past every key.
+    offset = torch.full((), layout.first_block * bs if causal else nk * bs, device=device)
+    group = torch.full((), g, device=device)
 
     def mask_mod(bi, hi, q_idx, kv_idx):
-        keep = selected[bi, hi // g, q_idx // bs, kv_idx // bs] & key_ok[bi, kv_idx]
-        if causal:
-            keep = keep & (kv_idx <= q_idx + offset)
-        return keep
+        keep = selected[bi, hi // group, q_idx // bs, kv_idx // bs] & key_ok[bi, kv_idx]
+        return keep & (kv_idx <= q_idx + offset)
 
     kv_num, kv_idx = _ordered(partial.repeat_interleave(g, dim=1))
     full_num, full_idx = _ordered(full.repeat_interleave(g, dim=1))
