@@ -261,6 +261,34 @@ def test_compiled_calls_share_graphs_and_stay_compiled_past_dynamos_limit(monkey
     assert counters["stats"]["unique_graphs"] == 2  # float32 (causal or not), bfloat16
 
 
+def test_cpu_compiles_prefill_only_one_graph_per_power_of_two_of_blocks(monkeypatch):
+    """On the CPU (static graphs), lengths are bucketed to powers of two of blocks: prefills of
+    33..64 keys in blocks of 8 share one graph; one-token decoding is not compiled by default."""
+    compiled, calls = flex._compiled_flex, []
+
+    def aot_eager(device_type):
+        calls.append(device_type)
+        return compiled(device_type, "aot_eager")
+
+    monkeypatch.setattr(flex, "_compiled_flex", aot_eager)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    gen = torch.Generator().manual_seed(9)
+    for tq, tk, causal, padded in ((40, 40, True, False), (50, 57, False, True), (1, 64, True, True)):
+        q = torch.randn(2, 4, tq, 16, generator=gen)
+        k, v = (torch.randn(2, 2, tk, 16, generator=gen) for _ in range(2))
+        idx = random_indices(2, 2, block_layout(tq, tk, 8), gen)
+        padding = torch.rand(2, tk, generator=gen) < 0.8 if padded else None
+        kw = dict(block_size=8, causal=causal, key_padding_mask=padding)
+        got = flex.flex_block_sparse_attention(q, k, v, idx, **kw).out
+        want = block_sparse_attention(q, k, v, idx, backend="gather", **kw).out
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if tq > 1:
+            assert counters["stats"]["unique_graphs"] == 1
+    assert calls == ["cpu", "cpu"]  # the decoding step ran eager
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA (compiled FlexAttention)
 # --------------------------------------------------------------------------------------------

@@ -237,10 +237,14 @@ def flex_block_sparse_attention(
     Same arguments and results (the output is 0 for a query row that sees no key; ``lse`` in
     float32, float64 for float64 input, ``-inf`` there). ``compile``: run the
     ``torch.compile``-d FlexAttention (the fused kernel, which skips the blocks outside the
-    selection; the first call per shape compiles); ``None`` compiles wherever torch can: on
-    CUDA always, on the CPU for float32/bfloat16/float16 inference without ``lse`` or
-    ``block_mass``. ``compile=False`` runs torch's eager FlexAttention, which computes every
-    score and masks: a reference, not a fast path.
+    selection; the first call per shape compiles); ``None`` compiles on CUDA always (where
+    shapes are dynamic after the first new length), and on the CPU for float32/bfloat16/float16
+    inference without ``lse`` or ``block_mass`` when the queries span more than one block
+    (prefill: one-token decoding would pay seconds of compilation for each new bucket). On the
+    CPU, graphs are static, so the query and key block counts are rounded up to powers of two
+    (padding rows and keys, masked): a graph serves every length up to twice the first.
+    ``compile=False`` runs torch's eager FlexAttention, which computes every score and masks:
+    a reference, not a fast path.
     """
     b, hq, hkv, tq, tk = _check_qkv(query, key, value)
     lay = block_layout(tq, tk, block_size)
@@ -254,7 +258,7 @@ def flex_block_sparse_attention(
         query, key, value = query.detach(), key.detach(), value.detach()
     cpu_compiles = query.dtype in _CPU_COMPILED_DTYPES and not (return_lse or return_block_mass)
     if compile is None:
-        compile = query.device.type == "cuda" or cpu_compiles
+        compile = query.device.type == "cuda" or (cpu_compiles and tq > block_size)
     elif compile and query.device.type == "cpu" and not cpu_compiles:
         raise InvalidValueError(
             "compiled FlexAttention on the CPU serves float32/bfloat16/float16 inference only (no lse, "
@@ -271,6 +275,9 @@ def flex_block_sparse_attention(
             query.new_full((b, hq, tq), -math.inf, dtype=acc) if return_lse else None,
             torch.zeros(b, hkv, nq, s, device=query.device, dtype=acc) if return_block_mass else None,
         )
+    if compile and query.device.type == "cpu":
+        key, value, block_indices, padding, lay = _bucketed(key, value, block_indices, padding, lay)
+        tk, nq = key.shape[2], lay.num_query_blocks
     mask = selection_block_mask(
         block_indices, lay, q_len=tq, k_len=tk, num_heads=hq, causal=causal, key_padding_mask=padding
     )
@@ -297,6 +304,26 @@ def flex_block_sparse_attention(
         with torch.no_grad():
             mass = _block_mass(q.detach(), key.detach(), block_indices, lay, tq, run, kwargs)
     return SparseAttentionOutput(out[:, :, lay.front : lay.front + tq], lse, mass)
+
+
+def _bucketed(
+    key: Tensor, value: Tensor, block_indices: Tensor, padding: Optional[Tensor], lay: BlockLayout
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, BlockLayout]:
+    """The problem with its query and key block counts rounded up to powers of two: keys past the
+    end are padding (masked), query blocks past the end select nothing (their rows are cut off)."""
+    bs, nq, nk = lay.block_size, lay.num_query_blocks, lay.num_key_blocks
+    nq2, nk2 = 1 << (nq - 1).bit_length(), 1 << (nk - 1).bit_length()
+    b, tk = key.shape[0], key.shape[2]
+    extra = nk2 * bs - tk
+    if padding is None:
+        padding = torch.ones(b, tk, dtype=torch.bool, device=key.device)
+    return (
+        nn.functional.pad(key, (0, 0, 0, extra)),
+        nn.functional.pad(value, (0, 0, 0, extra)),
+        nn.functional.pad(block_indices, (0, 0, 0, nq2 - nq), value=-1),
+        nn.functional.pad(padding, (0, extra), value=False),
+        lay._replace(num_key_blocks=nk2, num_query_blocks=nq2),
+    )
 
 
 def _block_mass(
