@@ -325,14 +325,14 @@ def test_gpu_every_block_selected_equals_sdpa(dtype, causal):
         assert err <= 2 * base_err + 1e-3, (name, err, base_err)
 
 
-@needs_cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("bs", [16, 64, 128])
-@pytest.mark.parametrize("causal", [True, False])
-def test_gpu_random_selection_matches_dense_masked_reference(bs, causal):
-    gen = torch.Generator().manual_seed(bs + causal)
-    b, hq, hkv, tk, tq, d = 2, 4, 2, 700, 650, 64
-    q, k, v = (torch.randn(b, h, t, d, generator=gen, dtype=f64) for h, t in ((hq, tq), (hkv, tk), (hkv, tk)))
+def check_cuda_against_dense(seed, bs, causal, hq, hkv, tq, tk, d, dv):
+    """float32 flex on CUDA against the float64 dense masked reference: output, lse, block_mass
+    (against the gather path) and gradients, with a random selection and key padding."""
+    gen = torch.Generator().manual_seed(seed)
+    b = 2
+    q = torch.randn(b, hq, tq, d, generator=gen, dtype=f64)
+    k = torch.randn(b, hkv, tk, d, generator=gen, dtype=f64)
+    v = torch.randn(b, hkv, tk, dv, generator=gen, dtype=f64)
     lay = block_layout(tq, tk, bs)
     idx = random_indices(b, hkv, lay, gen, p=0.3)
     padding = torch.rand(b, tk, generator=gen) < 0.9
@@ -365,6 +365,32 @@ def test_gpu_random_selection_matches_dense_masked_reference(bs, causal):
 
 @needs_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("bs", [16, 64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_random_selection_matches_dense_masked_reference(bs, causal):
+    check_cuda_against_dense(bs + causal, bs, causal, hq=4, hkv=2, tq=650, tk=700, d=64, dv=64)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case, bs, tq, tk, d, dv",
+    [
+        ("one-token decoding, mid-block", 128, 1, 1000, 64, 64),
+        ("one-token decoding, block start", 64, 1, 961, 64, 64),
+        ("block size 384 (3 x 128)", 384, 900, 1000, 64, 64),
+        ("head dim 80", 128, 500, 700, 80, 80),
+        ("head dim 96, value dim 48", 64, 500, 700, 96, 48),
+        ("value dim 128, head dim 64", 64, 300, 300, 64, 128),
+    ],
+)
+def test_gpu_decoding_block_and_head_sizes(case, bs, tq, tk, d, dv):
+    for causal in (True, False):
+        check_cuda_against_dense(tq + d + dv + causal, bs, causal, hq=8, hkv=2, tq=tq, tk=tk, d=d, dv=dv)
+
+
+@needs_cuda
+@pytest.mark.gpu
 def test_gpu_dynamic_attention_trains_through_flex():
     torch.manual_seed(0)
     m = DynamicAttention(8, 2, 64, block_size=64, top_k=3).cuda().train()
@@ -379,6 +405,22 @@ def test_gpu_dynamic_attention_trains_through_flex():
     (out.float().square().mean() + m.gate_loss).backward()
     assert all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
     assert m.gate.q_proj.grad is not None
+
+
+def test_block_indices_are_checked_once_and_cuda_takes_the_main_kernel(monkeypatch):
+    import deepseek_rs.attention as attention
+
+    checks = []
+    check = attention._check_block_indices
+    monkeypatch.setattr(attention, "_check_block_indices", lambda *a: checks.append(1) or check(*a))
+    monkeypatch.setattr(flex, "_check_block_indices", attention._check_block_indices)
+    q = k = v = torch.randn(1, 1, 8, 4, dtype=f64)
+    block_sparse_attention(q, k, v, torch.tensor([[[[0, -1], [0, 1]]]]), block_size=4, backend="flex")
+    assert len(checks) == 1  # each check syncs with the device (min, max, duplicates)
+    # the main Triton kernel: through BACKEND where torch has it (it refuses the legacy knob with it)
+    assert flex._cuda_kernel_options() == {"BACKEND": "TRITON"}
+    monkeypatch.setattr(fa.FlexKernelOptions, "__annotations__", {"FORCE_USE_FLEX_ATTENTION": bool})
+    assert flex._cuda_kernel_options() == {"FORCE_USE_FLEX_ATTENTION": True}
 
 
 def test_scale_is_passed_through():
@@ -414,7 +456,7 @@ def test_auto_on_the_cpu_never_calls_flex(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the flex path ran")
 
-    monkeypatch.setattr(flex, "flex_block_sparse_attention", refuse)
+    monkeypatch.setattr(flex, "_flex_checked", refuse)
     q = k = v = torch.randn(1, 1, 8, 4)
     idx = torch.tensor([[[[0, -1], [0, 1]]]])
     block_sparse_attention(q, k, v, idx, block_size=4)

@@ -371,17 +371,18 @@ def block_sparse_attention(
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if _flex.resolve_backend(backend, query.device, bs, query.shape[-1], value.shape[-1], grad) == "flex":
-        return _flex.flex_block_sparse_attention(
+        return _flex._flex_checked(
             query,
             key,
             value,
             block_indices,
-            block_size=bs,
+            lay,
             causal=causal,
             key_padding_mask=key_padding_mask,
             scale=scale,
             return_lse=return_lse,
             return_block_mass=return_block_mass,
+            compile=None,
         )
     padding = _check_padding(key_padding_mask, b, tk, query.device)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)

@@ -133,6 +133,16 @@ def _compiled_flex(device_type: str, backend: str = "inductor") -> Callable:
     return run
 
 
+def _cuda_kernel_options() -> dict:
+    """Force FlexAttention's main Triton kernel: the decoding kernel (taken for short queries)
+    needs the block size to be a multiple of its query tile, which grows with the query length.
+    ``BACKEND`` replaces the legacy knob where torch has it (torch refuses both together)."""
+    options = getattr(_flex_module(), "FlexKernelOptions", None)
+    if "BACKEND" in getattr(options, "__annotations__", {}):
+        return {"BACKEND": "TRITON"}
+    return {"FORCE_USE_FLEX_ATTENTION": True}
+
+
 def _selection_tables(
     block_indices: Tensor, lay: BlockLayout, causal: bool, key_ok: Tensor
 ) -> Tuple[Tensor, Tensor]:
@@ -246,9 +256,42 @@ def flex_block_sparse_attention(
     ``compile=False`` runs torch's eager FlexAttention, which computes every score and masks:
     a reference, not a fast path.
     """
-    b, hq, hkv, tq, tk = _check_qkv(query, key, value)
+    b, _, hkv, tq, tk = _check_qkv(query, key, value)
     lay = block_layout(tq, tk, block_size)
     _check_block_indices(block_indices, b, hkv, lay, query.device)
+    return _flex_checked(
+        query,
+        key,
+        value,
+        block_indices,
+        lay,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+        return_lse=return_lse,
+        return_block_mass=return_block_mass,
+        compile=compile,
+    )
+
+
+def _flex_checked(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    block_indices: Tensor,
+    lay: BlockLayout,
+    *,
+    causal: bool,
+    key_padding_mask: Optional[Tensor],
+    scale: Optional[float],
+    return_lse: bool,
+    return_block_mass: bool,
+    compile: Optional[bool],
+) -> SparseAttentionOutput:
+    """:func:`flex_block_sparse_attention` once q/k/v and ``block_indices`` are checked (the
+    index check syncs with the device: ``block_sparse_attention`` has done it already)."""
+    b, hq, tq = query.shape[:3]
+    hkv, tk, block_size = key.shape[1], key.shape[2], lay.block_size
     padding = _check_padding(key_padding_mask, b, tk, query.device)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     reason = flex_unavailable_reason(query.device, lay.block_size, query.shape[-1], value.shape[-1], grad)
@@ -287,9 +330,7 @@ def flex_block_sparse_attention(
     run = _compiled_flex(query.device.type) if compile else fa.flex_attention
     kwargs = dict(block_mask=mask, scale=scale, enable_gqa=hq != hkv)
     if query.device.type == "cuda":
-        # The decoding kernel (taken for short queries) needs the block size to be a multiple of
-        # its query tile, which grows with the query length: the main kernel has no such limit.
-        kwargs["kernel_options"] = {"FORCE_USE_FLEX_ATTENTION": True}
+        kwargs["kernel_options"] = _cuda_kernel_options()
     if return_lse:
         if hasattr(fa, "AuxRequest"):
             out, aux = run(q, key, value, return_aux=fa.AuxRequest(lse=True), **kwargs)
