@@ -423,6 +423,32 @@ def test_block_indices_are_checked_once_and_cuda_takes_the_main_kernel(monkeypat
     assert flex._cuda_kernel_options() == {"FORCE_USE_FLEX_ATTENTION": True}
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_masked_keys_do_not_reach_the_output(bad):
+    """A NaN or inf in a key that is masked (after the query under causality, padded, or in an
+    unselected block) changes nothing, on both backends; the rows that see it still do."""
+    gen = torch.Generator().manual_seed(10)
+    q = torch.randn(1, 2, 12, 4, dtype=f64, generator=gen)
+    k = torch.randn(1, 1, 12, 4, dtype=f64, generator=gen)
+    v = torch.randn(1, 1, 12, 4, dtype=f64, generator=gen)
+    idx = torch.tensor([[[[0, -1, -1], [0, 1, -1], [0, 2, -1]]]])  # query block 2 skips block 1
+    padding = torch.ones(1, 12, dtype=torch.bool)
+    padding[0, 9] = False
+    bad_k = k.clone()
+    bad_k[0, 0, 5, 1] = bad  # after query rows 0..4 (its own block is 1); in no block of rows 8..11
+    bad_k[0, 0, 9] = bad  # padded
+    for backend in ("gather", "flex"):
+        kw = dict(block_size=4, key_padding_mask=padding, return_lse=True, backend=backend)
+        want = block_sparse_attention(q, k, v, idx, **kw)
+        got = block_sparse_attention(q, bad_k, v, idx, **kw)
+        clean = torch.tensor([r < 5 or r >= 8 for r in range(12)])  # rows that never see key 5
+        torch.testing.assert_close(got.out[:, :, clean], want.out[:, :, clean], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.lse[:, :, clean], want.lse[:, :, clean], rtol=1e-12, atol=1e-12)
+        if math.isnan(bad):  # the test can fail: without causality, rows 4..7 see key 5
+            non_causal = block_sparse_attention(q, bad_k, v, idx, causal=False, **kw)
+            assert bool(torch.isnan(non_causal.out[:, :, 4:8]).all())
+
+
 def test_scale_is_passed_through():
     gen = torch.Generator().manual_seed(6)
     q = torch.randn(1, 1, 10, 4, dtype=f64, generator=gen)
