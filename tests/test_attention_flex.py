@@ -461,14 +461,15 @@ def test_scale_is_passed_through():
     assert not math.isclose(float(got.out.abs().sum()), 0.0)
 
 
-def test_block_mass_over_more_key_blocks_than_one_pass_takes():
+@pytest.mark.parametrize("chunk_elements", [1, 1 << 23])
+def test_block_mass_over_many_key_blocks_in_chunks(monkeypatch, chunk_elements):
+    monkeypatch.setattr(flex, "_CHUNK_ELEMENTS", chunk_elements)  # 1: a query block per chunk
     gen = torch.Generator().manual_seed(7)
-    b, hkv, g, tk, tq, d, bs = 1, 2, 2, 161, 150, 4, 2  # 81 key blocks: two one-hot passes
+    b, hkv, g, tk, tq, d, bs = 1, 2, 2, 161, 150, 4, 2  # 81 key blocks
     q = torch.randn(b, hkv * g, tq, d, dtype=f64, generator=gen)
     k = torch.randn(b, hkv, tk, d, dtype=f64, generator=gen)
     v = torch.randn(b, hkv, tk, d, dtype=f64, generator=gen)
     lay = block_layout(tq, tk, bs)
-    assert lay.num_key_blocks > flex._MASS_COLUMNS
     idx = random_indices(b, hkv, lay, gen, p=0.3)
     padding = torch.rand(b, tk, generator=gen) < 0.9
     kw = dict(block_size=bs, key_padding_mask=padding, return_block_mass=True)

@@ -18,8 +18,9 @@ the end to whole blocks, and the padding rows are cut off the output.
 What FlexAttention cannot do is refused with a clear error: on CUDA the block size must be a
 power of two >= 16 or a multiple of 128 (the Triton kernel's tiles must divide it); on the
 CPU, torch has no FlexAttention backward, so inputs that require grad are refused.
-``block_mass`` (the gate's distillation target) is computed without gradient by a second
-FlexAttention pass whose values are one-hot over the key blocks (64 key blocks per pass).
+``block_mass`` (the gate's distillation target) is computed without gradient from the main
+pass's ``lse``: one float32 product of each query block with its gathered selected key blocks
+(no value product, no second attention pass).
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ from torch import Tensor, nn
 
 from .attention import (
     _BACKENDS,
+    _CHUNK_ELEMENTS,
     BlockLayout,
     SparseAttentionOutput,
+    _blocks,
     _check_block_indices,
     _check_padding,
     _check_qkv,
+    _key_valid,
+    _query_rows,
     block_layout,
 )
 from .errors import DeviceError, InvalidValueError
@@ -47,7 +52,6 @@ if TYPE_CHECKING:
 
 BACKENDS = _BACKENDS
 _CPU_COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MASS_COLUMNS = 64  # key blocks per one-hot pass of the block-mass computation
 
 
 def _flex_module():
@@ -331,19 +335,20 @@ def _flex_checked(
     kwargs = dict(block_mask=mask, scale=scale, enable_gqa=hq != hkv)
     if query.device.type == "cuda":
         kwargs["kernel_options"] = _cuda_kernel_options()
-    if return_lse:
+    lse = mass = None
+    if return_lse or return_block_mass:
         if hasattr(fa, "AuxRequest"):
             out, aux = run(q, key, value, return_aux=fa.AuxRequest(lse=True), **kwargs)
             lse = aux.lse
         else:  # torch < 2.9
             out, lse = run(q, key, value, return_lse=True, **kwargs)
-        lse = lse[:, :, lay.front : lay.front + tq].to(acc)
     else:
-        out, lse = run(q, key, value, **kwargs), None
-    mass = None
+        out = run(q, key, value, **kwargs)
     if return_block_mass:
         with torch.no_grad():
-            mass = _block_mass(q.detach(), key.detach(), block_indices, lay, tq, run, kwargs)
+            mass = _block_mass(q, key, block_indices, lse.detach(), lay, tq, scale, causal, padding)
+    if lse is not None:
+        lse = lse[:, :, lay.front : lay.front + tq].to(acc) if return_lse else None
     return SparseAttentionOutput(out[:, :, lay.front : lay.front + tq], lse, mass)
 
 
@@ -368,31 +373,60 @@ def _bucketed(
 
 
 def _block_mass(
-    q: Tensor, key: Tensor, block_indices: Tensor, lay: BlockLayout, tq: int, run: Callable, kwargs: dict
+    q: Tensor,
+    key: Tensor,
+    block_indices: Tensor,
+    lse: Tensor,
+    lay: BlockLayout,
+    tq: int,
+    scale: float,
+    causal: bool,
+    padding: Optional[Tensor],
 ) -> Tensor:
-    """``block_mass`` [B, Hkv, NQ, S] (see ``block_sparse_attention``): attention with one-hot
-    values gives each row's probability per key block, ``_MASS_COLUMNS`` key blocks a pass,
-    reduced over the group's heads and the real rows of each query block before the next pass."""
-    b, hq, _, _ = q.shape
+    """``block_mass`` [B, Hkv, NQ, S] (see ``block_sparse_attention``) from the main pass's
+    ``lse`` [B, Hq, NQ * bs] over the padded queries ``q`` [B, Hq, NQ * bs, D]: one float32 (float64)
+    product of each query block with its gathered selected key blocks, ``exp(q·k·scale - lse)``
+    summed per slot, with no value product; query blocks in chunks of bounded size."""
+    b, hq, _, d = q.shape
     hkv, tk = key.shape[1], key.shape[2]
-    g, bs, nq, nk = hq // hkv, lay.block_size, lay.num_query_blocks, lay.num_key_blocks
-    acc = torch.promote_types(q.dtype, torch.float32)
-    key_block = torch.arange(tk, device=q.device) // bs
-    r = torch.arange(nq * bs, device=q.device) - lay.front
-    rows_ok = ((r >= 0) & (r < tq)).view(1, 1, 1, nq, bs, 1).to(acc)
-    mass = torch.zeros(b, hkv, nq, block_indices.shape[-1], device=q.device, dtype=acc)
-    for c0 in range(0, nk, _MASS_COLUMNS):
-        # always _MASS_COLUMNS wide (zero columns past the last block): one kernel shape, and a
-        # value dim the CUDA kernel takes (>= 16)
-        cols = torch.arange(c0, c0 + _MASS_COLUMNS, device=q.device)
-        onehot = (key_block.view(tk, 1) == cols.view(1, -1)).to(q.dtype)
-        onehot = onehot.expand(b, hkv, tk, _MASS_COLUMNS).contiguous()
-        per_block = run(q, key, onehot, **kwargs).to(acc).view(b, hkv, g, nq, bs, _MASS_COLUMNS)
-        per_block = (per_block * rows_ok).sum((2, 4))  # [B, Hkv, NQ, columns]
-        local = block_indices - c0
-        here = (local >= 0) & (local < _MASS_COLUMNS)
-        mass += per_block.gather(-1, local.clamp(0, _MASS_COLUMNS - 1)) * here
-    return mass / (rows_ok.sum((2, 4)) * g).clamp_min(1.0)
+    g, bs, nq, nk, s = (
+        hq // hkv,
+        lay.block_size,
+        lay.num_query_blocks,
+        lay.num_key_blocks,
+        block_indices.shape[-1],
+    )
+    device, acc = q.device, torch.promote_types(q.dtype, torch.float32)
+    qb = q.view(b, hkv, g, nq, bs, d)
+    lse = lse.view(b, hkv, g, nq, bs)
+    kflat = _blocks(key, lay).reshape(b * hkv * nk, bs * d)
+    key_ok = _key_valid(lay, b, tk, padding, device).view(b, 1, nk, bs).expand(b, hkv, nk, bs)
+    rows_ok = _query_rows(lay, tq, device)  # [NQ, bs]
+    base = (torch.arange(b * hkv, device=device) * nk).view(b, hkv, 1, 1)
+    pos = torch.arange(bs, device=device)
+    mass = torch.empty(b, hkv, nq, s, device=device, dtype=acc)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hkv * g * bs * s * bs))
+    for c0 in range(0, nq, chunk):
+        idx = block_indices[:, :, c0 : c0 + chunk]  # [B, Hkv, C, S]
+        c = idx.shape[2]
+        safe = idx.clamp_min(0)
+        ks = kflat.index_select(0, (safe + base).reshape(-1)).view(b, hkv, c, s * bs, d)
+        qc = qb[:, :, :, c0 : c0 + c].transpose(2, 3).reshape(b, hkv, c, g * bs, d)
+        scores = torch.matmul(qc.to(acc), ks.to(acc).transpose(-1, -2)).view(b, hkv, c, g, bs, s, bs)
+        # attended (query row, key) pairs: used slot, real key, and under causality key <= query
+        ok = (idx >= 0).view(b, hkv, c, s, 1) & key_ok.gather(
+            2, safe.view(b, hkv, c * s, 1).expand(-1, -1, -1, bs)
+        ).view(b, hkv, c, s, bs)
+        ok = ok.view(b, hkv, c, 1, 1, s, bs)
+        if causal:
+            q_pos = (lay.first_block + c0 + torch.arange(c, device=device)).view(c, 1) * bs + pos  # [C, bs]
+            k_pos = idx.view(b, hkv, c, s, 1) * bs + pos  # [B, Hkv, C, S, bs]
+            ok = ok & (k_pos.view(b, hkv, c, 1, 1, s, bs) <= q_pos.view(1, 1, c, 1, bs, 1, 1))
+        row_lse = lse[:, :, :, c0 : c0 + c].transpose(2, 3).to(acc).view(b, hkv, c, g, bs, 1, 1)
+        p = torch.where(ok, torch.exp(scores * scale - row_lse), 0.0)
+        w = rows_ok[c0 : c0 + c].view(1, 1, c, 1, bs, 1).to(acc)
+        mass[:, :, c0 : c0 + c] = (p.sum(-1) * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0)
+    return mass
 
 
 __all__ = ["BACKENDS", "flex_block_sparse_attention", "flex_unavailable_reason", "selection_block_mask"]
