@@ -46,6 +46,13 @@ def selected_table(idx, lay, causal):
     return t
 
 
+def dense_of(num_blocks, indices, num_cols):
+    """[..., rows, num_cols] bool of BlockMask's (num_blocks, indices) tables."""
+    used = torch.arange(indices.shape[-1]) < num_blocks.unsqueeze(-1)
+    t = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.bool)
+    return t.scatter_(-1, torch.where(used, indices.long(), num_cols), True)[..., :num_cols]
+
+
 @given(problem(), st.booleans())
 def test_block_mask_is_the_selection_and_its_mask_mod_the_dense_rule(prob, with_padding):
     q, k, _, bs, causal, gen = prob
@@ -58,8 +65,17 @@ def test_block_mask_is_the_selection_and_its_mask_mod_the_dense_rule(prob, with_
         idx, lay, q_len=tq, k_len=tk, num_heads=hq, causal=causal, key_padding_mask=padding
     )
     table = selected_table(idx, lay, causal).repeat_interleave(g, 1)
-    assert torch.equal(mask.to_dense().bool(), table)
+    nk = lay.num_key_blocks
+    partial = dense_of(mask.kv_num_blocks, mask.kv_indices, nk)
+    full = dense_of(mask.full_kv_num_blocks, mask.full_kv_indices, nk)
+    assert not bool((partial & full).any())
+    assert torch.equal(partial | full, table)
     assert mask.BLOCK_SIZE == (bs, bs)
+    assert mask.kv_indices.shape[-1] == max(1, idx.shape[-1])  # as wide as the selection, not NK
+    assert mask.kv_indices.dtype == torch.int32 and mask.kv_indices.is_contiguous()
+    # the transposed (query-side) tables of the backward agree
+    q_side = dense_of(mask.q_num_blocks, mask.q_indices, lay.num_query_blocks).transpose(-1, -2)
+    assert torch.equal(q_side, partial)
     # the mask_mod alone is the dense rule (the real query rows; padding rows are cut off)
     pairs = fa.create_mask(mask.mask_mod, b, hq, lay.num_query_blocks * bs, tk, device="cpu")
     real = pairs[:, :, lay.front : lay.front + tq]
@@ -70,8 +86,6 @@ def test_block_mask_is_the_selection_and_its_mask_mod_the_dense_rule(prob, with_
     any_pair = blocks.any(-1).any(-2)
     assert not bool((any_pair & ~table).any())
     # "full" blocks (which skip the mask_mod) have every pair attended, keys past the end excepted
-    full = fa.BlockMask.from_kv_blocks(mask.full_kv_num_blocks, mask.full_kv_indices).to_dense().bool()
-    assert not bool((full & ~table).any())
     key_real = F.pad(torch.ones(tk, dtype=torch.bool), (0, pad_k)).view(lay.num_key_blocks, 1, bs)
     all_pairs = (blocks | ~key_real.transpose(0, 1).view(1, 1, 1, 1, lay.num_key_blocks, bs)).all(-1).all(-2)
     assert not bool((full & ~all_pairs).any())

@@ -147,37 +147,60 @@ def _cuda_kernel_options() -> dict:
     return {"FORCE_USE_FLEX_ATTENTION": True}
 
 
-def _selection_tables(
-    block_indices: Tensor, lay: BlockLayout, causal: bool, key_ok: Tensor
-) -> Tuple[Tensor, Tensor]:
-    """``(selected, full)`` [B, Hkv, NQ, NK] bool from ``block_indices`` [B, Hkv, NQ, S].
-
-    ``selected`` drops blocks after the query block under causal attention (they hold no visible
-    key); ``full`` are the selected blocks every (query, key) pair of which is attended: before
-    the query block (or any block without causality) and holding real keys only.
-    """
+def _selected_table(block_indices: Tensor, lay: BlockLayout, causal: bool) -> Tensor:
+    """[B, Hkv, NQ, NK] bool: the blocks each query block attends (under causal attention none
+    after it), the ``mask_mod``'s lookup."""
     b, hkv, nq, _ = block_indices.shape
     nk, device = lay.num_key_blocks, block_indices.device
     table = torch.zeros(b, hkv, nq, nk + 1, dtype=torch.bool, device=device)
     table.scatter_(-1, torch.where(block_indices >= 0, block_indices, nk), True)
     selected = table[..., :nk].contiguous()  # one layout whatever the options (no recompile)
-    own = (lay.first_block + torch.arange(nq, device=device)).view(nq, 1)
-    kb = torch.arange(nk, device=device).view(1, nk)
-    block_all_real = key_ok.view(b, 1, 1, nk, lay.block_size).all(-1)
     if causal:
-        selected = selected & (kb <= own)
-        full = selected & (kb < own) & block_all_real
-    else:
-        full = selected & block_all_real
-    return selected, full
+        own = (lay.first_block + torch.arange(nq, device=device)).view(nq, 1)
+        selected = selected & (torch.arange(nk, device=device) <= own)
+    return selected
 
 
-def _ordered(dense: Tensor) -> Tuple[Tensor, Tensor]:
-    """BlockMask's (num_blocks, indices) of a dense [..., rows, cols] bool table: the set columns
-    of each row first, in ascending order."""
-    num = dense.sum(-1, dtype=torch.int32)
-    idx = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    return num.contiguous(), idx.contiguous()
+def _kv_tables(
+    block_indices: Tensor, lay: BlockLayout, causal: bool, key_ok: Tensor, g: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BlockMask's ``(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)`` [B, Hq,
+    NQ(, W)] from ``block_indices`` [B, Hkv, NQ, S], ``W = max(S, 1)`` wide (not NK: the tables
+    grow with the selection, not the length). "Full" blocks have every (query, key) pair
+    attended: before the query block (any block without causality), holding real keys only;
+    the other selected blocks are partial (masked by the ``mask_mod``)."""
+    b, hkv, nq, s = block_indices.shape
+    nk, bs, device = lay.num_key_blocks, lay.block_size, block_indices.device
+    used = block_indices >= 0
+    safe = block_indices.clamp_min(0)
+    all_real = key_ok.view(b, 1, 1, nk, bs).all(-1).expand(b, hkv, nq, nk).gather(-1, safe)
+    full = used & all_real
+    if causal:
+        own = (lay.first_block + torch.arange(nq, device=device)).view(nq, 1)
+        used = used & (block_indices <= own)
+        full = full & (block_indices < own)
+    partial = used & ~full
+    width = s if s else 1
+    if not _narrow_tables_ok():  # older torch transposes the tables as NK columns
+        width = nk
+
+    def ordered(sel: Tensor) -> Tuple[Tensor, Tensor]:
+        cols = torch.where(sel, block_indices, nk).sort(dim=-1).values  # chosen first, ascending
+        cols = nn.functional.pad(cols, (0, width - s), value=nk)
+        num = sel.sum(-1, dtype=torch.int32)
+        cols = torch.where(cols < nk, cols, 0).to(torch.int32)
+        return num.repeat_interleave(g, dim=1).contiguous(), cols.repeat_interleave(g, dim=1).contiguous()
+
+    return (*ordered(partial), *ordered(full))
+
+
+@functools.cache
+def _narrow_tables_ok() -> bool:
+    """Whether BlockMask.from_kv_blocks takes tables narrower than the key blocks (torch >= 2.9
+    transposes them with the column count of ``seq_lengths``)."""
+    import inspect
+
+    return "num_cols" in inspect.signature(_flex_module()._transpose_ordered).parameters
 
 
 def selection_block_mask(
@@ -189,6 +212,7 @@ def selection_block_mask(
     num_heads: int,
     causal: bool = True,
     key_padding_mask: Optional[Tensor] = None,
+    compute_q_blocks: bool = True,
 ) -> BlockMask:
     """The FlexAttention ``BlockMask`` of a selection, over the block-aligned padded queries.
 
@@ -196,7 +220,9 @@ def selection_block_mask(
     Hkv). The mask's query axis has ``NQ * block_size`` rows: row ``m`` is the query at key
     position ``first_block * block_size + m`` (rows outside the ``q_len`` real queries are
     padding and see what their position would see). Its ``mask_mod`` encodes the whole rule
-    (selection, causality, key padding, keys past ``k_len``), so it is exact on its own.
+    (selection, causality, key padding, keys past ``k_len``), so it is exact on its own. The
+    kv tables are as wide as the selection (S columns), not NK; ``compute_q_blocks=False`` skips
+    the transposed tables that only the backward needs.
     """
     fa = _flex_module()
     b, hkv, nq, _ = block_indices.shape
@@ -207,8 +233,7 @@ def selection_block_mask(
     if key_padding_mask is not None:
         key_ok = key_ok & nn.functional.pad(key_padding_mask, (0, nk * bs - k_len), value=False)
     key_ok = key_ok.contiguous()
-    selected, full = _selection_tables(block_indices, layout, causal, key_ok)
-    partial = selected & ~full
+    selected = _selected_table(block_indices, layout, causal)
     # Captured 0-dim tensors rather than Python constants, so that compiled code is not specialised
     # to them (one graph serves causal and not, MHA and GQA). Causality is `kv_idx <= q_idx + offset`
     # with offset the key position of padded query row 0; without it, an offset past every key.
@@ -219,16 +244,12 @@ def selection_block_mask(
         keep = selected[bi, hi // group, q_idx // bs, kv_idx // bs] & key_ok[bi, kv_idx]
         return keep & (kv_idx <= q_idx + offset)
 
-    kv_num, kv_idx = _ordered(partial.repeat_interleave(g, dim=1))
-    full_num, full_idx = _ordered(full.repeat_interleave(g, dim=1))
     return fa.BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
+        *_kv_tables(block_indices, layout, causal, key_ok, g),
         BLOCK_SIZE=bs,
         mask_mod=mask_mod,
         seq_lengths=(nq * bs, k_len),
+        compute_q_blocks=compute_q_blocks,
     )
 
 
@@ -255,8 +276,9 @@ def flex_block_sparse_attention(
     shapes are dynamic after the first new length), and on the CPU for float32/bfloat16/float16
     inference without ``lse`` or ``block_mass`` when the queries span more than one block
     (prefill: one-token decoding would pay seconds of compilation for each new bucket). On the
-    CPU, graphs are static, so the query and key block counts are rounded up to powers of two
-    (padding rows and keys, masked): a graph serves every length up to twice the first.
+    CPU, graphs are static, so the query and key block counts and the slot count are rounded up
+    to powers of two (padding rows, keys and slots, masked): a graph serves every length up to
+    twice the first.
     ``compile=False`` runs torch's eager FlexAttention, which computes every score and masks:
     a reference, not a fast path.
     """
@@ -326,7 +348,14 @@ def _flex_checked(
         key, value, block_indices, padding, lay = _bucketed(key, value, block_indices, padding, lay)
         tk, nq = key.shape[2], lay.num_query_blocks
     mask = selection_block_mask(
-        block_indices, lay, q_len=tq, k_len=tk, num_heads=hq, causal=causal, key_padding_mask=padding
+        block_indices,
+        lay,
+        q_len=tq,
+        k_len=tk,
+        num_heads=hq,
+        causal=causal,
+        key_padding_mask=padding,
+        compute_q_blocks=grad,
     )
     back = nq * bs - lay.front - tq
     q = nn.functional.pad(query, (0, 0, lay.front, back)) if lay.front or back else query
@@ -355,10 +384,11 @@ def _flex_checked(
 def _bucketed(
     key: Tensor, value: Tensor, block_indices: Tensor, padding: Optional[Tensor], lay: BlockLayout
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, BlockLayout]:
-    """The problem with its query and key block counts rounded up to powers of two: keys past the
-    end are padding (masked), query blocks past the end select nothing (their rows are cut off)."""
-    bs, nq, nk = lay.block_size, lay.num_query_blocks, lay.num_key_blocks
-    nq2, nk2 = 1 << (nq - 1).bit_length(), 1 << (nk - 1).bit_length()
+    """The problem with its query and key block counts and its slot count rounded up to powers of
+    two: keys past the end are padding (masked), query blocks past the end and the extra slots
+    select nothing (the extra rows are cut off)."""
+    bs, nq, nk, s = lay.block_size, lay.num_query_blocks, lay.num_key_blocks, block_indices.shape[-1]
+    nq2, nk2, s2 = (1 << (n - 1).bit_length() for n in (nq, nk, s))
     b, tk = key.shape[0], key.shape[2]
     extra = nk2 * bs - tk
     if padding is None:
@@ -366,7 +396,7 @@ def _bucketed(
     return (
         nn.functional.pad(key, (0, 0, 0, extra)),
         nn.functional.pad(value, (0, 0, 0, extra)),
-        nn.functional.pad(block_indices, (0, 0, 0, nq2 - nq), value=-1),
+        nn.functional.pad(block_indices, (0, s2 - s, 0, nq2 - nq), value=-1),
         nn.functional.pad(padding, (0, extra), value=False),
         lay._replace(num_key_blocks=nk2, num_query_blocks=nq2),
     )
