@@ -109,6 +109,61 @@ def test_flex_equals_gather_and_the_dense_reference(prob, with_padding):
     torch.testing.assert_close(got.block_mass, gathered.block_mass, rtol=1e-10, atol=1e-12)
 
 
+@given(problem(), st.booleans(), st.integers(1, 4))
+def test_few_queries_take_a_query_tile_and_equal_gather(prob, with_padding, tq):
+    """Decoding-sized queries get a mask over a tile of rows (a power of two dividing the block),
+    not whole blocks: its tables are those of the tile's query block, the results those of gather."""
+    q, k, v, bs, causal, gen = prob
+    b, hkv, tk = q.shape[0], k.shape[1], k.shape[2]
+    tq = min(tq, q.shape[2])
+    q = q[:, :, -tq:]
+    lay = block_layout(tq, tk, bs)
+    idx = random_indices(b, hkv, lay, gen)
+    padding = torch.rand(b, tk, generator=gen) < 0.8 if with_padding else None
+    tile = flex._query_tile(tq, bs, 1)
+    mask = flex.selection_block_mask(
+        idx,
+        lay,
+        q_len=tq,
+        k_len=tk,
+        num_heads=q.shape[1],
+        causal=causal,
+        key_padding_mask=padding,
+        query_tile=tile,
+    )
+    whole = flex.selection_block_mask(
+        idx, lay, q_len=tq, k_len=tk, num_heads=q.shape[1], causal=causal, key_padding_mask=padding
+    )
+    r0, r1 = flex.query_rows(lay, tq, tile)
+    assert r0 <= lay.front and lay.front + tq <= r1 and mask.seq_lengths == (r1 - r0, tk)
+    assert mask.BLOCK_SIZE == (tile, bs) and (r1 - r0) % tile == 0 and r1 - r0 <= whole.seq_lengths[0]
+    block_of_tile = torch.arange(r0, r1, tile) // bs
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(mask, name), getattr(whole, name).index_select(2, block_of_tile))
+    pairs = fa.create_mask(mask.mask_mod, b, q.shape[1], r1 - r0, tk, device="cpu")
+    whole_pairs = fa.create_mask(whole.mask_mod, b, q.shape[1], whole.seq_lengths[0], tk, device="cpu")
+    assert torch.equal(pairs, whole_pairs[:, :, r0:r1])
+    kw = dict(block_size=bs, causal=causal, key_padding_mask=padding, return_lse=True)
+    with torch.no_grad():
+        got = block_sparse_attention(q, k, v, idx, backend="flex", **kw)
+    want = block_sparse_attention(q, k, v, idx, backend="gather", **kw)
+    torch.testing.assert_close(got.out, want.out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.lse, want.lse, rtol=1e-10, atol=1e-10)
+
+
+def test_query_tile_choice():
+    assert flex._query_tile(1, 128, 16) == 16
+    assert flex._query_tile(20, 128, 16) == 32
+    assert flex._query_tile(100, 128, 16) == 128  # 128 rows: the block itself
+    assert flex._query_tile(1, 384, 16) == 16 and flex._query_tile(200, 384, 16) == 384
+    assert flex._query_tile(1, 16, 16) == 16 and flex._query_tile(1, 6, 1) == 1
+    assert flex._query_tile(3, 6, 1) == 6  # 4 does not divide 6
+    with pytest.raises(InvalidValueError, match="divide"):
+        flex.selection_block_mask(
+            torch.tensor([[[[0]]]]), block_layout(1, 8, 8), q_len=1, k_len=8, num_heads=1, query_tile=3
+        )
+
+
 @given(problem())
 def test_every_block_selected_equals_sdpa(prob):
     q, k, v, bs, causal, _ = prob
@@ -364,6 +419,11 @@ def check_cuda_against_dense(seed, bs, causal, hq, hkv, tq, tk, d, dv):
     )
     torch.testing.assert_close(got.out.double().cpu(), want, rtol=2e-4, atol=2e-4)
     torch.testing.assert_close(got.lse.double().cpu(), want_lse, rtol=2e-4, atol=2e-4)
+    with torch.no_grad():  # inference: few queries take a query tile smaller than the block
+        kw = dict(block_size=bs, causal=causal, key_padding_mask=padding.cuda(), return_lse=True)
+        inference = block_sparse_attention(*(t.detach() for t in cuda), idx.cuda(), **kw)
+    torch.testing.assert_close(inference.out.double().cpu(), want, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(inference.lse.double().cpu(), want_lse, rtol=2e-4, atol=2e-4)
     gathered = block_sparse_attention(
         q, k, v, idx, block_size=bs, causal=causal, key_padding_mask=padding, return_block_mass=True
     )
@@ -432,9 +492,21 @@ def test_block_indices_are_checked_once_and_cuda_takes_the_main_kernel(monkeypat
     block_sparse_attention(q, k, v, torch.tensor([[[[0, -1], [0, 1]]]]), block_size=4, backend="flex")
     assert len(checks) == 1  # each check syncs with the device (min, max, duplicates)
     # the main Triton kernel: through BACKEND where torch has it (it refuses the legacy knob with it)
-    assert flex._cuda_kernel_options() == {"BACKEND": "TRITON"}
+    assert flex._cuda_kernel_options(128, 128) == {"BACKEND": "TRITON"}
+    assert flex._cuda_kernel_options(384, 384) == {"BACKEND": "TRITON"}
+    # tiles pinned to small sparse blocks (Inductor shrinks its tiles only for powers of two, and
+    # not under max_autotune, whose configs are all >= 64)
+    assert flex._cuda_kernel_options(16, 384) == {"BACKEND": "TRITON", "fwd_BLOCK_M": 16}
+    assert flex._cuda_kernel_options(64, 64) == {"BACKEND": "TRITON", "fwd_BLOCK_M": 64}
+    bwd = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32}
+    assert flex._cuda_kernel_options(32, 32) == {
+        "BACKEND": "TRITON",
+        "fwd_BLOCK_M": 32,
+        "fwd_BLOCK_N": 32,
+        **bwd,
+    }
     monkeypatch.setattr(fa.FlexKernelOptions, "__annotations__", {"FORCE_USE_FLEX_ATTENTION": bool})
-    assert flex._cuda_kernel_options() == {"FORCE_USE_FLEX_ATTENTION": True}
+    assert flex._cuda_kernel_options(128, 128) == {"FORCE_USE_FLEX_ATTENTION": True}
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

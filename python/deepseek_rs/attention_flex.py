@@ -137,14 +137,29 @@ def _compiled_flex(device_type: str, backend: str = "inductor") -> Callable:
     return run
 
 
-def _cuda_kernel_options() -> dict:
-    """Force FlexAttention's main Triton kernel: the decoding kernel (taken for short queries)
-    needs the block size to be a multiple of its query tile, which grows with the query length.
-    ``BACKEND`` replaces the legacy knob where torch has it (torch refuses both together)."""
+def _cuda_kernel_options(query_tile: int, block_size: int) -> dict:
+    """FlexAttention's kernel options on CUDA.
+
+    Its main Triton kernel, forced: the decoding kernel (taken for short queries) needs the block
+    size to be a multiple of its query tile, which grows with the query length. ``BACKEND``
+    replaces the legacy knob where torch has it (torch refuses both together). Small sparse
+    blocks pin the kernel tiles to them: Inductor shrinks its default tiles (up to 128 rows) to
+    the sparse blocks only when both are powers of two and it has one config, so a 16-row query
+    tile of a 384-key block, or blocks under 64 under ``max_autotune`` (every config >= 64 rows),
+    would be refused.
+    """
     options = getattr(_flex_module(), "FlexKernelOptions", None)
     if "BACKEND" in getattr(options, "__annotations__", {}):
-        return {"BACKEND": "TRITON"}
-    return {"FORCE_USE_FLEX_ATTENTION": True}
+        out: dict = {"BACKEND": "TRITON"}
+    else:
+        out = {"FORCE_USE_FLEX_ATTENTION": True}
+    if query_tile < 128:
+        out["fwd_BLOCK_M"] = query_tile
+    if block_size < 64:
+        out["fwd_BLOCK_N"] = block_size
+        # the backward runs with whole blocks as query tiles (query_tile == block_size)
+        out.update({f"bwd_BLOCK_{k}": block_size for k in ("M1", "N1", "M2", "N2")})
+    return out
 
 
 def _selected_table(block_indices: Tensor, lay: BlockLayout, causal: bool) -> Tensor:
@@ -213,6 +228,7 @@ def selection_block_mask(
     causal: bool = True,
     key_padding_mask: Optional[Tensor] = None,
     compute_q_blocks: bool = True,
+    query_tile: Optional[int] = None,
 ) -> BlockMask:
     """The FlexAttention ``BlockMask`` of a selection, over the block-aligned padded queries.
 
@@ -223,9 +239,14 @@ def selection_block_mask(
     (selection, causality, key padding, keys past ``k_len``), so it is exact on its own. The
     kv tables are as wide as the selection (S columns), not NK; ``compute_q_blocks=False`` skips
     the transposed tables that only the backward needs.
+
+    ``query_tile`` (a divisor of ``block_size``; default ``block_size``): the mask's query tiles
+    have that many rows, and its query axis covers only the tiles that hold real queries, rows
+    ``r0 .. r1`` of the above (:func:`query_rows`), each tile inside one query block and
+    inheriting its tables. Decoding (a query or a few) then computes a tile, not a block.
     """
     fa = _flex_module()
-    b, hkv, nq, _ = block_indices.shape
+    b, hkv, _, _ = block_indices.shape
     bs, nk = layout.block_size, layout.num_key_blocks
     g = num_heads // hkv
     device = block_indices.device
@@ -233,24 +254,47 @@ def selection_block_mask(
     if key_padding_mask is not None:
         key_ok = key_ok & nn.functional.pad(key_padding_mask, (0, nk * bs - k_len), value=False)
     key_ok = key_ok.contiguous()
+    qt = bs if query_tile is None else query_tile
+    if qt < 1 or bs % qt:
+        raise InvalidValueError(f"query_tile must divide block_size {bs}, got {query_tile}")
+    r0, r1 = query_rows(layout, q_len, qt)
     selected = _selected_table(block_indices, layout, causal)
     # Captured 0-dim tensors rather than Python constants, so that compiled code is not specialised
     # to them (one graph serves causal and not, MHA and GQA). Causality is `kv_idx <= q_idx + offset`
-    # with offset the key position of padded query row 0; without it, an offset past every key.
-    offset = torch.full((), layout.first_block * bs if causal else nk * bs, device=device)
+    # with offset the key position of mask row 0; without it, an offset past every key.
+    offset = torch.full((), layout.first_block * bs + r0 if causal else nk * bs, device=device)
+    row0 = torch.full((), r0, device=device)
     group = torch.full((), g, device=device)
 
     def mask_mod(bi, hi, q_idx, kv_idx):
-        keep = selected[bi, hi // group, q_idx // bs, kv_idx // bs] & key_ok[bi, kv_idx]
+        keep = selected[bi, hi // group, (q_idx + row0) // bs, kv_idx // bs] & key_ok[bi, kv_idx]
         return keep & (kv_idx <= q_idx + offset)
 
+    tables = _kv_tables(block_indices, layout, causal, key_ok, g)
+    if qt != bs:  # each tile takes the tables of its query block
+        block_of_tile = torch.arange(r0, r1, qt, device=device) // bs
+        tables = tuple(t.index_select(2, block_of_tile) for t in tables)
     return fa.BlockMask.from_kv_blocks(
-        *_kv_tables(block_indices, layout, causal, key_ok, g),
-        BLOCK_SIZE=bs,
+        *tables,
+        BLOCK_SIZE=(qt, bs),
         mask_mod=mask_mod,
-        seq_lengths=(nq * bs, k_len),
+        seq_lengths=(r1 - r0, k_len),
         compute_q_blocks=compute_q_blocks,
     )
+
+
+def query_rows(layout: BlockLayout, q_len: int, query_tile: int) -> Tuple[int, int]:
+    """``(r0, r1)``: the rows, among the ``NQ * block_size`` block-aligned padded query rows, of
+    the whole ``query_tile``-row tiles that hold the ``q_len`` real queries."""
+    r0 = layout.front // query_tile * query_tile
+    return r0, -(-(layout.front + q_len) // query_tile) * query_tile
+
+
+def _query_tile(q_len: int, block_size: int, minimum: int) -> int:
+    """Rows per query tile: the power of two >= ``q_len`` (at least ``minimum``) when it divides
+    ``block_size`` and is smaller, else ``block_size``."""
+    tile = max(minimum, 1 << (q_len - 1).bit_length())
+    return tile if tile < block_size and block_size % tile == 0 else block_size
 
 
 def flex_block_sparse_attention(
@@ -346,24 +390,33 @@ def _flex_checked(
         )
     if compile and query.device.type == "cpu":
         key, value, block_indices, padding, lay = _bucketed(key, value, block_indices, padding, lay)
-        tk, nq = key.shape[2], lay.num_query_blocks
+        tk, rows = key.shape[2], lay.num_query_blocks * bs - lay.front  # every bucketed block
+    else:
+        rows = tq
+    # Few queries (decoding) take a query tile smaller than the block (on CUDA >= 16 rows, the
+    # kernel's smallest tile), unless the backward or block_mass needs the rows of whole blocks.
+    qt = bs
+    if tq < bs and not (grad or return_block_mass or (compile and query.device.type == "cpu")):
+        qt = _query_tile(tq, bs, 16 if query.device.type == "cuda" else 1)
     mask = selection_block_mask(
         block_indices,
         lay,
-        q_len=tq,
+        q_len=rows,
         k_len=tk,
         num_heads=hq,
         causal=causal,
         key_padding_mask=padding,
         compute_q_blocks=grad,
+        query_tile=qt,
     )
-    back = nq * bs - lay.front - tq
-    q = nn.functional.pad(query, (0, 0, lay.front, back)) if lay.front or back else query
+    r0, r1 = query_rows(lay, rows, qt)
+    front, back = lay.front - r0, r1 - lay.front - tq
+    q = nn.functional.pad(query, (0, 0, front, back)) if front or back else query
     fa = _flex_module()
     run = _compiled_flex(query.device.type) if compile else fa.flex_attention
     kwargs = dict(block_mask=mask, scale=scale, enable_gqa=hq != hkv)
     if query.device.type == "cuda":
-        kwargs["kernel_options"] = _cuda_kernel_options()
+        kwargs["kernel_options"] = _cuda_kernel_options(qt, bs)
     lse = mass = None
     if return_lse or return_block_mass:
         if hasattr(fa, "AuxRequest"):
@@ -377,8 +430,8 @@ def _flex_checked(
         with torch.no_grad():
             mass = _block_mass(q, key, block_indices, lse.detach(), lay, tq, scale, causal, padding)
     if lse is not None:
-        lse = lse[:, :, lay.front : lay.front + tq].to(acc) if return_lse else None
-    return SparseAttentionOutput(out[:, :, lay.front : lay.front + tq], lse, mass)
+        lse = lse[:, :, front : front + tq].to(acc) if return_lse else None
+    return SparseAttentionOutput(out[:, :, front : front + tq], lse, mass)
 
 
 def _bucketed(
@@ -459,4 +512,10 @@ def _block_mass(
     return mass
 
 
-__all__ = ["BACKENDS", "flex_block_sparse_attention", "flex_unavailable_reason", "selection_block_mask"]
+__all__ = [
+    "BACKENDS",
+    "flex_block_sparse_attention",
+    "flex_unavailable_reason",
+    "query_rows",
+    "selection_block_mask",
+]
