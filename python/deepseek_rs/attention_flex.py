@@ -13,7 +13,14 @@ score and masks).
 
 Query blocks are ours, not FlexAttention's (ours are aligned to the key blocks: a KV cache's
 queries start mid-block), so the queries are padded in front to their block boundary, and at
-the end to whole blocks, and the padding rows are cut off the output.
+the end to whole blocks, and the padding rows are cut off the output. In inference, a few
+queries (decoding) are padded only to a smaller query tile (``BLOCK_SIZE = (tile,
+block_size)``, each tile inside one query block), so one token costs a tile, not a block.
+
+The compiled FlexAttention is one ``torch.compile`` for the process, run under a recompile
+limit of at least 64: past dynamo's default 8 (an ordinary mix of dtypes, grad modes, block
+sizes and lengths reaches it) torch would silently run its eager FlexAttention, which computes
+every score.
 
 What FlexAttention cannot do is refused with a clear error: on CUDA the block size must be a
 power of two >= 16 or a multiple of 128 (the Triton kernel's tiles must divide it); on the
@@ -322,9 +329,8 @@ def flex_block_sparse_attention(
     (prefill: one-token decoding would pay seconds of compilation for each new bucket). On the
     CPU, graphs are static, so the query and key block counts and the slot count are rounded up
     to powers of two (padding rows, keys and slots, masked): a graph serves every length up to
-    twice the first.
-    ``compile=False`` runs torch's eager FlexAttention, which computes every score and masks:
-    a reference, not a fast path.
+    twice the first. ``compile=False`` runs torch's eager FlexAttention, which computes every
+    score and masks: a reference, not a fast path.
     """
     b, _, hkv, tq, tk = _check_qkv(query, key, value)
     lay = block_layout(tq, tk, block_size)
