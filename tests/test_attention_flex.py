@@ -25,6 +25,14 @@ f64 = torch.float64
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def loud_recompile_limit():
+    """A compiled FlexAttention that hits dynamo's recompile limit falls back to torch's eager
+    (dense) FlexAttention with one warning: make that an error here, so no test passes on it."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+
+
 def selected_table(idx, lay, causal):
     """[B, Hkv, NQ, NK] bool: the blocks a query block attends (none after it when causal)."""
     b, hkv, nq, _ = idx.shape
@@ -36,6 +44,13 @@ def selected_table(idx, lay, causal):
         own = lay.first_block + torch.arange(nq, device=idx.device).view(nq, 1)
         t = t & (torch.arange(nk, device=idx.device) <= own)
     return t
+
+
+def dense_of(num_blocks, indices, num_cols):
+    """[..., rows, num_cols] bool of BlockMask's (num_blocks, indices) tables."""
+    used = torch.arange(indices.shape[-1]) < num_blocks.unsqueeze(-1)
+    t = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.bool)
+    return t.scatter_(-1, torch.where(used, indices.long(), num_cols), True)[..., :num_cols]
 
 
 @given(problem(), st.booleans())
@@ -50,8 +65,17 @@ def test_block_mask_is_the_selection_and_its_mask_mod_the_dense_rule(prob, with_
         idx, lay, q_len=tq, k_len=tk, num_heads=hq, causal=causal, key_padding_mask=padding
     )
     table = selected_table(idx, lay, causal).repeat_interleave(g, 1)
-    assert torch.equal(mask.to_dense().bool(), table)
+    nk = lay.num_key_blocks
+    partial = dense_of(mask.kv_num_blocks, mask.kv_indices, nk)
+    full = dense_of(mask.full_kv_num_blocks, mask.full_kv_indices, nk)
+    assert not bool((partial & full).any())
+    assert torch.equal(partial | full, table)
     assert mask.BLOCK_SIZE == (bs, bs)
+    assert mask.kv_indices.shape[-1] == max(1, idx.shape[-1])  # as wide as the selection, not NK
+    assert mask.kv_indices.dtype == torch.int32 and mask.kv_indices.is_contiguous()
+    # the transposed (query-side) tables of the backward agree
+    q_side = dense_of(mask.q_num_blocks, mask.q_indices, lay.num_query_blocks).transpose(-1, -2)
+    assert torch.equal(q_side, partial)
     # the mask_mod alone is the dense rule (the real query rows; padding rows are cut off)
     pairs = fa.create_mask(mask.mask_mod, b, hq, lay.num_query_blocks * bs, tk, device="cpu")
     real = pairs[:, :, lay.front : lay.front + tq]
@@ -62,8 +86,6 @@ def test_block_mask_is_the_selection_and_its_mask_mod_the_dense_rule(prob, with_
     any_pair = blocks.any(-1).any(-2)
     assert not bool((any_pair & ~table).any())
     # "full" blocks (which skip the mask_mod) have every pair attended, keys past the end excepted
-    full = fa.BlockMask.from_kv_blocks(mask.full_kv_num_blocks, mask.full_kv_indices).to_dense().bool()
-    assert not bool((full & ~table).any())
     key_real = F.pad(torch.ones(tk, dtype=torch.bool), (0, pad_k)).view(lay.num_key_blocks, 1, bs)
     all_pairs = (blocks | ~key_real.transpose(0, 1).view(1, 1, 1, 1, lay.num_key_blocks, bs)).all(-1).all(-2)
     assert not bool((full & ~all_pairs).any())
@@ -85,6 +107,61 @@ def test_flex_equals_gather_and_the_dense_reference(prob, with_padding):
     assert got.lse.dtype == gathered.lse.dtype
     torch.testing.assert_close(got.out, gathered.out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got.block_mass, gathered.block_mass, rtol=1e-10, atol=1e-12)
+
+
+@given(problem(), st.booleans(), st.integers(1, 4))
+def test_few_queries_take_a_query_tile_and_equal_gather(prob, with_padding, tq):
+    """Decoding-sized queries get a mask over a tile of rows (a power of two dividing the block),
+    not whole blocks: its tables are those of the tile's query block, the results those of gather."""
+    q, k, v, bs, causal, gen = prob
+    b, hkv, tk = q.shape[0], k.shape[1], k.shape[2]
+    tq = min(tq, q.shape[2])
+    q = q[:, :, -tq:]
+    lay = block_layout(tq, tk, bs)
+    idx = random_indices(b, hkv, lay, gen)
+    padding = torch.rand(b, tk, generator=gen) < 0.8 if with_padding else None
+    tile = flex._query_tile(tq, bs, 1)
+    mask = flex.selection_block_mask(
+        idx,
+        lay,
+        q_len=tq,
+        k_len=tk,
+        num_heads=q.shape[1],
+        causal=causal,
+        key_padding_mask=padding,
+        query_tile=tile,
+    )
+    whole = flex.selection_block_mask(
+        idx, lay, q_len=tq, k_len=tk, num_heads=q.shape[1], causal=causal, key_padding_mask=padding
+    )
+    r0, r1 = flex.query_rows(lay, tq, tile)
+    assert r0 <= lay.front and lay.front + tq <= r1 and mask.seq_lengths == (r1 - r0, tk)
+    assert mask.BLOCK_SIZE == (tile, bs) and (r1 - r0) % tile == 0 and r1 - r0 <= whole.seq_lengths[0]
+    block_of_tile = torch.arange(r0, r1, tile) // bs
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(mask, name), getattr(whole, name).index_select(2, block_of_tile))
+    pairs = fa.create_mask(mask.mask_mod, b, q.shape[1], r1 - r0, tk, device="cpu")
+    whole_pairs = fa.create_mask(whole.mask_mod, b, q.shape[1], whole.seq_lengths[0], tk, device="cpu")
+    assert torch.equal(pairs, whole_pairs[:, :, r0:r1])
+    kw = dict(block_size=bs, causal=causal, key_padding_mask=padding, return_lse=True)
+    with torch.no_grad():
+        got = block_sparse_attention(q, k, v, idx, backend="flex", **kw)
+    want = block_sparse_attention(q, k, v, idx, backend="gather", **kw)
+    torch.testing.assert_close(got.out, want.out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.lse, want.lse, rtol=1e-10, atol=1e-10)
+
+
+def test_query_tile_choice():
+    assert flex._query_tile(1, 128, 16) == 16
+    assert flex._query_tile(20, 128, 16) == 32
+    assert flex._query_tile(100, 128, 16) == 128  # 128 rows: the block itself
+    assert flex._query_tile(1, 384, 16) == 16 and flex._query_tile(200, 384, 16) == 384
+    assert flex._query_tile(1, 16, 16) == 16 and flex._query_tile(1, 6, 1) == 1
+    assert flex._query_tile(3, 6, 1) == 6  # 4 does not divide 6
+    with pytest.raises(InvalidValueError, match="divide"):
+        flex.selection_block_mask(
+            torch.tensor([[[[0]]]]), block_layout(1, 8, 8), q_len=1, k_len=8, num_heads=1, query_tile=3
+        )
 
 
 @given(problem())
@@ -225,6 +302,62 @@ def test_compiled_cpu_kernel_equals_gather():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def tol(dtype):
+    low = dtype in (torch.bfloat16, torch.float16)
+    return dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_calls_share_graphs_and_stay_compiled_past_dynamos_limit(monkeypatch):
+    """Dynamo's recompile limit (8 by default, 1 here) would send the process's compiled
+    FlexAttention to torch's dense eager one: the compiled path raises its limit, and causal and
+    non-causal calls (captured tensors, not constants) share one graph. ``aot_eager`` traces what
+    Inductor would compile without building a kernel."""
+    compiled = flex._compiled_flex
+    monkeypatch.setattr(flex, "_compiled_flex", lambda device_type: compiled(device_type, "aot_eager"))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    gen = torch.Generator().manual_seed(8)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for dtype, causal in ((torch.float32, True), (torch.float32, False), (torch.bfloat16, True)):
+            q = torch.randn(1, 4, 20, 16, generator=gen).to(dtype)
+            k, v = (torch.randn(1, 2, 24, 16, generator=gen).to(dtype) for _ in range(2))
+            idx = random_indices(1, 2, block_layout(20, 24, 8), gen)
+            kw = dict(block_size=8, causal=causal)
+            got = flex.flex_block_sparse_attention(q, k, v, idx, compile=True, **kw).out
+            want = block_sparse_attention(q, k, v, idx, backend="gather", **kw).out
+            torch.testing.assert_close(got, want, **tol(dtype))
+    assert counters["stats"]["unique_graphs"] == 2  # float32 (causal or not), bfloat16
+
+
+def test_cpu_compiles_prefill_only_one_graph_per_power_of_two_of_blocks(monkeypatch):
+    """On the CPU (static graphs), lengths are bucketed to powers of two of blocks: prefills of
+    33..64 keys in blocks of 8 share one graph; one-token decoding is not compiled by default."""
+    compiled, calls = flex._compiled_flex, []
+
+    def aot_eager(device_type):
+        calls.append(device_type)
+        return compiled(device_type, "aot_eager")
+
+    monkeypatch.setattr(flex, "_compiled_flex", aot_eager)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    gen = torch.Generator().manual_seed(9)
+    for tq, tk, causal, padded in ((40, 40, True, False), (50, 57, False, True), (1, 64, True, True)):
+        q = torch.randn(2, 4, tq, 16, generator=gen)
+        k, v = (torch.randn(2, 2, tk, 16, generator=gen) for _ in range(2))
+        idx = random_indices(2, 2, block_layout(tq, tk, 8), gen)
+        padding = torch.rand(2, tk, generator=gen) < 0.8 if padded else None
+        kw = dict(block_size=8, causal=causal, key_padding_mask=padding)
+        got = flex.flex_block_sparse_attention(q, k, v, idx, **kw).out
+        want = block_sparse_attention(q, k, v, idx, backend="gather", **kw).out
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if tq > 1:
+            assert counters["stats"]["unique_graphs"] == 1
+    assert calls == ["cpu", "cpu"]  # the decoding step ran eager
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA (compiled FlexAttention)
 # --------------------------------------------------------------------------------------------
@@ -261,14 +394,14 @@ def test_gpu_every_block_selected_equals_sdpa(dtype, causal):
         assert err <= 2 * base_err + 1e-3, (name, err, base_err)
 
 
-@needs_cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("bs", [16, 64, 128])
-@pytest.mark.parametrize("causal", [True, False])
-def test_gpu_random_selection_matches_dense_masked_reference(bs, causal):
-    gen = torch.Generator().manual_seed(bs + causal)
-    b, hq, hkv, tk, tq, d = 2, 4, 2, 700, 650, 64
-    q, k, v = (torch.randn(b, h, t, d, generator=gen, dtype=f64) for h, t in ((hq, tq), (hkv, tk), (hkv, tk)))
+def check_cuda_against_dense(seed, bs, causal, hq, hkv, tq, tk, d, dv):
+    """float32 flex on CUDA against the float64 dense masked reference: output, lse, block_mass
+    (against the gather path) and gradients, with a random selection and key padding."""
+    gen = torch.Generator().manual_seed(seed)
+    b = 2
+    q = torch.randn(b, hq, tq, d, generator=gen, dtype=f64)
+    k = torch.randn(b, hkv, tk, d, generator=gen, dtype=f64)
+    v = torch.randn(b, hkv, tk, dv, generator=gen, dtype=f64)
     lay = block_layout(tq, tk, bs)
     idx = random_indices(b, hkv, lay, gen, p=0.3)
     padding = torch.rand(b, tk, generator=gen) < 0.9
@@ -286,6 +419,11 @@ def test_gpu_random_selection_matches_dense_masked_reference(bs, causal):
     )
     torch.testing.assert_close(got.out.double().cpu(), want, rtol=2e-4, atol=2e-4)
     torch.testing.assert_close(got.lse.double().cpu(), want_lse, rtol=2e-4, atol=2e-4)
+    with torch.no_grad():  # inference: few queries take a query tile smaller than the block
+        kw = dict(block_size=bs, causal=causal, key_padding_mask=padding.cuda(), return_lse=True)
+        inference = block_sparse_attention(*(t.detach() for t in cuda), idx.cuda(), **kw)
+    torch.testing.assert_close(inference.out.double().cpu(), want, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(inference.lse.double().cpu(), want_lse, rtol=2e-4, atol=2e-4)
     gathered = block_sparse_attention(
         q, k, v, idx, block_size=bs, causal=causal, key_padding_mask=padding, return_block_mass=True
     )
@@ -297,6 +435,32 @@ def test_gpu_random_selection_matches_dense_masked_reference(bs, causal):
     g_got = torch.autograd.grad((got.out * w.to("cuda", torch.float32)).sum(), cuda)
     for a, e in zip(g_got, g_want):
         torch.testing.assert_close(a.double().cpu(), e, rtol=1e-3, atol=1e-3)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs", [16, 64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_random_selection_matches_dense_masked_reference(bs, causal):
+    check_cuda_against_dense(bs + causal, bs, causal, hq=4, hkv=2, tq=650, tk=700, d=64, dv=64)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case, bs, tq, tk, d, dv",
+    [
+        ("one-token decoding, mid-block", 128, 1, 1000, 64, 64),
+        ("one-token decoding, block start", 64, 1, 961, 64, 64),
+        ("block size 384 (3 x 128)", 384, 900, 1000, 64, 64),
+        ("head dim 80", 128, 500, 700, 80, 80),
+        ("head dim 96, value dim 48", 64, 500, 700, 96, 48),
+        ("value dim 128, head dim 64", 64, 300, 300, 64, 128),
+    ],
+)
+def test_gpu_decoding_block_and_head_sizes(case, bs, tq, tk, d, dv):
+    for causal in (True, False):
+        check_cuda_against_dense(tq + d + dv + causal, bs, causal, hq=8, hkv=2, tq=tq, tk=tk, d=d, dv=dv)
 
 
 @needs_cuda
@@ -317,6 +481,60 @@ def test_gpu_dynamic_attention_trains_through_flex():
     assert m.gate.q_proj.grad is not None
 
 
+def test_block_indices_are_checked_once_and_cuda_takes_the_main_kernel(monkeypatch):
+    import deepseek_rs.attention as attention
+
+    checks = []
+    check = attention._check_block_indices
+    monkeypatch.setattr(attention, "_check_block_indices", lambda *a: checks.append(1) or check(*a))
+    monkeypatch.setattr(flex, "_check_block_indices", attention._check_block_indices)
+    q = k = v = torch.randn(1, 1, 8, 4, dtype=f64)
+    block_sparse_attention(q, k, v, torch.tensor([[[[0, -1], [0, 1]]]]), block_size=4, backend="flex")
+    assert len(checks) == 1  # each check syncs with the device (min, max, duplicates)
+    # the main Triton kernel: through BACKEND where torch has it (it refuses the legacy knob with it)
+    assert flex._cuda_kernel_options(128, 128) == {"BACKEND": "TRITON"}
+    assert flex._cuda_kernel_options(384, 384) == {"BACKEND": "TRITON"}
+    # tiles pinned to small sparse blocks (Inductor shrinks its tiles only for powers of two, and
+    # not under max_autotune, whose configs are all >= 64)
+    assert flex._cuda_kernel_options(16, 384) == {"BACKEND": "TRITON", "fwd_BLOCK_M": 16}
+    assert flex._cuda_kernel_options(64, 64) == {"BACKEND": "TRITON", "fwd_BLOCK_M": 64}
+    bwd = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32}
+    assert flex._cuda_kernel_options(32, 32) == {
+        "BACKEND": "TRITON",
+        "fwd_BLOCK_M": 32,
+        "fwd_BLOCK_N": 32,
+        **bwd,
+    }
+    monkeypatch.setattr(fa.FlexKernelOptions, "__annotations__", {"FORCE_USE_FLEX_ATTENTION": bool})
+    assert flex._cuda_kernel_options(128, 128) == {"FORCE_USE_FLEX_ATTENTION": True}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_masked_keys_do_not_reach_the_output(bad):
+    """A NaN or inf in a key that is masked (after the query under causality, padded, or in an
+    unselected block) changes nothing, on both backends; the rows that see it still do."""
+    gen = torch.Generator().manual_seed(10)
+    q = torch.randn(1, 2, 12, 4, dtype=f64, generator=gen)
+    k = torch.randn(1, 1, 12, 4, dtype=f64, generator=gen)
+    v = torch.randn(1, 1, 12, 4, dtype=f64, generator=gen)
+    idx = torch.tensor([[[[0, -1, -1], [0, 1, -1], [0, 2, -1]]]])  # query block 2 skips block 1
+    padding = torch.ones(1, 12, dtype=torch.bool)
+    padding[0, 9] = False
+    bad_k = k.clone()
+    bad_k[0, 0, 5, 1] = bad  # after query rows 0..4 (its own block is 1); in no block of rows 8..11
+    bad_k[0, 0, 9] = bad  # padded
+    for backend in ("gather", "flex"):
+        kw = dict(block_size=4, key_padding_mask=padding, return_lse=True, backend=backend)
+        want = block_sparse_attention(q, k, v, idx, **kw)
+        got = block_sparse_attention(q, bad_k, v, idx, **kw)
+        clean = torch.tensor([r < 5 or r >= 8 for r in range(12)])  # rows that never see key 5
+        torch.testing.assert_close(got.out[:, :, clean], want.out[:, :, clean], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.lse[:, :, clean], want.lse[:, :, clean], rtol=1e-12, atol=1e-12)
+        if math.isnan(bad):  # the test can fail: without causality, rows 4..7 see key 5
+            non_causal = block_sparse_attention(q, bad_k, v, idx, causal=False, **kw)
+            assert bool(torch.isnan(non_causal.out[:, :, 4:8]).all())
+
+
 def test_scale_is_passed_through():
     gen = torch.Generator().manual_seed(6)
     q = torch.randn(1, 1, 10, 4, dtype=f64, generator=gen)
@@ -329,14 +547,15 @@ def test_scale_is_passed_through():
     assert not math.isclose(float(got.out.abs().sum()), 0.0)
 
 
-def test_block_mass_over_more_key_blocks_than_one_pass_takes():
+@pytest.mark.parametrize("chunk_elements", [1, 1 << 23])
+def test_block_mass_over_many_key_blocks_in_chunks(monkeypatch, chunk_elements):
+    monkeypatch.setattr(flex, "_CHUNK_ELEMENTS", chunk_elements)  # 1: a query block per chunk
     gen = torch.Generator().manual_seed(7)
-    b, hkv, g, tk, tq, d, bs = 1, 2, 2, 161, 150, 4, 2  # 81 key blocks: two one-hot passes
+    b, hkv, g, tk, tq, d, bs = 1, 2, 2, 161, 150, 4, 2  # 81 key blocks
     q = torch.randn(b, hkv * g, tq, d, dtype=f64, generator=gen)
     k = torch.randn(b, hkv, tk, d, dtype=f64, generator=gen)
     v = torch.randn(b, hkv, tk, d, dtype=f64, generator=gen)
     lay = block_layout(tq, tk, bs)
-    assert lay.num_key_blocks > flex._MASS_COLUMNS
     idx = random_indices(b, hkv, lay, gen, p=0.3)
     padding = torch.rand(b, tk, generator=gen) < 0.9
     kw = dict(block_size=bs, key_padding_mask=padding, return_block_mass=True)
@@ -350,7 +569,7 @@ def test_auto_on_the_cpu_never_calls_flex(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the flex path ran")
 
-    monkeypatch.setattr(flex, "flex_block_sparse_attention", refuse)
+    monkeypatch.setattr(flex, "_flex_checked", refuse)
     q = k = v = torch.randn(1, 1, 8, 4)
     idx = torch.tensor([[[[0, -1], [0, 1]]]])
     block_sparse_attention(q, k, v, idx, block_size=4)

@@ -371,17 +371,18 @@ def block_sparse_attention(
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if _flex.resolve_backend(backend, query.device, bs, query.shape[-1], value.shape[-1], grad) == "flex":
-        return _flex.flex_block_sparse_attention(
+        return _flex._flex_checked(
             query,
             key,
             value,
             block_indices,
-            block_size=bs,
+            lay,
             causal=causal,
             key_padding_mask=key_padding_mask,
             scale=scale,
             return_lse=return_lse,
             return_block_mass=return_block_mass,
+            compile=None,
         )
     padding = _check_padding(key_padding_mask, b, tk, query.device)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
@@ -399,15 +400,21 @@ def block_sparse_attention(
     # queries as [B, Hkv, NQ, G * bs, D] (the group's heads share the gathered keys), pre-scaled
     q = nn.functional.pad(query.to(acc) * scale, (0, 0, lay.front, nq * bs - lay.front - tq))
     q = q.view(b, hkv, g, nq, bs, d).transpose(2, 3).reshape(b, hkv, nq, g * bs, d)
-    kflat = _blocks(key, lay).reshape(b * hkv * nk, bs * d)
-    vflat = _blocks(value, lay).reshape(b * hkv * nk, bs * dv)
+    # Blocks as rows, plus a zero row that unused slots and (causal) blocks after the query block
+    # gather; padded keys are zeroed. So a NaN or inf in a masked key or value never reaches a
+    # score or the output: masking by a finite additive bias then stays exact.
+    if padding is not None:
+        key = key.masked_fill(~padding.view(b, 1, tk, 1), 0.0)
+        value = value.masked_fill(~padding.view(b, 1, tk, 1), 0.0)
+    kflat = torch.cat([_blocks(key, lay).reshape(b * hkv * nk, bs * d), key.new_zeros(1, bs * d)])
+    vflat = torch.cat([_blocks(value, lay).reshape(b * hkv * nk, bs * dv), value.new_zeros(1, bs * dv)])
     key_ok = _key_valid(lay, b, tk, padding, device)  # [B, NK * bs]
     all_keys_ok = padding is None and tk == nk * bs
     rows_ok = _query_rows(lay, tq, device)
     base = (torch.arange(b * hkv, device=device) * nk).view(b, hkv, 1, 1)
     own = (lay.first_block + torch.arange(nq, device=device)).view(1, 1, nq, 1)
-    # additive causal pattern of a key block against its own query block: key r' <= query r
-    tri = torch.full((bs, bs), _MASKED, dtype=acc, device=device).triu(1)
+    # causal pattern of a key block against its own query block: key r' > query r is masked
+    tri = torch.ones(bs, bs, dtype=torch.bool, device=device).triu(1)
 
     # Slots reordered: the own block first (so its causal triangle is a strided slice), then the
     # used slots, unused ones last; query blocks are then processed in groups of equal used-slot
@@ -489,18 +496,20 @@ def _attend_chunk(
     acc = q.dtype
     c, s = idx.shape[2], idx.shape[3]
     causal = own is not None
+    slot_ok = idx >= 0
+    if causal:
+        slot_ok = slot_ok & (idx <= own)
     safe = idx.clamp_min(0)
-    flat = (safe + base).reshape(-1)
+    flat = torch.where(slot_ok, idx + base, kflat.shape[0] - 1).reshape(-1)  # else the zero row
     ks = kflat.index_select(0, flat).view(b, hkv, c, s * bs, d)
     vs = vflat.index_select(0, flat).view(b, hkv, c, s * bs, dv)
     scores = torch.matmul(q, ks.to(acc).transpose(-1, -2))  # [B, Hkv, C, G*bs, S*bs]
     scores6 = scores.view(b, hkv, c, g, bs, s * bs)
-    # Masks, added in place and shared by the group's heads: per key (unused slots, padding,
-    # past-the-end keys, under causal attention whole blocks after the query block), then
-    # the causal triangle on the query block's own block, which the reordering put in slot 0.
-    slot_ok = idx >= 0
-    if causal:
-        slot_ok = slot_ok & (idx <= own)
+    # Masks, in place and shared by the group's heads: per key (unused slots, padding,
+    # past-the-end keys, under causal attention whole blocks after the query block: all zero
+    # keys, so an added bias is exact), then the causal triangle on the query block's own block
+    # (real keys: filled, so that a NaN or inf after the row is dropped), which the reordering
+    # put in slot 0.
     has_diag = (idx[..., 0] == own[:, :, :, 0]) if causal else None  # [B, Hkv, C]
     row_ok = None  # [B, Hkv, C, 1, bs]: the row sees at least one key
     if not all_keys_ok or not bool(slot_ok.all()):
@@ -520,8 +529,7 @@ def _attend_chunk(
         if bool(row_ok.all()):
             row_ok = None
     if has_diag is not None and bool(has_diag.any()):
-        tri_bias = torch.where(has_diag.view(b, hkv, c, 1, 1, 1), tri, 0.0)  # [B, Hkv, C, 1, bs, bs]
-        scores6[..., :bs].add_(tri_bias)
+        scores6[..., :bs].masked_fill_(has_diag.view(b, hkv, c, 1, 1, 1) & tri, _MASKED)
     p = torch.softmax(scores6, dim=-1)
     # a row that sees no key gets output 0 (its softmax is uniform over masked keys)
     out = torch.matmul(p.view(b, hkv, c, g * bs, s * bs), vs.to(acc))

@@ -98,7 +98,8 @@ def latency(lengths, repeat: int, device: str, backend: str = "gather") -> None:
                 mask = selection_block_mask(
                     dar.last_selection.block_indices, block_layout(t, t, bs), q_len=t, k_len=t, num_heads=8
                 )
-                work = int(mask.to_dense().sum()) * bs * bs / (8 * t * (t + 1) // 2)
+                tiles = int(mask.kv_num_blocks.sum()) + int(mask.full_kv_num_blocks.sum())
+                work = tiles * bs * bs / (8 * t * (t + 1) // 2)
             else:
                 work = work_fraction(dar.last_selection, t, t, bs)
             times = median_times(fns, repeat)
