@@ -9,18 +9,19 @@
   encoded in advance). Closed loop at concurrency 1, 8, 32 and 64 (each client sends its next
   request when the previous is answered), and open-loop Poisson arrivals at a fixed rate (twice
   the batching-off throughput at concurrency 32). Each request is ``[tokens, 256]`` floats.
-* The served model is the built-in one wrapped so that it raises on a marked row
-  (``benches/batching_models.py``): every 100th request is marked and must get a 500, and the
-  batcher must find it by bisection and answer every other request of its batch. Another 1 in
-  100 is deliberately bad (255 features instead of 256) and must get a 400; every good one a
-  200, or a 429 when the server's queue (1024 requests) is full. The 200 answers of the
-  requests sent around a marked one (ids within 8 of it: in flight with it, so mostly in its
-  batch) are checked against the model run in this process. Each request carries a unique id
-  that its answer must echo: the run fails if a request is lost, answered twice, or answered
-  with another request's id. QPS counts the 200 answers.
-* The same model (unwrapped: no failing requests) and batcher in process, without HTTP: 32
-  threads calling ``submit().result()`` (the batching gain of the model alone, before JSON and
-  HTTP costs).
+* Every 100th request is deliberately bad (255 features instead of 256) and must get a 400;
+  every good one a 200, or a 429 when the server's queue (1024 requests) is full. Each request
+  carries a unique id that its answer must echo: the run fails if a request is lost, answered
+  twice, or answered with another request's id. QPS counts the 200 answers.
+* Failure isolation under load: one more point at concurrency 32 against servers of the
+  built-in model wrapped so that it raises on a marked row (``benches/batching_models.py``):
+  another 1 in 100 requests is marked and must get a 500, and the batcher must find it by
+  bisection and answer every other request of its batch; the 200 answers of the requests sent
+  around a marked one (ids within 8 of it: in flight with it, so mostly in its batch) are
+  checked against the model run in this process.
+* The same model and batcher in process, without HTTP: 32 asyncio clients in one event loop
+  awaiting ``batcher.infer(x)`` (the batching gain of the model alone, before JSON and HTTP
+  costs).
 * Mean batch size comes from the server's Prometheus ``/metrics`` (deltas over each point).
 * Scheduler overhead: in-process ``DynamicBatcher`` around a no-op model (``nn.Identity``)
   with 64 requests outstanding, wall time per request of the whole path (submit, schedule,
@@ -68,7 +69,7 @@ ANSWER_TIMEOUT = 120  # seconds: a request unanswered by then is reported lost
 class Server:
     """``deepseek-rs serve`` in a child process."""
 
-    def __init__(self, batching: bool, threads: int):
+    def __init__(self, batching: bool, threads: int, failing: bool):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -81,8 +82,9 @@ class Server:
             str(self.port),
             "--threads",
             str(threads),
-            *("--model", MODEL, "--collate", "ragged", "--item-shape", str(DEFAULT_HIDDEN_SIZE)),
         ]
+        if failing:
+            cmd += ["--model", MODEL, "--collate", "ragged", "--item-shape", str(DEFAULT_HIDDEN_SIZE)]
         if not batching:
             cmd.append("--no-batching")
         path = [os.path.dirname(os.path.abspath(__file__)), *filter(None, [os.environ.get("PYTHONPATH")])]
@@ -160,7 +162,8 @@ class Connection:
 class Load:
     """Request bodies and the answer bookkeeping of one measurement point."""
 
-    def __init__(self, tokens: int, seed: int):
+    def __init__(self, tokens: int, seed: int, failing: bool = False):
+        self.failing = failing
         rng = random.Random(seed)
         self.rows = [self._rows(rng, tokens, DEFAULT_HIDDEN_SIZE) for _ in range(16)]
         self.good = [self._json(rows) for rows in self.rows]
@@ -190,7 +193,7 @@ class Load:
         self.next_id += 1
         if rid % BAD_EVERY == BAD_EVERY - 1:
             want, inputs = 400, self.bad
-        elif rid % FAIL_EVERY == FAIL_AT:
+        elif self.failing and rid % FAIL_EVERY == FAIL_AT:
             want, inputs = 500, self.marked
         else:
             want, inputs = 200, self.good[rid % len(self.good)]
@@ -218,7 +221,7 @@ class Load:
             self.errors.append(f"request {rid} got a 500 for another reason than the model's: {data[:200]!r}")
         if status == 200:
             self.latency.append(elapsed)
-            if abs(rid % FAIL_EVERY - FAIL_AT) <= NEIGHBOURS:
+            if self.failing and abs(rid % FAIL_EVERY - FAIL_AT) <= NEIGHBOURS:
                 self.neighbours.append((rid, data))
 
     def check(self, expected: List[torch.Tensor]) -> None:
@@ -319,36 +322,36 @@ def measure(server: Server, load: Load, run) -> Dict[str, Any]:
 
 
 def in_process(batching: bool, tokens: int, concurrency: int, duration: float) -> Dict[str, Any]:
-    """The same model and batcher without HTTP: ``concurrency`` threads calling ``submit().result()``."""
+    """The same model and batcher without HTTP: ``concurrency`` asyncio clients in one event loop
+    (as in the server) awaiting ``batcher.infer(x)`` in a closed loop."""
     from deepseek_rs.serve import default_model, make_batcher
 
     x = torch.randn(tokens, DEFAULT_HIDDEN_SIZE)
-    latency: List[List[float]] = [[] for _ in range(concurrency)]
+    latency: List[float] = []
+
+    async def run(b: DynamicBatcher) -> float:
+        stop = time.perf_counter() + duration
+
+        async def client() -> None:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                await b.infer(x)
+                latency.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return time.perf_counter() - start
+
     with make_batcher(
         default_model(), batching=batching, collate="ragged", item_shape=(DEFAULT_HIDDEN_SIZE,)
     ) as b:
         b.submit(x).result()  # warm-up
-        stop = time.perf_counter() + duration
-
-        def client(i: int) -> None:
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                b.submit(x).result()
-                latency[i].append(time.perf_counter() - t)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - start
+        elapsed = asyncio.run(run(b))
         mean_batch = b.metrics()["mean_batch_size"]
-    lat = [v for per in latency for v in per]
     return {
-        "qps": len(lat) / elapsed,
-        "p50_ms": percentile(lat, 0.5) * 1e3,
-        "p99_ms": percentile(lat, 0.99) * 1e3,
+        "qps": len(latency) / elapsed,
+        "p50_ms": percentile(latency, 0.5) * 1e3,
+        "p99_ms": percentile(latency, 0.99) * 1e3,
         "mean_batch": mean_batch,
         "rejected_429": 0,
     }
@@ -435,14 +438,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(
         f"machine: {machine['cpus']} CPUs ({machine['cpu_model']}), torch {machine['torch']}, "
         f"server torch threads {args.threads}; {args.tokens} tokens x {DEFAULT_HIDDEN_SIZE} per request, "
-        f"1 in {BAD_EVERY} requests bad (400), 1 in {FAIL_EVERY} failing in the model (500); "
-        f"{duration:g} s per point",
+        f"1 in {BAD_EVERY} requests bad (400); {duration:g} s per point; the last HTTP point also has "
+        f"1 in {FAIL_EVERY} requests failing in the model (500)",
         flush=True,
     )
     rows: List[Dict[str, Any]] = []
     rate: Optional[float] = None
     for batching in (False, True):
-        server = Server(batching, args.threads)
+        server = Server(batching, args.threads, failing=False)
         try:
             asyncio.run(closed_loop(server.port, Load(args.tokens, seed=99), 8, 0.5))  # warm-up
             for c in concurrencies:
@@ -455,6 +458,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             load = Load(args.tokens, seed=7)
             r = measure(server, load, open_loop(server.port, load, rate, duration, seed=7))
             rows.append({"batching": batching, "load": f"Poisson {rate:.0f}/s", "rate": rate, **r})
+        finally:
+            server.stop()
+    c_fail = concurrencies[-1] if args.quick else 32
+    for batching in (False, True):
+        server = Server(batching, args.threads, failing=True)
+        try:
+            asyncio.run(closed_loop(server.port, Load(args.tokens, seed=98, failing=True), 8, 0.5))
+            load = Load(args.tokens, seed=c_fail + 1000, failing=True)
+            r = measure(server, load, closed_loop(server.port, load, c_fail, duration))
+            rows.append({"batching": batching, "load": f"closed c={c_fail}, 1% failing in the model", **r})
         finally:
             server.stop()
 
