@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import math
 import os
 import pathlib
@@ -208,7 +209,8 @@ def train_lm(
         loss = model(x, labels=x).loss
         gate = gate_losses(model)
         opt.zero_grad()
-        (loss + gate).backward()
+        # DSA's warm-up trains the gate (its indexer) alone, on the dense model's attention
+        (gate if step < warmup_steps else loss + gate).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -271,9 +273,10 @@ MODELS = {
 }
 
 
-def build(key: str, seed: int, seq: int, hidden: int, layers: int):
+def build(key: str, seed: int, base: nn.Module):
+    """A copy of ``base`` with the attention of model ``key``."""
     _, dar_kwargs, variant = MODELS[key]
-    model = language_model(seed, seq, hidden, layers)
+    model = copy.deepcopy(base)
     if dar_kwargs is not None:
         patch_attention(model, **dar_kwargs)
     for m in model.modules():
@@ -297,13 +300,15 @@ def quality(
     task: str = "copy",
     warmup_steps: int = 0,
     lr: float = 3e-3,
+    pretrain_steps: int = 0,
 ) -> None:
     train, val = docstrings(4_000_000)
     copy_task = CopyTask(seq, DAR["block_size"]) if task == "copy" else None
     print(
         f"\n== quality: byte-level Llama ({layers} layers, hidden {hidden}, "
         f"{hidden // 32} heads / {max(1, hidden // 64)} kv heads), "
-        f"{steps} steps x {batch} x {seq} tokens, peak lr {lr}, seed {seed}, stdlib docstrings "
+        f"{pretrain_steps} dense pre-training steps, then {steps} steps per model, x {batch} x {seq} tokens, "
+        f"peak lr {lr}, seed {seed}, stdlib docstrings "
         f"({len(train) / 1e6:.2f} MB train, {len(val) / 1e6:.2f} MB validation), task {task}"
     )
     if copy_task is not None:
@@ -312,11 +317,18 @@ def quality(
             f"{copy_task.hi} bytes back (one distance per window); copy accuracy is over the copied bytes "
             "but the first"
         )
-    print(f"DAR: {DAR}; dense warm-up: the first {warmup_steps} steps")
+    print(f"DAR: {DAR}; dense warm-up (gate only): the first {warmup_steps} steps")
     results = {}
+    base = language_model(seed, seq, hidden, layers)
+    if pretrain_steps:
+        print(f"dense pre-training, {pretrain_steps} steps (other batches):", flush=True)
+        start = time.perf_counter()
+        train_lm(base, train, pretrain_steps, batch, seq, lr=lr, seed=seed + 1, task=copy_task)
+        secs = time.perf_counter() - start
+        results["pre-trained dense checkpoint"] = (evaluate(base, val, seq, evals, copy_task), secs)
     for key in models:
         name = MODELS[key][0]
-        model = build(key, seed, seq, hidden, layers)
+        model = build(key, seed, base)
         print(f"{name}:", flush=True)
         start = time.perf_counter()
         warm = warmup_steps if MODELS[key][2] == "warmup" else 0
@@ -335,7 +347,7 @@ def quality(
         )
     dense = results.get(MODELS["dense"][0])
     for name, (r, _) in results.items():
-        if dense is not None and name != MODELS["dense"][0]:
+        if dense is not None and name not in (MODELS["dense"][0], "pre-trained dense checkpoint"):
             d = dense[0]
             copied = f", {r.copy_accuracy / d.copy_accuracy:.2%} on the copied part" if copy_task else ""
             print(
@@ -361,6 +373,13 @@ def main(argv=None) -> int:
         "--models",
         default=",".join(MODELS),
         help=f"comma-separated models of the quality section, from {', '.join(MODELS)} (default: all)",
+    )
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=0,
+        help="train one dense model this many steps first; every model then starts from it (as DSA "
+        "converts a dense checkpoint); 0: every model from the same random initialisation",
     )
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the quality models (heads of 32)")
     p.add_argument("--layers", type=int, default=2, help="layers of the quality models")
@@ -400,7 +419,9 @@ def main(argv=None) -> int:
         steps = 4 if args.quick else args.steps
         warmup = max(1, steps // 5) if args.warmup_steps is None else args.warmup_steps
         if args.quick:
-            quality(steps, 512, 2, 64, 1, 4, models=models, task=args.task, warmup_steps=warmup)
+            quality(
+                steps, 512, 2, 64, 1, 4, models=models, task=args.task, warmup_steps=warmup, pretrain_steps=2
+            )
         else:
             quality(
                 steps,
