@@ -9,18 +9,25 @@
   encoded in advance). Closed loop at concurrency 1, 8, 32 and 64 (each client sends its next
   request when the previous is answered), and open-loop Poisson arrivals at a fixed rate (twice
   the batching-off throughput at concurrency 32). Each request is ``[tokens, 256]`` floats.
-* Every 100th request is deliberately bad (255 features instead of 256) and must get a 400;
-  every good one a 200, or a 429 when the server's queue (1024 requests) is full. Each request
-  carries a unique id that its answer must echo: the run fails if a request is lost, answered
-  twice, or answered with another request's id. QPS counts the 200 answers.
+* The served model is the built-in one wrapped so that it raises on a marked row
+  (``benches/batching_models.py``): every 100th request is marked and must get a 500, and the
+  batcher must find it by bisection and answer every other request of its batch. Another 1 in
+  100 is deliberately bad (255 features instead of 256) and must get a 400; every good one a
+  200, or a 429 when the server's queue (1024 requests) is full. The 200 answers of the
+  requests sent around a marked one (ids within 8 of it: in flight with it, so mostly in its
+  batch) are checked against the model run in this process. Each request carries a unique id
+  that its answer must echo: the run fails if a request is lost, answered twice, or answered
+  with another request's id. QPS counts the 200 answers.
 * The same model and batcher in process, without HTTP: 32 threads calling ``submit().result()``
   (the batching gain of the model alone, before JSON and HTTP costs).
 * Mean batch size comes from the server's Prometheus ``/metrics`` (deltas over each point).
 * Scheduler overhead: in-process ``DynamicBatcher`` around a no-op model (``nn.Identity``)
   with 64 requests outstanding, wall time per request of the whole path (submit, schedule,
   stack, slice, answer the future); the same for one request at a time (submit, then wait for
-  the result: thread hand-offs included); and the Rust scheduler's calls alone (submit +
-  next_batch + complete through the bindings) per request; each the best of 5 repeats.
+  the result: thread hand-offs included), next to the bare hand-off it cannot avoid (a worker
+  thread blocked in ``queue.SimpleQueue.get`` answering a ``concurrent.futures.Future`` the
+  caller waits on: the OS and CPython wake-up cost, no scheduler); and the Rust scheduler's calls
+  alone (submit + next_batch + complete through the bindings) per request; each the best of 5.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import queue
 import random
 import signal
 import socket
@@ -37,7 +45,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import wait
+from concurrent.futures import Future, wait
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -47,7 +55,12 @@ from deepseek_rs.benchmarks import machine_info
 from deepseek_rs.serve import DEFAULT_HIDDEN_SIZE
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from batching_models import FAIL_MARK  # noqa: E402
+
 BAD_EVERY = 100
+FAIL_EVERY, FAIL_AT, NEIGHBOURS = 100, 49, 8  # id % 100 == 49 is marked; ids within 8 are checked
+MODEL = "batching_models:peamoe_failing_on_mark"
 ANSWER_TIMEOUT = 120  # seconds: a request unanswered by then is reported lost
 
 
@@ -67,10 +80,13 @@ class Server:
             str(self.port),
             "--threads",
             str(threads),
+            *("--model", MODEL, "--collate", "ragged", "--item-shape", str(DEFAULT_HIDDEN_SIZE)),
         ]
         if not batching:
             cmd.append("--no-batching")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        path = [os.path.dirname(os.path.abspath(__file__)), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))  # the model's module
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while True:
             if self.proc.poll() is not None:
@@ -145,8 +161,13 @@ class Load:
 
     def __init__(self, tokens: int, seed: int):
         rng = random.Random(seed)
-        self.good = [self._inputs(rng, tokens, DEFAULT_HIDDEN_SIZE) for _ in range(16)]
-        self.bad = self._inputs(rng, tokens, DEFAULT_HIDDEN_SIZE - 1)
+        self.rows = [self._rows(rng, tokens, DEFAULT_HIDDEN_SIZE) for _ in range(16)]
+        self.good = [self._json(rows) for rows in self.rows]
+        self.bad = self._json(self._rows(rng, tokens, DEFAULT_HIDDEN_SIZE - 1))
+        marked = [list(row) for row in self.rows[0]]
+        marked[0][0] = FAIL_MARK
+        self.marked = self._json(marked)
+        self.neighbours: List[Tuple[int, bytes]] = []  # (id, 200 answer) of requests sent around a marked one
         self.next_id = 0
         self.sent = 0
         self.answers: Counter = Counter()
@@ -155,19 +176,27 @@ class Load:
         self.errors: List[str] = []
 
     @staticmethod
-    def _inputs(rng: random.Random, tokens: int, features: int) -> bytes:
-        rows = [[round(rng.gauss(0, 1), 4) for _ in range(features)] for _ in range(tokens)]
+    def _rows(rng: random.Random, tokens: int, features: int) -> List[List[float]]:
+        return [[round(rng.gauss(0, 1), 4) for _ in range(features)] for _ in range(tokens)]
+
+    @staticmethod
+    def _json(rows: List[List[float]]) -> bytes:
         return json.dumps(rows, separators=(",", ":")).encode()
 
-    def body(self) -> Tuple[int, bool, bytes]:
+    def body(self) -> Tuple[int, int, bytes]:
+        """The next request: its id, the status it must get (200: or 429) and its body."""
         rid = self.next_id
         self.next_id += 1
-        bad = rid % BAD_EVERY == BAD_EVERY - 1
-        inputs = self.bad if bad else self.good[rid % len(self.good)]
-        return rid, bad, b'{"inputs":' + inputs + b',"id":%d}' % rid
+        if rid % BAD_EVERY == BAD_EVERY - 1:
+            want, inputs = 400, self.bad
+        elif rid % FAIL_EVERY == FAIL_AT:
+            want, inputs = 500, self.marked
+        else:
+            want, inputs = 200, self.good[rid % len(self.good)]
+        return rid, want, b'{"inputs":' + inputs + b',"id":%d}' % rid
 
     async def one(self, conn: Connection, start: Optional[float] = None) -> None:
-        rid, bad, body = self.body()
+        rid, want, body = self.body()
         start = time.perf_counter() if start is None else start
         self.sent += 1
         try:
@@ -182,16 +211,26 @@ class Load:
         self.answers[rid] += 1
         self.statuses[status] += 1
         # 429 is the server's backpressure (queue full): an answer, counted apart.
-        if status != (400 if bad else 200) and not (status == 429 and not bad):
-            self.errors.append(f"request {rid} ({'bad' if bad else 'good'}) got {status}")
+        if status != want and not (status == 429 and want != 400):
+            self.errors.append(f"request {rid} (should get {want}) got {status}: {data[:200]!r}")
+        elif status == 500 and b'"error":"ValueError"' not in data:
+            self.errors.append(f"request {rid} got a 500 for another reason than the model's: {data[:200]!r}")
         if status == 200:
             self.latency.append(elapsed)
+            if abs(rid % FAIL_EVERY - FAIL_AT) <= NEIGHBOURS:
+                self.neighbours.append((rid, data))
 
-    def check(self) -> None:
+    def check(self, expected: List[torch.Tensor]) -> None:
+        """No request lost or answered twice, every status as it must be, and the 200 answers
+        sent around a marked request equal to the model's output for their input
+        (``expected[i]``: for ``self.rows[i]``)."""
         lost = self.sent - len(self.answers)
         twice = sum(1 for c in self.answers.values() if c > 1)
         if lost or twice or self.errors:
             raise AssertionError(f"lost {lost}, answered twice {twice}, errors: {self.errors[:5]}")
+        for rid, data in self.neighbours:
+            got = torch.tensor(json.loads(data)["outputs"])
+            torch.testing.assert_close(got, expected[rid % len(self.rows)], rtol=1e-4, atol=1e-5)
 
 
 async def closed_loop(port: int, load: Load, concurrency: int, duration: float) -> float:
@@ -242,11 +281,20 @@ def percentile(xs: List[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def expected_outputs(load: Load) -> List[torch.Tensor]:
+    """The served model's output for each good input of ``load``, computed here, one at a time."""
+    from deepseek_rs.serve import default_model
+
+    model = default_model()
+    with torch.inference_mode():
+        return [model(torch.tensor(rows)) for rows in load.rows]
+
+
 def measure(server: Server, load: Load, run) -> Dict[str, Any]:
     before = server.metrics()
     elapsed = asyncio.run(run)
     after = server.metrics()
-    load.check()
+    load.check(expected_outputs(load))
     batches = after["deepseek_batcher_batch_size_count"] - before["deepseek_batcher_batch_size_count"]
     requests = after["deepseek_batcher_batch_size_sum"] - before["deepseek_batcher_batch_size_sum"]
     completed_key = 'deepseek_batcher_requests_total{outcome="completed"}'
@@ -259,6 +307,8 @@ def measure(server: Server, load: Load, run) -> Dict[str, Any]:
         "requests": load.sent,
         "ok": load.statuses[200],
         "bad_400": load.statuses[400],
+        "failed_500": load.statuses[500],
+        "checked": len(load.neighbours),
         "rejected_429": load.statuses[429],
         "qps": load.statuses[200] / elapsed,
         "p50_ms": percentile(load.latency, 0.5) * 1e3,
@@ -334,16 +384,36 @@ def scheduler_overhead(n: int) -> Dict[str, float]:
             kind, ids, _ = s.next_batch(None)
             s.complete(ids)
         scheduler_s = min(scheduler_s, (time.perf_counter() - start) / (rid - first))
+    # One request at a time: the latency the batcher adds to a lone call. Next to it, the bare
+    # two-thread hand-off it cannot avoid (a worker blocked on a queue, the caller on a Future),
+    # measured in alternation with it so both see the same host load.
+    handoff: queue.SimpleQueue = queue.SimpleQueue()
+
+    def bare_worker() -> None:
+        for item in iter(handoff.get, None):
+            item[1].set_result(item[0])
+
+    bare = threading.Thread(target=bare_worker, daemon=True)
+    bare.start()
+    sequential_s = bare_s = float("inf")
     with DynamicBatcher(nn.Identity(), min_size=1, max_size=32, max_queue_delay=0.0) as b:
-        sequential_s = float("inf")
-        for _ in range(5):  # one request at a time: the latency the batcher adds to a lone call
+        for _ in range(5):
             start = time.perf_counter()
             for _ in range(n // 25):
                 b.submit(x).result()
             sequential_s = min(sequential_s, (time.perf_counter() - start) / (n // 25))
+            start = time.perf_counter()
+            for _ in range(n // 25):
+                f: Future = Future()
+                handoff.put((x, f))
+                f.result()
+            bare_s = min(bare_s, (time.perf_counter() - start) / (n // 25))
+    handoff.put(None)
+    bare.join()
     return {
         "batcher_us": batcher_s * 1e6,
         "sequential_us": sequential_s * 1e6,
+        "handoff_us": bare_s * 1e6,
         "scheduler_us": scheduler_s * 1e6,
         "mean_batch": mean_batch,
     }
@@ -364,7 +434,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(
         f"machine: {machine['cpus']} CPUs ({machine['cpu_model']}), torch {machine['torch']}, "
         f"server torch threads {args.threads}; {args.tokens} tokens x {DEFAULT_HIDDEN_SIZE} per request, "
-        f"1 in {BAD_EVERY} requests bad; {duration:g} s per point",
+        f"1 in {BAD_EVERY} requests bad (400), 1 in {FAIL_EVERY} failing in the model (500); "
+        f"{duration:g} s per point",
         flush=True,
     )
     rows: List[Dict[str, Any]] = []
@@ -405,16 +476,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     total = sum(r.get("requests", 0) for r in rows)
     bad = sum(r.get("bad_400", 0) for r in rows)
+    failed = sum(r.get("failed_500", 0) for r in rows)
+    checked = sum(r.get("checked", 0) for r in rows)
     print(
-        f"\n{total} requests, none lost or answered twice; all {bad} bad ones got 400, every good one 200 "
-        "(or 429 when the queue was full)"
+        f"\n{total} requests, none lost or answered twice; all {bad} bad ones got 400, all {failed} that "
+        "made the model raise got 500, every good one 200 (or 429 when the queue was full); "
+        f"{checked} answers sent around a failing request equal the model's output"
     )
     over = scheduler_overhead(2000 if args.quick else 50000)
     print(
         f"no-op model, in process: {over['batcher_us']:.1f} us per request through DynamicBatcher "
         f"with 64 outstanding (mean batch {over['mean_batch']:.1f}); {over['sequential_us']:.1f} us "
-        f"for one request at a time (submit to result); {over['scheduler_us']:.2f} us per request "
-        "in the scheduler's calls alone (target < 20 us)"
+        f"for one request at a time (submit to result), against {over['handoff_us']:.1f} us for the bare "
+        "two-thread hand-off (queue.SimpleQueue + Future, no scheduler); "
+        f"{over['scheduler_us']:.2f} us per request in the scheduler's calls alone (target < 20 us)"
     )
     if args.json:
         with open(args.json, "w") as f:

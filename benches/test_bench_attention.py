@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import torch
 from deepseek_rs.attention_bench import CopyTask
 
@@ -49,3 +50,26 @@ def test_copy_task_sources_lie_beyond_the_local_and_sink_blocks():
     assert len(set(dist.tolist())) > 10 and min(dist.tolist()) >= 256
     copied = task.copied_targets(seq)  # targets are bytes 1..seq-1
     assert copied.sum() == seq - task.start - 1 and not copied[task.start - 1] and copied[task.start]
+
+
+@pytest.mark.slow
+def test_quick_latency_with_the_flex_backend_times_the_gather_baseline():
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--section",
+            "latency",
+            "--backend",
+            "flex",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
+    assert "backend='flex'" in out and "flex / gather" in out, out
+    assert out.count("\n| 256 |") == 1 and out.count("\n| 512 |") == 1, out

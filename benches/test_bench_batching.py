@@ -21,6 +21,8 @@ def test_quick_batching_benchmark_checks_every_answer_and_prints_the_table():
         "| closed c=8 |",
         "| Poisson",
         "none lost or answered twice",
+        "made the model raise got 500",
+        "bare",
         "us per request",
     ):
         assert section in out, out

@@ -9,7 +9,8 @@
 # pytest, hypothesis and pytest-benchmark, so the wheel is installed without its dependencies.
 #
 # Steps: install the wheel, the gpu-marked tests against torch (from the installed package, so
-# the packaged kernel sources are what runs), then the GPU benchmark. Logs go to $OUT too when
+# the packaged kernel sources are what runs), then the GPU benchmark and DAR's latency table
+# with its FlexAttention path. Logs go to $OUT too when
 # it is set (the device tool returns the files under $OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,4 +36,8 @@ status=0
 
 step "benchmark"
 "$PY" benches/bench_gpu.py 2>&1 | tee "$LOG_DIR/bench_gpu.md" || status=$?
+
+step "DAR latency: SDPA, gather path, FlexAttention path"
+"$PY" benches/bench_attention.py --section latency --device cuda --backend flex 2>&1 \
+  | tee "$LOG_DIR/bench_attention_flex.md" || status=$?
 exit "$status"

@@ -279,6 +279,49 @@ def test_async_infer():
         torch.testing.assert_close(torch.stack(ys), model.lin(torch.stack(xs)))
 
 
+def test_async_answers_wake_the_loop_once_per_batch_and_cancel_and_errors_reach_the_awaiter():
+    gate = Gate()
+    wakeups = []
+
+    async def main(b):
+        loop = asyncio.get_running_loop()
+        threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):
+            wakeups.append(threading.current_thread().name)
+            return threadsafe(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
+        first = b.submit_async(torch.tensor([0.0]))
+        assert await asyncio.to_thread(gate.entered.wait, RESULT_TIMEOUT)  # the worker is busy
+        wakeups.clear()
+        waiting = [b.submit_async(torch.tensor([float(i)])) for i in range(1, 9)]
+        late = b.submit_async(torch.tensor([-1.0]), timeout=0.0)
+        dropped = asyncio.ensure_future(b.infer(torch.tensor([-2.0])))
+        await asyncio.sleep(0)  # dropped is submitted
+        dropped.cancel()
+        with pytest.raises(RequestTimeoutError):
+            await asyncio.wait_for(late, RESULT_TIMEOUT)
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        with pytest.raises(ShapeError):  # bad input raises at submit, not in the future
+            b.submit_async(torch.tensor([1.0, 2.0]))
+        gate.release.set()
+        ys = await asyncio.wait_for(asyncio.gather(first, *waiting), RESULT_TIMEOUT)
+        del loop.call_soon_threadsafe  # asyncio.run's own clean-up is not counted
+        return [y.item() for y in ys]
+
+    with DynamicBatcher(gate, dtype=None, item_shape=(1,), min_size=1, max_size=8, max_queue_delay=0.0) as b:
+        assert asyncio.run(main(b)) == [2.0 * i for i in range(9)]
+        m = b.metrics()
+    assert gate.seen == [0.0, *map(float, range(1, 9))]  # the late and the cancelled never ran
+    assert (m["timed_out"], m["cancelled"], m["completed"], m["batch_sizes"][8]) == (1, 1, 9, 1)
+    # The timeout, the cancel (on the loop's own thread), the first batch and the batch of 8: at
+    # most one wake-up each, whatever the batch size (fewer when one lands before the loop drained).
+    assert wakeups.count("DynamicBatcher-0") <= 2 and len(wakeups) <= 4, wakeups
+    assert set(wakeups) <= {"DynamicBatcher-reaper", "MainThread", "DynamicBatcher-0"}, wakeups
+
+
 @pytest.mark.parametrize("num_workers", [1, 3])
 def test_many_threads_no_request_lost_or_answered_twice(num_workers):
     model = Recorder()

@@ -31,7 +31,9 @@ def free_port():
 class Server:
     def __init__(self, *args):
         self.port = free_port()
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+        # The test models' folder first, then whatever makes deepseek_rs importable here.
+        path = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         cmd = [
             sys.executable,
             "-m",
@@ -91,6 +93,15 @@ def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400()
         with torch.inference_mode():
             want = default_model()(x)
         torch.testing.assert_close(torch.tensor(body["outputs"]), want, rtol=1e-4, atol=1e-5)
+        x = torch.randn(200, 256)  # a body of ~1 MB reaches the app in many chunks
+        status, body, _ = server.infer({"inputs": x.tolist(), "id": "big"})
+        assert status == 200 and body["id"] == "big"
+        with torch.inference_mode():
+            want = default_model()(x)
+        torch.testing.assert_close(torch.tensor(body["outputs"]), want, rtol=1e-4, atol=1e-5)
+        status, _, headers = server.get("/v1/infer")
+        assert status == 405 and headers["allow"] == "POST"
+        assert server.get("/nowhere")[0] == 404
         for bad, name in [
             (b"{not json", "JSONDecodeError"),
             ({"input": [[1.0]]}, "InvalidValueError"),
@@ -106,9 +117,9 @@ def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400()
             assert status == 400 and body["error"] == name, body
         status, text, _ = server.get("/metrics")
         assert status == 200
-        assert 'deepseek_batcher_requests_total{outcome="completed"} 1' in text
+        assert 'deepseek_batcher_requests_total{outcome="completed"} 2' in text
         assert 'deepseek_http_responses_total{code="400"} 9' in text
-        assert "deepseek_batcher_latency_seconds_count 1" in text
+        assert "deepseek_batcher_latency_seconds_count 2" in text
     finally:
         assert server.stop()
 
@@ -130,7 +141,7 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
         server = Server(
             *("--model", "serve_models:gated", "--collate", "stack", "--max-queue-size", "2"),
             *("--item-shape", "1", "--max-body-bytes", "200"),
-            *("--max-batch-size", "1", "--min-batch-size", "1"),
+            *("--max-batch-size", "1", "--min-batch-size", "1", "--drain-delay", "1"),
         )
     finally:
         del os.environ["SERVE_TEST_GATE"]
@@ -175,14 +186,24 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
         assert answers[10][0] == 200
         assert answers[11][0] == 504 and answers[11][1]["error"] == "RequestTimeoutError"
 
-        # SIGTERM with one request running and one queued: both are answered, then it exits.
+        # SIGTERM with one request running and one queued: /health says 503 through the drain
+        # delay, the listener then closes, both requests are still answered, then it exits.
         gate.touch()
         threads = start(20)
         wait_for(server, "in_flight", 1)
         threads += start(21)
         wait_for(server, "queue_depth", 1)
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while (health := server.get("/health"))[0] != 503:  # the signal is handled between ticks
+            assert health[0] == 200 and time.monotonic() < deadline
+            time.sleep(0.01)
+        assert json.loads(health[1]) == {"status": "draining"}
+        with pytest.raises(OSError):  # refused once the delay is over
+            while time.monotonic() < deadline:
+                assert server.get("/health")[0] == 503
+                time.sleep(0.05)
+        assert server.proc.poll() is None and all(t.is_alive() for t in threads)  # still draining
         gate.unlink()
         for t in threads:
             t.join()

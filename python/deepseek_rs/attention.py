@@ -54,6 +54,7 @@ from .errors import DeviceError, DTypeError, InvalidValueError, ShapeError
 from .router import route
 
 RULES = ("top_k", "top_p")
+_BACKENDS = ("auto", "gather", "flex")  # see block_sparse_attention
 _MASKED = -1e30  # a finite "minus infinity": the router refuses -inf, and masked rows stay finite
 _CHUNK_ELEMENTS = 1 << 23  # score entries per chunk of query blocks (32 MiB in float32)
 
@@ -312,6 +313,25 @@ class SparseAttentionOutput(NamedTuple):
     block_mass: Optional[Tensor]  # [B, Hkv, NQ, S] attention probability per selected block, no grad
 
 
+def _check_block_indices(block_indices: Tensor, b: int, hkv: int, lay: BlockLayout, device) -> None:
+    nq, nk = lay.num_query_blocks, lay.num_key_blocks
+    if not isinstance(block_indices, Tensor) or block_indices.dtype != torch.int64:
+        raise DTypeError("block_indices must be an int64 tensor")
+    if block_indices.dim() != 4 or tuple(block_indices.shape[:3]) != (b, hkv, nq):
+        raise ShapeError(
+            f"block_indices must be [{b}, {hkv}, {nq}, S] (batch, kv heads, query blocks, slots), "
+            f"got {tuple(block_indices.shape)}"
+        )
+    if block_indices.device != device:
+        raise DeviceError(f"block_indices is on {block_indices.device}, the queries on {device}")
+    if block_indices.numel() and (int(block_indices.min()) < -1 or int(block_indices.max()) >= nk):
+        raise InvalidValueError(f"block_indices must be in -1..{nk - 1} (-1 = unused slot)")
+    if block_indices.shape[-1] > 1:
+        ordered = block_indices.sort(dim=-1).values
+        if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()):
+            raise InvalidValueError("block_indices selects a key block twice for the same query block")
+
+
 def block_sparse_attention(
     query: Tensor,
     key: Tensor,
@@ -324,6 +344,7 @@ def block_sparse_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     return_block_mass: bool = False,
+    backend: str = "auto",
 ) -> SparseAttentionOutput:
     """Attention of each query block over its selected key blocks only.
 
@@ -336,25 +357,32 @@ def block_sparse_attention(
     and on request the log-sum-exp of each row's scaled scores (float, ``-inf`` where the row
     sees no key) and ``block_mass``: the attention probability each selected block received,
     averaged over the group's heads and the block's real query rows.
+
+    ``backend``: ``"gather"`` gathers the selected K/V blocks and runs dense attention over them
+    (torch, any device); ``"flex"`` runs FlexAttention with a block mask of the selection
+    (:mod:`deepseek_rs.attention_flex`; compiled on CUDA; forward only on the CPU);
+    ``"auto"`` takes ``"flex"`` on CUDA when it can run there, else ``"gather"``.
     """
     b, hq, hkv, tq, tk = _check_qkv(query, key, value)
     lay = block_layout(tq, tk, block_size)
     bs, nq, nk = lay.block_size, lay.num_query_blocks, lay.num_key_blocks
-    if not isinstance(block_indices, Tensor) or block_indices.dtype != torch.int64:
-        raise DTypeError("block_indices must be an int64 tensor")
-    if block_indices.dim() != 4 or tuple(block_indices.shape[:3]) != (b, hkv, nq):
-        raise ShapeError(
-            f"block_indices must be [{b}, {hkv}, {nq}, S] (batch, kv heads, query blocks, slots), "
-            f"got {tuple(block_indices.shape)}"
+    _check_block_indices(block_indices, b, hkv, lay, query.device)
+    from . import attention_flex as _flex  # imports this module
+
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if _flex.resolve_backend(backend, query.device, bs, query.shape[-1], value.shape[-1], grad) == "flex":
+        return _flex.flex_block_sparse_attention(
+            query,
+            key,
+            value,
+            block_indices,
+            block_size=bs,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            scale=scale,
+            return_lse=return_lse,
+            return_block_mass=return_block_mass,
         )
-    if block_indices.device != query.device:
-        raise DeviceError(f"block_indices is on {block_indices.device}, the queries on {query.device}")
-    if block_indices.numel() and (int(block_indices.min()) < -1 or int(block_indices.max()) >= nk):
-        raise InvalidValueError(f"block_indices must be in -1..{nk - 1} (-1 = unused slot)")
-    if block_indices.shape[-1] > 1:
-        ordered = block_indices.sort(dim=-1).values
-        if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()):
-            raise InvalidValueError("block_indices selects a key block twice for the same query block")
     padding = _check_padding(key_padding_mask, b, tk, query.device)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     g, d, dv = hq // hkv, query.shape[-1], value.shape[-1]
@@ -607,6 +635,7 @@ def dynamic_attention(
     scale: Optional[float] = None,
     return_gate_loss: bool = False,
     warmup: bool = False,
+    backend: str = "auto",
 ) -> Tuple[Tensor, Selection, Optional[Tensor]]:
     """Dynamic Attention Routing, functional form: gate -> router -> block-sparse attention.
 
@@ -615,7 +644,8 @@ def dynamic_attention(
     :class:`BlockGate`; ``None`` scores with MoBA's parameter-free ``q̄ · k̄ / sqrt(D)``.
     The selection arguments are those of :func:`select_blocks`. ``warmup`` is DSA's dense
     warm-up: every visible block is attended (the dense result, exactly) and the gate loss
-    covers every routable block, whatever the selection arguments say.
+    covers every routable block, whatever the selection arguments say. ``backend`` is that of
+    :func:`block_sparse_attention`.
 
     Returns ``(out [B, Hq, Tq, Dv], selection, gate_loss)``; ``gate_loss`` (see
     :func:`gate_distillation_loss`: over the selected routable blocks, under ``warmup`` all of
@@ -666,6 +696,7 @@ def dynamic_attention(
         key_padding_mask=padding,
         scale=scale,
         return_block_mass=want_loss,
+        backend=backend,
     )
     loss = None
     if want_loss and mass is not None:
@@ -767,10 +798,13 @@ class DynamicAttention(nn.Module):
         sink_block: bool = True,
         gate_dim: Optional[int] = None,
         warmup: bool = False,
+        backend: str = "auto",
         device=None,
         dtype=None,
     ):
         super().__init__()
+        if backend not in _BACKENDS:
+            raise InvalidValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise InvalidValueError(
                 f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
@@ -798,6 +832,7 @@ class DynamicAttention(nn.Module):
         self.block_size, self.causal, self.rule = block_size, causal, rule
         self.top_k, self.top_p, self.min_blocks, self.max_blocks = top_k, top_p, min_blocks, max_blocks
         self.local_blocks, self.sink_block, self.warmup = local_blocks, sink_block, bool(warmup)
+        self.backend = backend
         self.gate = BlockGate(num_kv_heads, head_dim, gate_dim, device=device, dtype=dtype)
         self.gate_loss: Optional[Tensor] = None
         self.last_selection: Optional[Selection] = None
@@ -836,6 +871,7 @@ class DynamicAttention(nn.Module):
             scale=scale,
             return_gate_loss=self.training and torch.is_grad_enabled(),
             warmup=self.warmup,
+            backend=self.backend,
         )
         self.gate_loss, self.last_selection = loss, sel
         return out
@@ -849,7 +885,8 @@ class DynamicAttention(nn.Module):
         return (
             f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"block_size={self.block_size}, causal={self.causal}, rule={self.rule!r}, {sel}, "
-            f"local_blocks={self.local_blocks}, sink_block={self.sink_block}, warmup={self.warmup}"
+            f"local_blocks={self.local_blocks}, sink_block={self.sink_block}, warmup={self.warmup}, "
+            f"backend={self.backend!r}"
         )
 
 

@@ -9,7 +9,9 @@
   random query/key/value at 1024, 4096 and 16384 tokens (1 sequence, 8 heads of 64, float32),
   with the share of the causal (query, key) pairs that DAR computes. Runs alternate between the
   two and the median is reported (the machine is shared and noisy). The article claims 57%
-  lower latency at 16K tokens.
+  lower latency at 16K tokens. ``--backend gather`` (default) gathers the selected blocks;
+  ``--backend flex`` runs the compiled FlexAttention kernel with the selection's block mask
+  and times the gather path too, as its baseline.
 * Quality: small byte-level Hugging Face Llama language models that differ only in attention
   (dense SDPA, DAR with and without the dense warm-up of its gate, and ablations: the forced
   blocks alone, random routed blocks, an untrained gate), trained for the same steps on the
@@ -42,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import DynamicAttention, computed_fraction, gate_losses, work_fraction
+from .attention import DynamicAttention, block_layout, computed_fraction, gate_losses, work_fraction
+from .attention_flex import selection_block_mask
 from .attention_patch import patch_attention
 
 # DAR's selection in both sections: the query block's own block, the one before it, the first
@@ -66,33 +69,48 @@ def median_times(fns, repeat: int):
     return [statistics.median(t) for t in times]
 
 
-def latency(lengths, repeat: int, device: str) -> None:
+def latency(lengths, repeat: int, device: str, backend: str = "gather") -> None:
     print(f"\n== latency: causal attention forward, 1 x 8 heads x 64, float32, {device}, median of {repeat}")
-    print(f"DAR: {DAR}")
+    print(f"DAR: {DAR}, backend={backend!r}")
+    flex = backend == "flex"  # then the gather path is timed too, as the baseline of the flex path
+    extra = " DAR (gather) ms | flex / gather |" if flex else ""
     print(
         "| tokens | pairs attended | products computed | SDPA ms | DAR ms | DAR / SDPA | latency reduction |"
+        + extra
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if flex else ""))
     gen = torch.Generator().manual_seed(0)
+    bs = DAR["block_size"]
     for t in lengths:
         q, k, v = (torch.randn(1, 8, t, 64, generator=gen).to(device) for _ in range(3))
-        dar = DynamicAttention(8, 8, 64, **DAR).to(device).eval()
+        dar = DynamicAttention(8, 8, 64, **DAR, backend=backend).to(device).eval()
+        fns = [
+            lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            lambda q=q, k=k, v=v, dar=dar: dar(q, k, v),
+        ]
+        if flex:
+            gather = DynamicAttention(8, 8, 64, **DAR, backend="gather").to(device).eval()
+            gather.load_state_dict(dar.state_dict())
+            fns.append(lambda q=q, k=k, v=v, m=gather: m(q, k, v))
         with torch.no_grad():
             dar(q, k, v)
-            frac = computed_fraction(dar.last_selection, t, t, DAR["block_size"])
-            work = work_fraction(dar.last_selection, t, t, DAR["block_size"])
-            sdpa, ours = median_times(
-                [
-                    lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                    lambda q=q, k=k, v=v, dar=dar: dar(q, k, v),
-                ],
-                repeat,
-            )
-        print(
+            frac = computed_fraction(dar.last_selection, t, t, bs)
+            if flex:  # the kernel computes the block mask's tiles, whole
+                mask = selection_block_mask(
+                    dar.last_selection.block_indices, block_layout(t, t, bs), q_len=t, k_len=t, num_heads=8
+                )
+                work = int(mask.to_dense().sum()) * bs * bs / (8 * t * (t + 1) // 2)
+            else:
+                work = work_fraction(dar.last_selection, t, t, bs)
+            times = median_times(fns, repeat)
+        sdpa, ours = times[0], times[1]
+        row = (
             f"| {t} | {frac:.1%} | {work:.1%} | {sdpa * 1e3:.1f} | {ours * 1e3:.1f} | {ours / sdpa:.3f} | "
-            f"{1 - ours / sdpa:.1%} |",
-            flush=True,
+            f"{1 - ours / sdpa:.1%} |"
         )
+        if flex:
+            row += f" {times[2] * 1e3:.1f} | {ours / times[2]:.3f} |"
+        print(row, flush=True)
     print("   article: 57% lower latency at 16K tokens")
 
 
@@ -395,6 +413,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5, help="timed runs of each attention per length")
     p.add_argument("--device", default="cpu", help="device of the latency section (cpu or cuda)")
     p.add_argument(
+        "--backend",
+        choices=("gather", "flex"),
+        default="gather",
+        help="DAR's block-sparse path in the latency section: gathered blocks (torch) or compiled "
+        "FlexAttention with the selection's block mask",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -414,7 +439,7 @@ def main(argv=None) -> int:
         print(f"device: {torch.cuda.get_device_name()}")
     if args.section in ("latency", "all"):
         lengths = (256, 512) if args.quick else (1024, 4096, 16384)
-        latency(lengths, 2 if args.quick else args.repeat, args.device)
+        latency(lengths, 2 if args.quick else args.repeat, args.device, args.backend)
     if args.section in ("quality", "all"):
         steps = 4 if args.quick else args.steps
         warmup = max(1, steps // 5) if args.warmup_steps is None else args.warmup_steps

@@ -33,9 +33,11 @@ intake and answers every request already accepted.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import itertools
 import threading
+import weakref
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -65,6 +67,23 @@ def _settle(future: Future, result: Any = None, error: Optional[BaseException] =
         return True
     except InvalidStateError:
         return False
+
+
+_held = threading.local()  # .wakers: the event loops to wake once the current batch is answered
+
+
+def _settle_all(answers: Any) -> None:
+    """Settle ``(future, result, error)`` triples; an event loop awaiting several of them is
+    woken once, after the last (its thread could otherwise drain, and be woken again, between
+    two answers: waking it writes a socket, which lets it take the GIL)."""
+    _held.wakers = set()
+    try:
+        for future, result, error in answers:
+            _settle(future, result, error)
+    finally:
+        wakers, _held.wakers = _held.wakers, None
+        for waker in wakers:
+            waker.wake()
 
 
 def _first_param(model: Callable[..., Any]) -> Optional[Tensor]:
@@ -312,9 +331,19 @@ class DynamicBatcher:
 
         return done
 
+    def submit_async(
+        self, x: Tensor, *, timeout: Optional[float] = None, priority: int = 0
+    ) -> asyncio.Future:
+        """``submit`` from a coroutine: an ``asyncio.Future`` of the running loop (bad input, a
+        full queue or a shut-down batcher raise here, at once). Cancelling it cancels the
+        request. The answers of one batch wake the loop once, not once per request."""
+        return _LoopWaker.of(asyncio.get_running_loop()).wrap(
+            self.submit(x, timeout=timeout, priority=priority)
+        )
+
     async def infer(self, x: Tensor, *, timeout: Optional[float] = None, priority: int = 0) -> Any:
         """``await`` this input's output; cancelling the awaiting task cancels the request."""
-        return await asyncio.wrap_future(self.submit(x, timeout=timeout, priority=priority))
+        return await self.submit_async(x, timeout=timeout, priority=priority)
 
     def __call__(self, x: Tensor, *, timeout: Optional[float] = None, priority: int = 0) -> Any:
         """Blocking call: ``submit(x).result()``."""
@@ -429,6 +458,81 @@ class DynamicBatcher:
         return dict(self._scheduler.metrics())
 
 
+class _LoopWaker:
+    """Hands answers from worker threads to the asyncio futures of one event loop.
+
+    ``asyncio.wrap_future`` calls ``loop.call_soon_threadsafe`` once per answered future, and
+    each call writes the loop's self-pipe and wakes it. Here answers queue up and only the first
+    one since the loop last drained them wakes it: one wake-up per batch, not per request.
+    """
+
+    _by_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)  # the loop may go away with futures still pending
+        self._ready: collections.deque = collections.deque()
+        self._scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _LoopWaker:
+        """The loop's waker (called on the loop's own thread only, so no lock)."""
+        waker = cls._by_loop.get(loop)
+        if waker is None:
+            waker = cls._by_loop[loop] = cls(loop)
+        return waker
+
+    def wrap(self, future: Future) -> asyncio.Future:
+        loop = self._loop()
+        assert loop is not None  # called on the running loop
+        waiter = loop.create_future()
+
+        def cancel_request(w: asyncio.Future) -> None:
+            if w.cancelled():
+                future.cancel()  # a request still waiting leaves the queue (DynamicBatcher._on_done)
+
+        waiter.add_done_callback(cancel_request)
+        future.add_done_callback(lambda f: self._post(f, waiter))
+        return waiter
+
+    def _post(self, future: Future, waiter: asyncio.Future) -> None:
+        """Any thread: queue an answer; wake the loop now, or after the batch (``_settle_all``)."""
+        self._ready.append((future, waiter))
+        held = getattr(_held, "wakers", None)
+        if held is not None:
+            held.add(self)
+        else:
+            self.wake()
+
+    def wake(self) -> None:
+        """Have the loop drain the answers, unless a drain is already pending."""
+        if not self._scheduled:
+            self._scheduled = True
+            loop = self._loop()
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._drain)
+                except RuntimeError:  # the loop is closed: nobody awaits these answers any more
+                    pass
+
+    def _drain(self) -> None:
+        """On the loop: answer every queued waiter. The flag is cleared first, so an answer
+        queued meanwhile either is taken below or schedules the next drain."""
+        self._scheduled = False
+        ready = self._ready
+        while ready:
+            future, waiter = ready.popleft()
+            if waiter.done():  # its task was cancelled meanwhile
+                continue
+            if future.cancelled():
+                waiter.cancel()
+                continue
+            error = future.exception()
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(future.result())
+
+
 def _timeout_error() -> RequestTimeoutError:
     return RequestTimeoutError("the request waited past its timeout; it was not run")
 
@@ -474,16 +578,13 @@ def _serve(
         taken: List[Tuple[int, _Request]] = []
         try:
             if kind == "timed_out":
-                for rid in ids:
-                    req = pending.pop(rid, None)
-                    if req is not None:
-                        _settle(req.future, error=_timeout_error())
+                requests = [pending.pop(rid, None) for rid in ids]
+                _settle_all((r.future, None, _timeout_error()) for r in requests if r is not None)
             elif kind == "batch":
                 _execute(scheduler, pending, run, ids, taken)
         except BaseException as e:
             error = _as_exception(e)
-            for _, r in taken:
-                _settle(r.future, error=_own_copy(error))
+            _settle_all((r.future, None, _own_copy(error)) for _, r in taken)
             scheduler.complete([rid for rid, _ in taken], "failed")  # ids already reported are ignored
 
 
@@ -516,8 +617,7 @@ def _execute(
     scheduler.complete([rid for rid, _, _, error in answers if error is None], "completed")
     if failed:
         scheduler.complete(failed, "failed")
-    for _, r, y, error in answers:
-        _settle(r.future, y, error)
+    _settle_all((r.future, y, error) for _, r, y, error in answers)
 
 
 def _reap(scheduler: _core.Scheduler, pending: Dict[int, _Request]) -> None:
@@ -527,10 +627,8 @@ def _reap(scheduler: _core.Scheduler, pending: Dict[int, _Request]) -> None:
             ids = scheduler.expire_wait(None)
             if ids is None:  # closed and drained
                 return
-            for rid in ids:
-                req = pending.pop(rid, None)
-                if req is not None:
-                    _settle(req.future, error=_timeout_error())
+            requests = [pending.pop(rid, None) for rid in ids]
+            _settle_all((r.future, None, _timeout_error()) for r in requests if r is not None)
         except Exception:  # never let a timeout go unanswered because of one bad future
             continue
 

@@ -85,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         batching=enabled,
         max_body_bytes=args.max_body_bytes,
+        drain_delay=args.drain_delay,
         **kwargs,
     )
     return 0
@@ -190,13 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--no-batching", action="store_true", help="one request per model call (the baseline)")
     srv.add_argument("--threads", type=int, help="torch intra-op threads")
+    srv.add_argument(
+        "--drain-delay",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="on SIGTERM, keep serving S seconds with /health answering 503 before draining (default 0)",
+    )
     srv.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     srv.set_defaults(run=_serve)
     filt = commands.add_parser(
         "filter",
         help="filter JSONL shards: semantic density, domain screening, hard-example mining",
         description=(
-            "Filter JSONL shards ({\"id\": ..., \"text\": ...} per line; plain, .gz or .zst) into "
+            'Filter JSONL shards ({"id": ..., "text": ...} per line; plain, .gz or .zst) into '
             "OUTDIR/kept and OUTDIR/dropped, with OUTDIR/stats.json and OUTDIR/signals.png. "
             "Resumable: rerun the same command after an interruption."
         ),

@@ -119,6 +119,12 @@ def _jsonable(y: Any) -> Any:
     if isinstance(y, (tuple, list)):
         return [_jsonable(p) for p in y]
     if isinstance(y, torch.Tensor):
+        try:  # the common case (a CPU float32 row slice) is a view: no copy, one torch call
+            a = y.numpy()
+            if a.flags.c_contiguous:
+                return a
+        except (TypeError, RuntimeError):  # bfloat16, on a device, or needs grad
+            pass
         y = y.detach().cpu()
         if y.dtype in (torch.float16, torch.bfloat16):
             y = y.float()
@@ -126,12 +132,27 @@ def _jsonable(y: Any) -> Any:
     return y
 
 
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_ALLOW_POST = [*_JSON_HEADERS, (b"allow", b"POST")]
+
+
+async def _send(send: Any, status: int, payload: bytes, headers: Any = _JSON_HEADERS) -> None:
+    head = [*headers, (b"content-length", b"%d" % len(payload))]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": payload})
+
+
 def create_app(
     batcher: DynamicBatcher, *, shutdown_batcher: bool = True, max_body_bytes: int = 16 << 20
 ) -> Any:
-    """A Starlette app serving ``batcher``; with ``shutdown_batcher`` its lifespan shuts the
+    """An ASGI app serving ``batcher``; with ``shutdown_batcher`` its lifespan shuts the
     batcher down when the server stops (after uvicorn has answered the requests in flight).
-    Bodies over ``max_body_bytes`` get 413. Set ``app.state.draining`` to report 503 on /health."""
+    Bodies over ``max_body_bytes`` get 413. Set ``app.state.draining`` to report 503 on /health.
+
+    ``POST /v1/infer``, the hot path, is a plain ASGI callable: a Starlette request, response,
+    middleware and route match per request cost more server CPU than the batch's model share
+    of a small request. Starlette serves the rest (health, metrics, 404/405, the lifespan).
+    """
     import orjson
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -148,66 +169,93 @@ def create_app(
     def to_tensor(inputs: Any) -> torch.Tensor:
         if np_dtype is None:
             x = torch.tensor(inputs, dtype=dtype)
+            finite = not x.is_floating_point() or bool(torch.isfinite(x).all())
         else:
-            x = torch.from_numpy(np.array(inputs, dtype=np_dtype))
+            with np.errstate(over="ignore", invalid="ignore"):  # caught below, as a 400
+                a = np.array(inputs, dtype=np_dtype)
+            finite = a.dtype.kind != "f" or bool(np.isfinite(a).all())
+            x = torch.from_numpy(a)
         # JSON has no NaN or infinity: they come from null or from overflowing the dtype.
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if not finite:
             raise InvalidValueError(f'"inputs" must be finite numbers representable as {dtype}')
         return x
 
     responses: Counter = Counter()
 
-    def reply(status: int, body: Dict[str, Any], headers: Optional[Dict[str, str]] = None) -> Response:
-        responses[status] += 1
-        return JSONResponse(body, status_code=status, headers=headers)
+    def error_body(e: BaseException, rid: Any) -> bytes:
+        return orjson.dumps({"error": type(e).__name__, "detail": str(e), "id": rid})
 
-    def error(status: int, e: BaseException, rid: Any, headers: Optional[Dict[str, str]] = None) -> Response:
-        return reply(status, {"error": type(e).__name__, "detail": str(e), "id": rid}, headers)
+    async def read_body(scope: Dict[str, Any], receive: Any) -> Optional[bytes]:
+        """The request body; None if the client went away; _TooLarge over the limit."""
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                if value.isdigit() and int(value) > max_body_bytes:
+                    raise _TooLarge(f"the body has {int(value)} bytes, more than {max_body_bytes}")
+                break
+        message = await receive()
+        body = message.get("body", b"")
+        if not message.get("more_body", False):  # the whole body in one message: the usual case
+            if message["type"] == "http.disconnect":
+                return None
+            return body
+        raw = bytearray(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            raw += message.get("body", b"")
+            if len(raw) > max_body_bytes:
+                raise _TooLarge(f"the body has more than {max_body_bytes} bytes")
+        return bytes(raw)
 
-    async def infer(request: Request) -> Response:
+    async def infer(scope: Dict[str, Any], receive: Any, send: Any) -> None:
         rid = None
+        status, headers = 400, _JSON_HEADERS
         try:
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-                raise _TooLarge(f"the body has {declared} bytes, more than {max_body_bytes}")
-            raw = bytearray()
-            async for chunk in request.stream():
-                raw += chunk
-                if len(raw) > max_body_bytes:
-                    raise _TooLarge(f"the body has more than {max_body_bytes} bytes")
+            raw = await read_body(scope, receive)
+            if raw is None:
+                return
+            if len(raw) > max_body_bytes:
+                raise _TooLarge(f"the body has more than {max_body_bytes} bytes")
             body = orjson.loads(raw)
-            if not isinstance(body, dict) or "inputs" not in body:
+            if type(body) is not dict or "inputs" not in body:
                 raise InvalidValueError('the body must be a JSON object with an "inputs" array')
             rid = body.get("id")
             try:
                 x = to_tensor(body["inputs"])
             except (ValueError, TypeError, RuntimeError) as e:
                 raise InvalidValueError(f'"inputs" must be a rectangular array of numbers: {e}') from None
-            future = batcher.submit(x, timeout=body.get("timeout"), priority=body.get("priority", 0))
+            waiter = batcher.submit_async(x, timeout=body.get("timeout"), priority=body.get("priority", 0))
         except _TooLarge as e:
-            return error(413, e, rid)
+            status, payload = 413, error_body(e, rid)
         except QueueFullError as e:
-            return error(429, e, rid, {"Retry-After": "1"})
+            status, payload = 429, error_body(e, rid)
+            headers = [*_JSON_HEADERS, (b"retry-after", b"1")]
         except ShutdownError as e:
-            return error(503, e, rid)
+            status, payload = 503, error_body(e, rid)
         except (ValueError, orjson.JSONDecodeError, DeepseekError) as e:  # bad JSON, inputs, options
-            return error(400, e, rid)
-        try:
-            y = await asyncio.wrap_future(future)
-        except RequestTimeoutError as e:
-            return error(504, e, rid)
-        except Exception as e:
-            return error(500, e, rid)
-        try:
-            payload = orjson.dumps({"outputs": _jsonable(y), "id": rid}, option=NUMPY)
-        except TypeError as e:  # an output JSON cannot carry
-            return error(500, e, rid)
-        response = Response(payload, media_type="application/json")
-        responses[200] += 1  # counted once the answer is serialised
-        return response
+            status, payload = 400, error_body(e, rid)
+        else:
+            try:
+                y = await waiter
+            except RequestTimeoutError as e:
+                status, payload = 504, error_body(e, rid)
+            except Exception as e:
+                status, payload = 500, error_body(e, rid)
+            else:
+                try:
+                    status, payload = 200, orjson.dumps({"outputs": _jsonable(y), "id": rid}, option=NUMPY)
+                except TypeError as e:  # an output JSON cannot carry
+                    status, payload = 500, error_body(e, rid)
+        await _send(send, status, payload, headers)
+        responses[status] += 1  # counted once the answer is sent
+
+    def reply(status: int, body: Dict[str, Any]) -> Response:
+        responses[status] += 1
+        return JSONResponse(body, status_code=status)
 
     async def health(request: Request) -> Response:
-        if app.state.draining or batcher.closed:
+        if starlette.state.draining or batcher.closed:
             return reply(503, {"status": "draining"})
         return reply(200, {"status": "ok", "batching": batcher.config()})
 
@@ -219,19 +267,30 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any):
         yield
-        app.state.draining = True
+        starlette.state.draining = True
         if shutdown_batcher:
             await asyncio.get_running_loop().run_in_executor(None, batcher.shutdown)
 
-    app = Starlette(
+    starlette = Starlette(
         routes=[
-            Route("/v1/infer", infer, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
         lifespan=lifespan,
     )
-    app.state.draining = False
+    starlette.state.draining = False
+
+    async def app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/infer":
+            if scope["method"] == "POST":
+                await infer(scope, receive, send)
+            else:
+                await _send(send, 405, b'{"error":"MethodNotAllowed","detail":"use POST"}', _ALLOW_POST)
+                responses[405] += 1
+        else:
+            await starlette(scope, receive, send)
+
+    app.state = starlette.state  # type: ignore[attr-defined]
     return app
 
 
@@ -250,10 +309,22 @@ def run(
     port: int = 8000,
     log_level: str = "warning",
     max_body_bytes: int = 16 << 20,
+    drain_delay: float = 0.0,
     **batcher_kwargs: Any,
 ) -> None:
-    """Serve until SIGTERM / SIGINT, then drain."""
+    """Serve until SIGTERM / SIGINT, then drain. With ``drain_delay`` seconds, the server first
+    keeps serving that long with /health answering 503, so that a load balancer polling it
+    stops sending requests before the listener closes (a second signal ends the delay)."""
+    import time
+
     import uvicorn
+
+    if (
+        isinstance(drain_delay, bool)
+        or not isinstance(drain_delay, (int, float))
+        or not 0 <= drain_delay < 1e9
+    ):
+        raise InvalidValueError(f"drain_delay must be a number of seconds >= 0, got {drain_delay!r}")
 
     model = load_model(model_spec)
     if model_spec is None:
@@ -266,9 +337,19 @@ def run(
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
 
     class Server(uvicorn.Server):
+        stop_at: Optional[float] = None
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             app.state.draining = True  # /health says 503 from the signal on
-            super().handle_exit(sig, frame)
+            if drain_delay > 0 and self.stop_at is None:
+                self.stop_at = time.monotonic() + drain_delay
+            else:
+                super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:  # uvicorn calls it every 0.1 s
+            if self.stop_at is not None and time.monotonic() >= self.stop_at:
+                self.should_exit = True
+            return await super().on_tick(counter)
 
     server = Server(config)
     try:
