@@ -12,17 +12,19 @@
   lower latency at 16K tokens. ``--backend gather`` (default) gathers the selected blocks;
   ``--backend flex`` runs the compiled FlexAttention kernel with the selection's block mask
   and times the gather path too, as its baseline.
-* Quality: small byte-level Hugging Face Llama language models that differ only in attention
-  (dense SDPA, DAR with and without the dense warm-up of its gate, and ablations: the forced
-  blocks alone, random routed blocks, an untrained gate), trained for the same steps on the
-  same batches of real text available offline: the docstrings of the Python standard library's
-  modules, classes and functions (files split 90/10 into train and validation). With ``--task
-  copy`` (the default) the second half of every 1024-byte window repeats the text from 256 to
-  448 bytes back in the same window (an induction / retrieval task, as in MoBA's and NSA's retrieval
-  tests): only attention that reaches beyond the local blocks can predict it. Validation
-  next-byte accuracy (overall, on the copied part, on the rest), perplexity and the share of
-  attention computed. The article claims 42% of the attention work skipped at 1024 tokens with
-  98.7% of the dense model's accuracy.
+* Quality: small Hugging Face Llama language models over bytes (``--vocab``: word-level
+  tokens) that differ only in attention: dense SDPA, DAR with and without the dense warm-up of
+  its gate, and ablations at the same selection sizes (the forced blocks alone, random routed
+  blocks, an untrained gate), trained for the same steps on the same batches (optionally all
+  converted from one dense checkpoint, ``--pretrain-steps``) on real text available offline:
+  the docstrings of the Python standard library's modules, classes and functions (files split
+  90/10 into train and validation). With ``--task copy`` (the default) the second half of every
+  1024-byte window repeats the text from 333 bytes back (``--copy-distance``; 0: a random
+  distance per window): a passage copied from far back, as in retrieval tests, that only
+  attention reaching beyond the local blocks can predict. Validation next-token accuracy
+  (overall, on the copied part, on the rest), perplexity and the share of attention computed.
+  The article claims 42% of the attention work skipped at 1024 tokens with 98.7% of the dense
+  model's accuracy.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ import copy
 import math
 import os
 import pathlib
+import re
 import statistics
 import sysconfig
 import time
 import warnings
 import zlib
+from collections import Counter
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -141,12 +145,26 @@ def docstrings(limit_bytes: int):
     return torch.tensor(list(train), dtype=torch.long), torch.tensor(list(val), dtype=torch.long)
 
 
-def language_model(seed: int, seq: int, hidden: int, layers: int):
+def words(train: torch.Tensor, val: torch.Tensor, vocab: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The bytes as word-level tokens: words, punctuation runs and whitespace runs (a leading space
+    kept with the word, as GPT-2's pre-tokeniser does); the ``vocab - 1`` most frequent pieces of
+    the training text get ids 1.., every other piece is id 0 (unknown)."""
+    split = re.compile(r" ?\w+| ?[^\w\s]+|\s+")
+
+    def pieces(x: torch.Tensor):
+        return split.findall(bytes(x.tolist()).decode("utf-8", errors="replace"))
+
+    train_pieces = pieces(train)
+    ids = {w: i + 1 for i, (w, _) in enumerate(Counter(train_pieces).most_common(vocab - 1))}
+    return tuple(torch.tensor([ids.get(w, 0) for w in p]) for p in (train_pieces, pieces(val)))
+
+
+def language_model(seed: int, seq: int, hidden: int, layers: int, vocab: int = 256):
     import transformers
 
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=256,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden * 4,
         num_hidden_layers=layers,
@@ -164,18 +182,22 @@ def windows(data: torch.Tensor, seq: int, count: int, gen: torch.Generator) -> t
 
 
 class CopyTask:
-    """From the middle of each window on, every byte repeats the byte ``distance`` bytes back.
+    """From the middle of each window on, every token repeats the token ``distance`` back.
 
-    ``distance`` is drawn per window between ``seq // 4`` (at least ``2 * block_size``) and
-    ``seq // 2 - block_size``: the second half of the window replays the text from that far
-    back (a passage copied from earlier, as in induction and retrieval tests), never from the
-    first block (a sink) and never from the query's own or previous block, so only attention
+    ``distance`` (one for all windows, or drawn per window) lies between ``seq // 4`` (at least
+    ``2 * block_size``) and ``seq // 2 - block_size``: the second half of the window replays the
+    text from that far back (a passage copied from earlier, as in retrieval tests), never from
+    the first block (a sink) and never from the query's own or previous block, so only attention
     that reaches beyond the local blocks can predict it.
     """
 
-    def __init__(self, seq: int, block_size: int):
+    def __init__(self, seq: int, block_size: int, distance: Optional[int] = None):
         self.start = seq // 2  # first copied byte
         self.lo, self.hi = max(seq // 4, 2 * block_size), self.start - block_size
+        if distance is not None:
+            if not self.lo <= distance <= self.hi:
+                raise ValueError(f"the copy distance must be in {self.lo}..{self.hi}, got {distance}")
+            self.lo = self.hi = distance
         if self.hi < self.lo:
             raise ValueError(f"a copy task needs longer windows than {seq} bytes for blocks of {block_size}")
 
@@ -319,25 +341,36 @@ def quality(
     warmup_steps: int = 0,
     lr: float = 3e-3,
     pretrain_steps: int = 0,
+    copy_distance: Optional[int] = None,
+    vocab: int = 256,
 ) -> None:
     train, val = docstrings(4_000_000)
-    copy_task = CopyTask(seq, DAR["block_size"]) if task == "copy" else None
+    size = f"{len(train) / 1e6:.2f} MB train, {len(val) / 1e6:.2f} MB validation"
+    if vocab != 256:
+        train, val = words(train, val, vocab)
+        size += f"; {len(train)} and {len(val)} tokens"
+    copy_task = CopyTask(seq, DAR["block_size"], copy_distance) if task == "copy" else None
     print(
-        f"\n== quality: byte-level Llama ({layers} layers, hidden {hidden}, "
+        f"\n== quality: {'byte' if vocab == 256 else f'word ({vocab} tokens)'}-level Llama ({layers} layers, "
+        f"hidden {hidden}, "
         f"{hidden // 32} heads / {max(1, hidden // 64)} kv heads), "
         f"{pretrain_steps} dense pre-training steps, then {steps} steps per model, x {batch} x {seq} tokens, "
         f"peak lr {lr}, seed {seed}, stdlib docstrings "
-        f"({len(train) / 1e6:.2f} MB train, {len(val) / 1e6:.2f} MB validation), task {task}"
+        f"({size}), task {task}"
     )
     if copy_task is not None:
         print(
-            f"copy: from byte {copy_task.start} on, each byte repeats the byte a random {copy_task.lo}.."
-            f"{copy_task.hi} bytes back (one distance per window); copy accuracy is over the copied bytes "
-            "but the first"
+            f"copy: from token {copy_task.start} on, each token repeats the token "
+            + (
+                f"{copy_task.lo}"
+                if copy_task.lo == copy_task.hi
+                else f"a random {copy_task.lo}..{copy_task.hi}"
+            )
+            + " back (one distance per window); copy accuracy is over the copied tokens but the first"
         )
     print(f"DAR: {DAR}; dense warm-up (gate only): the first {warmup_steps} steps")
     results = {}
-    base = language_model(seed, seq, hidden, layers)
+    base = language_model(seed, seq, hidden, layers, vocab)
     if pretrain_steps:
         print(f"dense pre-training, {pretrain_steps} steps (other batches):", flush=True)
         start = time.perf_counter()
@@ -399,6 +432,19 @@ def main(argv=None) -> int:
         help="train one dense model this many steps first; every model then starts from it (as DSA "
         "converts a dense checkpoint); 0: every model from the same random initialisation",
     )
+    p.add_argument(
+        "--copy-distance",
+        type=int,
+        default=333,
+        help="how far back the copy task's second half repeats the text, 256..448 (default 333, not a "
+        "multiple of the block size); 0: a random distance per window",
+    )
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=256,
+        help="256: bytes; more: word-level tokens, the most frequent VOCAB - 1 pieces and an unknown id",
+    )
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the quality models (heads of 32)")
     p.add_argument("--layers", type=int, default=2, help="layers of the quality models")
     p.add_argument("--batch", type=int, default=8, help="windows of 1024 bytes per training step")
@@ -455,10 +501,13 @@ def main(argv=None) -> int:
                 args.hidden,
                 args.layers,
                 32,
-                args.seed,
-                models,
-                args.task,
-                warmup,
-                args.lr,
+                seed=args.seed,
+                models=models,
+                task=args.task,
+                warmup_steps=warmup,
+                lr=args.lr,
+                pretrain_steps=args.pretrain_steps,
+                copy_distance=args.copy_distance or None,
+                vocab=args.vocab,
             )
     return 0
