@@ -413,7 +413,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="deepseek-rs bench attention", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke test")
     p.add_argument("--section", choices=("latency", "quality", "all"), default="all")
-    p.add_argument("--steps", type=int, default=150, help="training steps of each language model")
+    p.add_argument("--steps", type=int, default=300, help="training steps of each language model")
     p.add_argument(
         "--warmup-steps",
         type=int,
@@ -428,7 +428,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--pretrain-steps",
         type=int,
-        default=0,
+        default=600,
         help="train one dense model this many steps first; every model then starts from it (as DSA "
         "converts a dense checkpoint); 0: every model from the same random initialisation",
     )
@@ -445,10 +445,10 @@ def main(argv=None) -> int:
         default=256,
         help="256: bytes; more: word-level tokens, the most frequent VOCAB - 1 pieces and an unknown id",
     )
-    p.add_argument("--hidden", type=int, default=128, help="hidden size of the quality models (heads of 32)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size of the quality models (heads of 32)")
     p.add_argument("--layers", type=int, default=2, help="layers of the quality models")
-    p.add_argument("--batch", type=int, default=8, help="windows of 1024 bytes per training step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle schedule)")
+    p.add_argument("--batch", type=int, default=4, help="windows of 1024 bytes per training step")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (one-cycle schedule)")
     p.add_argument(
         "--task",
         choices=("copy", "text"),
