@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from deepseek_rs.attention_bench import CopyTask
+from deepseek_rs.attention_bench import CopyTask, words
 
 BENCH = pathlib.Path(__file__).with_name("bench_attention.py")
 
@@ -73,3 +73,12 @@ def test_quick_latency_with_the_flex_backend_times_the_gather_baseline():
     ).stdout
     assert "backend='flex'" in out and "flex / gather" in out, out
     assert out.count("\n| 256 |") == 1 and out.count("\n| 512 |") == 1, out
+
+
+def test_word_tokens_keep_frequent_pieces_and_map_the_rest_to_unknown():
+    text = torch.tensor(list(b"the cat, the dog.\n  the cat"))
+    train, val = words(text, torch.tensor(list(b"the bird")), vocab=4)
+    # pieces: "the" " cat" "," " the" " dog" "." "\n  " "the" " cat"; the 3 most frequent get ids 1..3
+    assert train.tolist()[:2] == [1, 2] and train.tolist()[-2:] == [1, 2]
+    assert int(train.max()) == 3 and (train == 0).sum() == 4  # "," (first of the ties) got id 3
+    assert val.tolist() == [1, 0]
