@@ -48,7 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import DynamicAttention, block_layout, computed_fraction, gate_losses, work_fraction
+from .attention import (
+    DynamicAttention,
+    block_layout,
+    computed_fraction,
+    dense_warmup,
+    gate_losses,
+    work_fraction,
+)
 from .attention_flex import selection_block_mask
 from .attention_patch import patch_attention
 
@@ -234,31 +241,49 @@ class RandomGate(nn.Module):
         return torch.rand(b, h, nq, key_pooled.shape[2], generator=self.gen).to(query_pooled.device)
 
 
-def train_lm(
-    model, data, steps: int, batch: int, seq: int, lr: float, seed: int, task, warmup_steps: int = 0
-):
+def warm_up_gates(model, data, steps: int, batch: int, seq: int, lr: float, seed: int, task) -> None:
+    """DSA's dense warm-up, a stage before training: ``steps`` steps on the first batches of the
+    training stream, every block attended, only the gates trained (on their distillation loss),
+    the rest of the model frozen."""
+    dars = [m for m in model.modules() if isinstance(m, DynamicAttention)]
+    gates = {id(p) for m in dars for p in m.gate.parameters()}
+    frozen = [p for p in model.parameters() if id(p) not in gates and p.requires_grad]
+    opt = torch.optim.AdamW([p for m in dars for p in m.gate.parameters()], lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for p in frozen:  # no graph through the language model: only the gates learn
+        p.requires_grad_(False)
+    try:
+        with dense_warmup(model):
+            for step in range(steps):
+                model(batches(data, seq, batch, gen, task))
+                gate = gate_losses(model)
+                opt.zero_grad()
+                gate.backward()
+                opt.step()
+                if step % max(1, steps // 3) == 0 or step == steps - 1:
+                    print(f"  warm-up step {step:4d}  gate loss {gate.item():.4f}", flush=True)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def train_lm(model, data, steps: int, batch: int, seq: int, lr: float, seed: int, task):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)  # the same batches for every model
-    dars = [m for m in model.modules() if isinstance(m, DynamicAttention)]
     model.train()
     for step in range(steps):
-        for m in dars:
-            m.warmup = step < warmup_steps
         x = batches(data, seq, batch, gen, task)
         loss = model(x, labels=x).loss
         gate = gate_losses(model)
         opt.zero_grad()
-        # DSA's warm-up trains the gate (its indexer) alone, on the dense model's attention
-        (gate if step < warmup_steps else loss + gate).backward()
+        (loss + gate).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % max(1, steps // 5) == 0 or step == steps - 1 or step == warmup_steps - 1:
-            phase = " (dense warm-up)" if step < warmup_steps else ""
-            print(f"  step {step:4d}  loss {loss.item():.4f}  gate loss {gate.item():.4f}{phase}", flush=True)
-    for m in dars:
-        m.warmup = False
+        if step % max(1, steps // 5) == 0 or step == steps - 1:
+            print(f"  step {step:4d}  loss {loss.item():.4f}  gate loss {gate.item():.4f}", flush=True)
     return model.eval()
 
 
@@ -368,7 +393,10 @@ def quality(
             )
             + " back (one distance per window); copy accuracy is over the copied tokens but the first"
         )
-    print(f"DAR: {DAR}; dense warm-up (gate only): the first {warmup_steps} steps")
+    print(
+        f"DAR: {DAR}; the warm-up model first runs {warmup_steps} dense warm-up steps (gates only, "
+        "on the first batches), then the same steps as every model"
+    )
     results = {}
     base = language_model(seed, seq, hidden, layers, vocab)
     if pretrain_steps:
@@ -376,28 +404,32 @@ def quality(
         start = time.perf_counter()
         train_lm(base, train, pretrain_steps, batch, seq, lr=lr, seed=seed + 1, task=copy_task)
         secs = time.perf_counter() - start
-        results["pre-trained dense checkpoint"] = (evaluate(base, val, seq, evals, copy_task), secs)
+        results["pre-trained dense checkpoint"] = (evaluate(base, val, seq, evals, copy_task), secs, 0, 0)
     for key in models:
         name = MODELS[key][0]
         model = build(key, seed, base)
         print(f"{name}:", flush=True)
         start = time.perf_counter()
         warm = warmup_steps if MODELS[key][2] == "warmup" else 0
-        train_lm(model, train, steps, batch, seq, lr=lr, seed=seed, task=copy_task, warmup_steps=warm)
+        if warm:
+            warm_up_gates(model, train, warm, batch, seq, lr=lr, seed=seed, task=copy_task)
+        train_lm(model, train, steps, batch, seq, lr=lr, seed=seed, task=copy_task)
         elapsed = time.perf_counter() - start
-        results[name] = (evaluate(model, val, seq, evals, copy_task), elapsed)
+        results[name] = (evaluate(model, val, seq, evals, copy_task), elapsed, steps, warm)
     print(
         "\n| model | accuracy | copied part | rest | perplexity | copied part ppl | pairs attended "
-        "| products computed | train s |"
+        "| products computed | LM steps | gate-only warm-up steps | train s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (r, secs) in results.items():
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (r, secs, lm, warm) in results.items():
+        lm = pretrain_steps if name == "pre-trained dense checkpoint" else lm
         print(
             f"| {name} | {r.accuracy:.4f} | {r.copy_accuracy:.4f} | {r.rest_accuracy:.4f} | "
-            f"{r.perplexity:.3f} | {r.copy_perplexity:.3f} | {r.pairs:.1%} | {r.products:.1%} | {secs:.0f} |"
+            f"{r.perplexity:.3f} | {r.copy_perplexity:.3f} | {r.pairs:.1%} | {r.products:.1%} | "
+            f"{lm} | {warm} | {secs:.0f} |"
         )
     dense = results.get(MODELS["dense"][0])
-    for name, (r, _) in results.items():
+    for name, (r, *_) in results.items():
         if dense is not None and name not in (MODELS["dense"][0], "pre-trained dense checkpoint"):
             d = dense[0]
             copied = f", {r.copy_accuracy / d.copy_accuracy:.2%} on the copied part" if copy_task else ""
@@ -418,7 +450,8 @@ def main(argv=None) -> int:
         "--warmup-steps",
         type=int,
         default=None,
-        help="dense warm-up steps of the 'dar' model (default: a fifth of the steps, at least 1)",
+        help="gate-only dense warm-up steps the 'dar' model runs before its --steps (default: a fifth of "
+        "--steps, at least 1)",
     )
     p.add_argument(
         "--models",
