@@ -509,6 +509,10 @@ def main(argv=None) -> int:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     if not models or any(m not in MODELS for m in models):
         p.error(f"--models takes a comma-separated list from {', '.join(MODELS)}, got {args.models!r}")
+    if args.copy_distance and not 256 <= args.copy_distance <= 448:
+        p.error(
+            f"--copy-distance must be 0 or in 256..448 for windows of 1024 bytes, got {args.copy_distance}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
