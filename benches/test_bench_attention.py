@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from deepseek_rs.attention_bench import CopyTask
+from deepseek_rs.attention_bench import CopyTask, build, language_model, warm_up_gates, words
 
 BENCH = pathlib.Path(__file__).with_name("bench_attention.py")
 
@@ -73,3 +73,24 @@ def test_quick_latency_with_the_flex_backend_times_the_gather_baseline():
     ).stdout
     assert "backend='flex'" in out and "flex / gather" in out, out
     assert out.count("\n| 256 |") == 1 and out.count("\n| 512 |") == 1, out
+
+
+def test_word_tokens_keep_frequent_pieces_and_map_the_rest_to_unknown():
+    text = torch.tensor(list(b"the cat, the dog.\n  the cat"))
+    train, val = words(text, torch.tensor(list(b"the bird")), vocab=4)
+    # pieces: "the" " cat" "," " the" " dog" "." "\n  " "the" " cat"; the 3 most frequent get ids 1..3
+    assert train.tolist()[:2] == [1, 2] and train.tolist()[-2:] == [1, 2]
+    assert int(train.max()) == 3 and (train == 0).sum() == 4  # "," (first of the ties) got id 3
+    assert val.tolist() == [1, 0]
+
+
+def test_warm_up_trains_only_the_gates_with_every_block_attended():
+    base = language_model(0, 512, 64, 1)
+    model = build("dar", 0, base)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+    warm_up_gates(model, data, 2, 2, 512, lr=1e-2, seed=0, task=None)  # 8 blocks: 5 routable
+    for n, p in model.named_parameters():
+        assert p.requires_grad
+        assert torch.equal(p, before[n]) != (".gate." in n), n  # gates moved, nothing else did
+    assert not any(getattr(m, "warmup", False) for m in model.modules())

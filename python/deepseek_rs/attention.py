@@ -33,7 +33,8 @@ as in DSA: under the dense warm-up (``warmup=True`` or :func:`dense_warmup`) eve
 block is attended (the output is dense attention's, exactly) and the KL covers every routable
 block, so the gate learns the full distribution, including blocks it would never pick; in
 sparse training the KL covers the selected routable blocks (a block the gate does not pick then
-gets no gradient, hence the warm-up). The gate's inputs are detached, so the loss trains the
+gets no gradient, hence the warm-up; with a single routed block, ``top_k=1``, the KL is over one
+block and always 0). The gate's inputs are detached, so the loss trains the
 gate only and never pulls the attention toward the gate. We chose distillation over a soft gate
 that scales the selected blocks' outputs because a soft gate changes the function: a converted
 model would no longer compute its own attention (even with every block selected), and the gate

@@ -12,38 +12,50 @@
   lower latency at 16K tokens. ``--backend gather`` (default) gathers the selected blocks;
   ``--backend flex`` runs the compiled FlexAttention kernel with the selection's block mask
   and times the gather path too, as its baseline.
-* Quality: small byte-level Hugging Face Llama language models that differ only in attention
-  (dense SDPA, DAR with and without the dense warm-up of its gate, and ablations: the forced
-  blocks alone, random routed blocks, an untrained gate), trained for the same steps on the
-  same batches of real text available offline: the docstrings of the Python standard library's
-  modules, classes and functions (files split 90/10 into train and validation). With ``--task
-  copy`` (the default) the second half of every 1024-byte window repeats the text from 256 to
-  448 bytes back in the same window (an induction / retrieval task, as in MoBA's and NSA's retrieval
-  tests): only attention that reaches beyond the local blocks can predict it. Validation
-  next-byte accuracy (overall, on the copied part, on the rest), perplexity and the share of
-  attention computed. The article claims 42% of the attention work skipped at 1024 tokens with
-  98.7% of the dense model's accuracy.
+* Quality: small Hugging Face Llama language models over bytes (``--vocab``: word-level
+  tokens) that differ only in attention: dense SDPA, DAR with and without the dense warm-up of
+  its gate, and ablations at the same selection sizes (the forced blocks alone, random routed
+  blocks, an untrained gate), trained for the same steps on the same batches (optionally all
+  converted from one dense checkpoint, ``--pretrain-steps``) on real text available offline:
+  the docstrings of the Python standard library's modules, classes and functions (files split
+  90/10 into train and validation). With ``--task copy`` (the default) the second half of every
+  1024-byte window repeats the text from 333 bytes back (``--copy-distance``; 0: a random
+  distance per window): a passage copied from far back, as in retrieval tests, that only
+  attention reaching beyond the local blocks can predict. Validation next-token accuracy
+  (overall, on the copied part, on the rest), perplexity and the share of attention computed.
+  The article claims 42% of the attention work skipped at 1024 tokens with 98.7% of the dense
+  model's accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import math
 import os
 import pathlib
+import re
 import statistics
 import sysconfig
 import time
 import warnings
 import zlib
+from collections import Counter
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import DynamicAttention, block_layout, computed_fraction, gate_losses, work_fraction
+from .attention import (
+    DynamicAttention,
+    block_layout,
+    computed_fraction,
+    dense_warmup,
+    gate_losses,
+    work_fraction,
+)
 from .attention_flex import selection_block_mask
 from .attention_patch import patch_attention
 
@@ -141,12 +153,26 @@ def docstrings(limit_bytes: int):
     return torch.tensor(list(train), dtype=torch.long), torch.tensor(list(val), dtype=torch.long)
 
 
-def language_model(seed: int, seq: int, hidden: int, layers: int):
+def words(train: torch.Tensor, val: torch.Tensor, vocab: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The bytes as word-level tokens: words, punctuation runs and whitespace runs (a leading space
+    kept with the word, as GPT-2's pre-tokeniser does); the ``vocab - 1`` most frequent pieces of
+    the training text get ids 1.., every other piece is id 0 (unknown)."""
+    split = re.compile(r" ?\w+| ?[^\w\s]+|\s+")
+
+    def pieces(x: torch.Tensor):
+        return split.findall(bytes(x.tolist()).decode("utf-8", errors="replace"))
+
+    train_pieces = pieces(train)
+    ids = {w: i + 1 for i, (w, _) in enumerate(Counter(train_pieces).most_common(vocab - 1))}
+    return tuple(torch.tensor([ids.get(w, 0) for w in p]) for p in (train_pieces, pieces(val)))
+
+
+def language_model(seed: int, seq: int, hidden: int, layers: int, vocab: int = 256):
     import transformers
 
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=256,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden * 4,
         num_hidden_layers=layers,
@@ -164,18 +190,22 @@ def windows(data: torch.Tensor, seq: int, count: int, gen: torch.Generator) -> t
 
 
 class CopyTask:
-    """From the middle of each window on, every byte repeats the byte ``distance`` bytes back.
+    """From the middle of each window on, every token repeats the token ``distance`` back.
 
-    ``distance`` is drawn per window between ``seq // 4`` (at least ``2 * block_size``) and
-    ``seq // 2 - block_size``: the second half of the window replays the text from that far
-    back (a passage copied from earlier, as in induction and retrieval tests), never from the
-    first block (a sink) and never from the query's own or previous block, so only attention
+    ``distance`` (one for all windows, or drawn per window) lies between ``seq // 4`` (at least
+    ``2 * block_size``) and ``seq // 2 - block_size``: the second half of the window replays the
+    text from that far back (a passage copied from earlier, as in retrieval tests), never from
+    the first block (a sink) and never from the query's own or previous block, so only attention
     that reaches beyond the local blocks can predict it.
     """
 
-    def __init__(self, seq: int, block_size: int):
+    def __init__(self, seq: int, block_size: int, distance: Optional[int] = None):
         self.start = seq // 2  # first copied byte
         self.lo, self.hi = max(seq // 4, 2 * block_size), self.start - block_size
+        if distance is not None:
+            if not self.lo <= distance <= self.hi:
+                raise ValueError(f"the copy distance must be in {self.lo}..{self.hi}, got {distance}")
+            self.lo = self.hi = distance
         if self.hi < self.lo:
             raise ValueError(f"a copy task needs longer windows than {seq} bytes for blocks of {block_size}")
 
@@ -212,17 +242,39 @@ class RandomGate(nn.Module):
         return torch.rand(b, h, nq, key_pooled.shape[2], generator=self.gen).to(query_pooled.device)
 
 
-def train_lm(
-    model, data, steps: int, batch: int, seq: int, lr: float, seed: int, task, warmup_steps: int = 0
-):
+def warm_up_gates(model, data, steps: int, batch: int, seq: int, lr: float, seed: int, task) -> None:
+    """DSA's dense warm-up, a stage before training: ``steps`` steps on the first batches of the
+    training stream, every block attended, only the gates trained (on their distillation loss),
+    the rest of the model frozen."""
+    dars = [m for m in model.modules() if isinstance(m, DynamicAttention)]
+    gates = {id(p) for m in dars for p in m.gate.parameters()}
+    frozen = [p for p in model.parameters() if id(p) not in gates and p.requires_grad]
+    opt = torch.optim.AdamW([p for m in dars for p in m.gate.parameters()], lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for p in frozen:  # no graph through the language model: only the gates learn
+        p.requires_grad_(False)
+    try:
+        with dense_warmup(model):
+            for step in range(steps):
+                model(batches(data, seq, batch, gen, task))
+                gate = gate_losses(model)
+                opt.zero_grad()
+                gate.backward()
+                opt.step()
+                if step % max(1, steps // 3) == 0 or step == steps - 1:
+                    print(f"  warm-up step {step:4d}  gate loss {gate.item():.4f}", flush=True)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def train_lm(model, data, steps: int, batch: int, seq: int, lr: float, seed: int, task):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)  # the same batches for every model
-    dars = [m for m in model.modules() if isinstance(m, DynamicAttention)]
     model.train()
     for step in range(steps):
-        for m in dars:
-            m.warmup = step < warmup_steps
         x = batches(data, seq, batch, gen, task)
         loss = model(x, labels=x).loss
         gate = gate_losses(model)
@@ -231,11 +283,8 @@ def train_lm(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % max(1, steps // 5) == 0 or step == steps - 1 or step == warmup_steps - 1:
-            phase = " (dense warm-up)" if step < warmup_steps else ""
-            print(f"  step {step:4d}  loss {loss.item():.4f}  gate loss {gate.item():.4f}{phase}", flush=True)
-    for m in dars:
-        m.warmup = False
+        if step % max(1, steps // 5) == 0 or step == steps - 1:
+            print(f"  step {step:4d}  loss {loss.item():.4f}  gate loss {gate.item():.4f}", flush=True)
     return model.eval()
 
 
@@ -290,9 +339,10 @@ MODELS = {
 }
 
 
-def build(key: str, seed: int, seq: int, hidden: int, layers: int):
+def build(key: str, seed: int, base: nn.Module):
+    """A copy of ``base`` with the attention of model ``key``."""
     _, dar_kwargs, variant = MODELS[key]
-    model = language_model(seed, seq, hidden, layers)
+    model = copy.deepcopy(base)
     if dar_kwargs is not None:
         patch_attention(model, **dar_kwargs)
     for m in model.modules():
@@ -316,45 +366,72 @@ def quality(
     task: str = "copy",
     warmup_steps: int = 0,
     lr: float = 3e-3,
+    pretrain_steps: int = 0,
+    copy_distance: Optional[int] = None,
+    vocab: int = 256,
 ) -> None:
     train, val = docstrings(4_000_000)
-    copy_task = CopyTask(seq, DAR["block_size"]) if task == "copy" else None
+    size = f"{len(train) / 1e6:.2f} MB train, {len(val) / 1e6:.2f} MB validation"
+    if vocab != 256:
+        train, val = words(train, val, vocab)
+        size += f"; {len(train)} and {len(val)} tokens"
+    copy_task = CopyTask(seq, DAR["block_size"], copy_distance) if task == "copy" else None
     print(
-        f"\n== quality: byte-level Llama ({layers} layers, hidden {hidden}, "
+        f"\n== quality: {'byte' if vocab == 256 else f'word ({vocab} tokens)'}-level Llama ({layers} layers, "
+        f"hidden {hidden}, "
         f"{hidden // 32} heads / {max(1, hidden // 64)} kv heads), "
-        f"{steps} steps x {batch} x {seq} tokens, peak lr {lr}, seed {seed}, stdlib docstrings "
-        f"({len(train) / 1e6:.2f} MB train, {len(val) / 1e6:.2f} MB validation), task {task}"
+        f"{pretrain_steps} dense pre-training steps, then {steps} steps per model, x {batch} x {seq} tokens, "
+        f"peak lr {lr}, seed {seed}, stdlib docstrings "
+        f"({size}), task {task}"
     )
     if copy_task is not None:
         print(
-            f"copy: from byte {copy_task.start} on, each byte repeats the byte a random {copy_task.lo}.."
-            f"{copy_task.hi} bytes back (one distance per window); copy accuracy is over the copied bytes "
-            "but the first"
+            f"copy: from token {copy_task.start} on, each token repeats the token "
+            + (
+                f"{copy_task.lo}"
+                if copy_task.lo == copy_task.hi
+                else f"a random {copy_task.lo}..{copy_task.hi}"
+            )
+            + " back (one distance per window); copy accuracy is over the copied tokens but the first"
         )
-    print(f"DAR: {DAR}; dense warm-up: the first {warmup_steps} steps")
+    print(
+        f"DAR: {DAR}; the warm-up model first runs {warmup_steps} dense warm-up steps (gates only, "
+        "on the first batches), then the same steps as every model"
+    )
     results = {}
+    base = language_model(seed, seq, hidden, layers, vocab)
+    if pretrain_steps:
+        print(f"dense pre-training, {pretrain_steps} steps (other batches):", flush=True)
+        start = time.perf_counter()
+        train_lm(base, train, pretrain_steps, batch, seq, lr=lr, seed=seed + 1, task=copy_task)
+        secs = time.perf_counter() - start
+        results["pre-trained dense checkpoint"] = (evaluate(base, val, seq, evals, copy_task), secs, 0, 0)
     for key in models:
         name = MODELS[key][0]
-        model = build(key, seed, seq, hidden, layers)
+        model = build(key, seed, base)
         print(f"{name}:", flush=True)
         start = time.perf_counter()
         warm = warmup_steps if MODELS[key][2] == "warmup" else 0
-        train_lm(model, train, steps, batch, seq, lr=lr, seed=seed, task=copy_task, warmup_steps=warm)
+        if warm:
+            warm_up_gates(model, train, warm, batch, seq, lr=lr, seed=seed, task=copy_task)
+        train_lm(model, train, steps, batch, seq, lr=lr, seed=seed, task=copy_task)
         elapsed = time.perf_counter() - start
-        results[name] = (evaluate(model, val, seq, evals, copy_task), elapsed)
+        results[name] = (evaluate(model, val, seq, evals, copy_task), elapsed, steps, warm)
     print(
         "\n| model | accuracy | copied part | rest | perplexity | copied part ppl | pairs attended "
-        "| products computed | train s |"
+        "| products computed | LM steps | gate-only warm-up steps | train s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (r, secs) in results.items():
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (r, secs, lm, warm) in results.items():
+        lm = pretrain_steps if name == "pre-trained dense checkpoint" else lm
         print(
             f"| {name} | {r.accuracy:.4f} | {r.copy_accuracy:.4f} | {r.rest_accuracy:.4f} | "
-            f"{r.perplexity:.3f} | {r.copy_perplexity:.3f} | {r.pairs:.1%} | {r.products:.1%} | {secs:.0f} |"
+            f"{r.perplexity:.3f} | {r.copy_perplexity:.3f} | {r.pairs:.1%} | {r.products:.1%} | "
+            f"{lm} | {warm} | {secs:.0f} |"
         )
     dense = results.get(MODELS["dense"][0])
-    for name, (r, _) in results.items():
-        if dense is not None and name != MODELS["dense"][0]:
+    for name, (r, *_) in results.items():
+        if dense is not None and name not in (MODELS["dense"][0], "pre-trained dense checkpoint"):
             d = dense[0]
             copied = f", {r.copy_accuracy / d.copy_accuracy:.2%} on the copied part" if copy_task else ""
             print(
@@ -369,22 +446,43 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="deepseek-rs bench attention", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke test")
     p.add_argument("--section", choices=("latency", "quality", "all"), default="all")
-    p.add_argument("--steps", type=int, default=150, help="training steps of each language model")
+    p.add_argument("--steps", type=int, default=300, help="training steps of each language model")
     p.add_argument(
         "--warmup-steps",
         type=int,
         default=None,
-        help="dense warm-up steps of the 'dar' model (default: a fifth of the steps, at least 1)",
+        help="gate-only dense warm-up steps the 'dar' model runs before its --steps (default: a fifth of "
+        "--steps, at least 1)",
     )
     p.add_argument(
         "--models",
         default=",".join(MODELS),
         help=f"comma-separated models of the quality section, from {', '.join(MODELS)} (default: all)",
     )
-    p.add_argument("--hidden", type=int, default=128, help="hidden size of the quality models (heads of 32)")
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=600,
+        help="train one dense model this many steps first; every model then starts from it (as DSA "
+        "converts a dense checkpoint); 0: every model from the same random initialisation",
+    )
+    p.add_argument(
+        "--copy-distance",
+        type=int,
+        default=333,
+        help="how far back the copy task's second half repeats the text, 256..448 (default 333, not a "
+        "multiple of the block size); 0: a random distance per window",
+    )
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=256,
+        help="256: bytes; more: word-level tokens, the most frequent VOCAB - 1 pieces and an unknown id",
+    )
+    p.add_argument("--hidden", type=int, default=64, help="hidden size of the quality models (heads of 32)")
     p.add_argument("--layers", type=int, default=2, help="layers of the quality models")
-    p.add_argument("--batch", type=int, default=8, help="windows of 1024 bytes per training step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle schedule)")
+    p.add_argument("--batch", type=int, default=4, help="windows of 1024 bytes per training step")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (one-cycle schedule)")
     p.add_argument(
         "--task",
         choices=("copy", "text"),
@@ -412,6 +510,10 @@ def main(argv=None) -> int:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     if not models or any(m not in MODELS for m in models):
         p.error(f"--models takes a comma-separated list from {', '.join(MODELS)}, got {args.models!r}")
+    if args.copy_distance and not 256 <= args.copy_distance <= 448:
+        p.error(
+            f"--copy-distance must be 0 or in 256..448 for windows of 1024 bytes, got {args.copy_distance}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -426,7 +528,9 @@ def main(argv=None) -> int:
         steps = 4 if args.quick else args.steps
         warmup = max(1, steps // 5) if args.warmup_steps is None else args.warmup_steps
         if args.quick:
-            quality(steps, 512, 2, 64, 1, 4, models=models, task=args.task, warmup_steps=warmup)
+            quality(
+                steps, 512, 2, 64, 1, 4, models=models, task=args.task, warmup_steps=warmup, pretrain_steps=2
+            )
         else:
             quality(
                 steps,
@@ -435,10 +539,13 @@ def main(argv=None) -> int:
                 args.hidden,
                 args.layers,
                 32,
-                args.seed,
-                models,
-                args.task,
-                warmup,
-                args.lr,
+                seed=args.seed,
+                models=models,
+                task=args.task,
+                warmup_steps=warmup,
+                lr=args.lr,
+                pretrain_steps=args.pretrain_steps,
+                copy_distance=args.copy_distance or None,
+                vocab=args.vocab,
             )
     return 0
