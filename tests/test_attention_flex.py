@@ -302,6 +302,22 @@ def test_compiled_cpu_kernel_equals_gather():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_cpu_kernel_with_a_selection_narrower_than_the_key_blocks():
+    """The selection's S slots are far fewer than the NK key blocks (the sparse case DAR is for):
+    the compiled kernel sizes the key axis from the block mask's tables."""
+    gen = torch.Generator().manual_seed(6)
+    t, d, bs = 1024, 16, 64
+    q, k, v = (torch.randn(1, 2, t, d, generator=gen) for _ in range(3))
+    nq = t // bs
+    own = torch.arange(nq).view(1, 1, nq, 1).expand(1, 2, nq, 1)
+    idx = torch.cat([own, torch.zeros_like(own), (own - 3).clamp_min(-1)], -1)  # own, sink, 3 back
+    idx = torch.where((idx == 0) & (torch.arange(3) > 0) & (own == 0), -1, idx)  # no duplicates
+    idx = torch.where((idx == 0) & (torch.arange(3) == 2) & (own == 3), -1, idx)
+    got = flex.flex_block_sparse_attention(q, k, v, idx, block_size=bs, compile=True).out
+    want = block_sparse_attention(q, k, v, idx, block_size=bs, backend="gather").out
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def tol(dtype):
     low = dtype in (torch.bfloat16, torch.float16)
     return dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-5, atol=1e-5)

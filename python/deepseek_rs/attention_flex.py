@@ -187,10 +187,11 @@ def _kv_tables(
     block_indices: Tensor, lay: BlockLayout, causal: bool, key_ok: Tensor, g: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """BlockMask's ``(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)`` [B, Hq,
-    NQ(, W)] from ``block_indices`` [B, Hkv, NQ, S], ``W = max(S, 1)`` wide (not NK: the tables
-    grow with the selection, not the length). "Full" blocks have every (query, key) pair
-    attended: before the query block (any block without causality), holding real keys only;
-    the other selected blocks are partial (masked by the ``mask_mod``)."""
+    NQ(, NK)] from ``block_indices`` [B, Hkv, NQ, S]: the S chosen columns first, then padding
+    (torch's compiled kernels size the key axis from the tables' width, so they are NK wide).
+    "Full" blocks have every (query, key) pair attended: before the query block (any block
+    without causality), holding real keys only; the other selected blocks are partial (masked
+    by the ``mask_mod``)."""
     b, hkv, nq, s = block_indices.shape
     nk, bs, device = lay.num_key_blocks, lay.block_size, block_indices.device
     used = block_indices >= 0
@@ -202,9 +203,7 @@ def _kv_tables(
         used = used & (block_indices <= own)
         full = full & (block_indices < own)
     partial = used & ~full
-    width = s if s else 1
-    if not _narrow_tables_ok():  # older torch transposes the tables as NK columns
-        width = nk
+    width = max(nk, s)
 
     def ordered(sel: Tensor) -> Tuple[Tensor, Tensor]:
         cols = torch.where(sel, block_indices, nk).sort(dim=-1).values  # chosen first, ascending
@@ -214,15 +213,6 @@ def _kv_tables(
         return num.repeat_interleave(g, dim=1).contiguous(), cols.repeat_interleave(g, dim=1).contiguous()
 
     return (*ordered(partial), *ordered(full))
-
-
-@functools.cache
-def _narrow_tables_ok() -> bool:
-    """Whether BlockMask.from_kv_blocks takes tables narrower than the key blocks (torch >= 2.9
-    transposes them with the column count of ``seq_lengths``)."""
-    import inspect
-
-    return "num_cols" in inspect.signature(_flex_module()._transpose_ordered).parameters
 
 
 def selection_block_mask(
@@ -243,8 +233,8 @@ def selection_block_mask(
     Hkv). The mask's query axis has ``NQ * block_size`` rows: row ``m`` is the query at key
     position ``first_block * block_size + m`` (rows outside the ``q_len`` real queries are
     padding and see what their position would see). Its ``mask_mod`` encodes the whole rule
-    (selection, causality, key padding, keys past ``k_len``), so it is exact on its own. The
-    kv tables are as wide as the selection (S columns), not NK; ``compute_q_blocks=False`` skips
+    (selection, causality, key padding, keys past ``k_len``), so it is exact on its own.
+    ``compute_q_blocks=False`` skips
     the transposed tables that only the backward needs.
 
     ``query_tile`` (a divisor of ``block_size``; default ``block_size``): the mask's query tiles
