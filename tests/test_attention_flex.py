@@ -71,7 +71,7 @@ def test_block_mask_is_the_selection_and_its_mask_mod_the_dense_rule(prob, with_
     assert not bool((partial & full).any())
     assert torch.equal(partial | full, table)
     assert mask.BLOCK_SIZE == (bs, bs)
-    assert mask.kv_indices.shape[-1] == max(1, idx.shape[-1])  # as wide as the selection, not NK
+    assert mask.kv_indices.shape[-1] == max(nk, idx.shape[-1])  # compiled kernels size keys by it
     assert mask.kv_indices.dtype == torch.int32 and mask.kv_indices.is_contiguous()
     # the transposed (query-side) tables of the backward agree
     q_side = dense_of(mask.q_num_blocks, mask.q_indices, lay.num_query_blocks).transpose(-1, -2)
