@@ -509,11 +509,13 @@ def test_warmup_gate_loss_is_the_kl_of_dense_block_mass_over_routable_blocks(
     s = (q @ kk.transpose(-1, -2) / math.sqrt(d)).masked_fill(~mask, -math.inf)
     p = torch.nan_to_num(torch.softmax(s, -1))  # rows without a key: 0
     pad = nk * bs - t
+    valid = torch.ones(b, t, dtype=torch.bool) if padding is None else padding
+    # padded query rows attend too, but the target averages over the real rows only
+    p = p * valid.view(b, 1, t, 1).to(f64)
     per_block = F.pad(p, (0, pad)).view(b, hkv * g, t, nk, bs).sum(-1)
     per_block = F.pad(per_block, (0, 0, 0, pad)).view(b, hkv, g, nq, bs, nk).sum((2, 4))
-    rows = torch.tensor([min(bs, t - n * bs) for n in range(nq)], dtype=f64)
-    mass = per_block / (rows.view(1, 1, -1, 1) * g)
-    valid = torch.ones(b, t, dtype=torch.bool) if padding is None else padding
+    rows = F.pad(valid, (0, pad)).view(b, nq, bs).sum(-1).to(f64)
+    mass = per_block / (rows.view(b, 1, -1, 1) * g).clamp_min(1)
     key_valid = F.pad(valid, (0, pad)).view(b, nk, bs).any(-1)
     routable = reference_routable(lay, b, causal, local, sink, key_valid).unsqueeze(1)
     kls = []
@@ -530,6 +532,41 @@ def test_warmup_gate_loss_is_the_kl_of_dense_block_mass_over_routable_blocks(
     want = torch.stack(kls).mean() if kls else torch.zeros((), dtype=f64)
     torch.testing.assert_close(loss, want, rtol=1e-9, atol=1e-12)
     assert loss.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["gather", "flex"])
+def test_padded_query_rows_do_not_enter_the_gate_target(backend):
+    """Right padding (as in batched fine-tuning): the padded rows attend the real keys, but the
+    target is the mass of the real rows only, so changing the padded rows' queries changes nothing."""
+    gen = torch.Generator().manual_seed(0)
+    b, hkv, g, t, d, bs, real = 2, 2, 2, 32, 4, 4, 26
+    q = torch.randn(b, hkv * g, t, d, dtype=f64, generator=gen)
+    k = torch.randn(b, hkv, t, d, dtype=f64, generator=gen)
+    v = torch.randn(b, hkv, t, d, dtype=f64, generator=gen)
+    padding = torch.ones(b, t, dtype=torch.bool)
+    padding[0, real:] = False  # row 1 unpadded
+    gate = BlockGate(hkv, d).double()
+    kw = dict(block_size=bs, top_k=0, sink_block=True, key_padding_mask=padding, return_gate_loss=True)
+    _, _, loss = dynamic_attention(q, k, v, gate, warmup=True, **kw)
+    q2 = q.clone()
+    q2[0, :, real:] = 10 * torch.randn(hkv * g, t - real, d, dtype=f64, generator=gen)
+    _, _, loss2 = dynamic_attention(q2, k, v, gate, warmup=True, **kw)
+    torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=0.0)
+    # block_mass itself: the dense probabilities per key block averaged over the real rows only
+    lay = block_layout(t, t, bs)
+    nq, nk = lay.num_query_blocks, lay.num_key_blocks
+    every = torch.arange(nk).expand(b, hkv, nq, nk).contiguous()
+    with torch.no_grad():
+        got = block_sparse_attention(
+            q2, k, v, every, block_size=bs, key_padding_mask=padding, return_block_mass=True, backend=backend
+        ).block_mass
+    s = (q2 @ k.repeat_interleave(g, 1).transpose(-1, -2) / math.sqrt(d)).tril()
+    s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril() | ~padding.view(b, 1, 1, t), -math.inf)
+    p = torch.softmax(s, -1) * padding.view(b, 1, t, 1).to(f64)
+    per_block = p.view(b, hkv, g, nq, bs, nk, bs).sum((2, 4, 6))
+    rows = padding.view(b, nq, bs).sum(-1).to(f64)
+    want = per_block / (rows.view(b, 1, nq, 1) * g).clamp_min(1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_warmup_trains_the_gate_on_blocks_it_never_picks_and_never_on_forced_ones():

@@ -164,6 +164,19 @@ def _query_rows(lay: BlockLayout, tq: int, device) -> Tensor:
     return ((r >= 0) & (r < tq)).view(lay.num_query_blocks, lay.block_size)
 
 
+def _unpadded_query_rows(lay: BlockLayout, tq: int, padding: Optional[Tensor], device) -> Tensor:
+    """[B or 1, NQ, bs] bool: a query row that is neither alignment padding nor padding in the key
+    padding mask (the queries are the last ``tq`` keys). Padded rows still attend, but their
+    attention is no signal: the gate's distillation target leaves them out."""
+    rows = _query_rows(lay, tq, device).unsqueeze(0)
+    if padding is None:
+        return rows
+    nq, bs = lay.num_query_blocks, lay.block_size
+    tk = padding.shape[1]
+    real = nn.functional.pad(padding[:, tk - tq :], (lay.front, nq * bs - lay.front - tq), value=False)
+    return rows & real.view(-1, nq, bs)
+
+
 def pool_blocks(
     query: Tensor,
     key: Tensor,
@@ -357,7 +370,8 @@ def block_sparse_attention(
     Returns :class:`SparseAttentionOutput`: the output (0 for a query row that sees no key),
     and on request the log-sum-exp of each row's scaled scores (float, ``-inf`` where the row
     sees no key) and ``block_mass``: the attention probability each selected block received,
-    averaged over the group's heads and the block's real query rows.
+    averaged over the group's heads and the block's real query rows (rows that are padding in
+    ``key_padding_mask`` excluded: the gate's distillation target).
 
     ``backend``: ``"gather"`` gathers the selected K/V blocks and runs dense attention over them
     (torch, any device); ``"flex"`` runs FlexAttention with a block mask of the selection
@@ -411,7 +425,7 @@ def block_sparse_attention(
     vflat = torch.cat([_blocks(value, lay).reshape(b * hkv * nk, bs * dv), value.new_zeros(1, bs * dv)])
     key_ok = _key_valid(lay, b, tk, padding, device)  # [B, NK * bs]
     all_keys_ok = padding is None and tk == nk * bs
-    rows_ok = _query_rows(lay, tq, device)
+    rows_ok = _unpadded_query_rows(lay, tq, padding, device)  # [B or 1, NQ, bs]
     base = (torch.arange(b * hkv, device=device) * nk).view(b, hkv, 1, 1)
     own = (lay.first_block + torch.arange(nq, device=device)).view(1, 1, nq, 1)
     # causal pattern of a key block against its own query block: key r' > query r is masked
@@ -442,7 +456,7 @@ def block_sparse_attention(
                 own.index_select(2, sel) if causal else None,
                 key_ok,
                 all_keys_ok,
-                rows_ok.index_select(0, sel),
+                rows_ok.index_select(1, sel),
                 base,
                 tri,
                 (b, hkv, g, bs, d, dv, nk),
@@ -546,7 +560,7 @@ def _attend_chunk(
         with torch.no_grad():
             pm = p.detach() if row_ok is None else p.detach() * row_ok.unsqueeze(-1).to(acc)
             per_row = pm.view(b, hkv, c, g, bs, s, bs).sum(-1)  # [B, Hkv, C, G, bs, S]
-            w = rows_ok.view(1, 1, c, 1, bs, 1).to(acc)
+            w = rows_ok.view(-1, 1, c, 1, bs, 1).to(acc)
             mass = (per_row * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0)
     return out, lse, mass
 

@@ -49,7 +49,7 @@ from .attention import (
     _check_padding,
     _check_qkv,
     _key_valid,
-    _query_rows,
+    _unpadded_query_rows,
     block_layout,
 )
 from .errors import DeviceError, InvalidValueError
@@ -480,7 +480,7 @@ def _block_mass(
     lse = lse.view(b, hkv, g, nq, bs)
     kflat = _blocks(key, lay).reshape(b * hkv * nk, bs * d)
     key_ok = _key_valid(lay, b, tk, padding, device).view(b, 1, nk, bs).expand(b, hkv, nk, bs)
-    rows_ok = _query_rows(lay, tq, device)  # [NQ, bs]
+    rows_ok = _unpadded_query_rows(lay, tq, padding, device)  # [B or 1, NQ, bs]
     base = (torch.arange(b * hkv, device=device) * nk).view(b, hkv, 1, 1)
     pos = torch.arange(bs, device=device)
     mass = torch.empty(b, hkv, nq, s, device=device, dtype=acc)
@@ -503,7 +503,7 @@ def _block_mass(
             ok = ok & (k_pos.view(b, hkv, c, 1, 1, s, bs) <= q_pos.view(1, 1, c, 1, bs, 1, 1))
         row_lse = lse[:, :, :, c0 : c0 + c].transpose(2, 3).to(acc).view(b, hkv, c, g, bs, 1, 1)
         p = torch.where(ok, torch.exp(scores * scale - row_lse), 0.0)
-        w = rows_ok[c0 : c0 + c].view(1, 1, c, 1, bs, 1).to(acc)
+        w = rows_ok[:, c0 : c0 + c].reshape(-1, 1, c, 1, bs, 1).to(acc)
         mass[:, :, c0 : c0 + c] = (p.sum(-1) * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0)
     return mass
 
