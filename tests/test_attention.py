@@ -1,6 +1,7 @@
 """Dynamic Attention Routing against dense references (float64)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from deepseek_rs.attention import (
     dynamic_attention,
     gate_distillation_loss,
     gate_losses,
+    gate_parameters,
+    gate_warmup,
     pool_blocks,
     routable_blocks,
     select_blocks,
@@ -638,3 +641,68 @@ def test_dense_warmup_sets_and_restores_the_flag():
     assert computed_fraction(m[0].last_selection, 16, 16, 2) == pytest.approx(1.0)
     m[0](q, k, v)
     assert computed_fraction(m[0].last_selection, 16, 16, 2) < 0.5
+
+
+class _TinyModel(nn.Module):
+    """A projection feeding a DynamicAttention: non-gate parameters next to the gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4).double()
+        self.attn = DynamicAttention(2, 1, 4, block_size=2, top_k=2, local_blocks=0).double()
+
+    def forward(self, x):  # x [1, 16, 4]
+        h = self.proj(x)
+        q = h.view(1, 16, 2, 2).repeat(1, 1, 1, 2).transpose(1, 2)
+        kv = h.unsqueeze(1)
+        return self.attn(q, kv, kv)
+
+
+def test_gate_warmup_trains_only_the_gates_densely_and_restores_everything():
+    torch.manual_seed(0)
+    m = _TinyModel()
+    x = torch.randn(1, 16, 4, dtype=f64)
+    assert gate_parameters(m) == [m.attn.gate.q_proj, m.attn.gate.k_proj]
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with gate_warmup(m) as gates:
+        assert gates == gate_parameters(m) and m.attn.warmup
+        assert not any(p.requires_grad for p in m.proj.parameters())
+        opt = torch.optim.SGD(gates, lr=0.5)
+        out = m(x)
+        assert computed_fraction(m.attn.last_selection, 16, 16, 2) == pytest.approx(1.0)
+        loss = gate_losses(m)
+        assert loss.item() > 0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert not out.requires_grad  # no graph through the model: only the gate loss has one
+    assert not m.attn.warmup and all(p.requires_grad for p in m.parameters())
+    for n, p in m.named_parameters():
+        assert torch.equal(p, before[n]) != n.startswith("attn.gate."), n
+    with gate_warmup(m, dense=False):
+        assert not m.attn.warmup and not m.proj.weight.requires_grad
+        m(x)
+        assert computed_fraction(m.attn.last_selection, 16, 16, 2) < 0.9
+
+
+def test_gate_losses_warns_when_a_training_module_ran_without_grad():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    m = _TinyModel().train()
+    x = torch.randn(1, 16, 4, dtype=f64, requires_grad=True)
+    checkpoint(m, x, use_reentrant=True).sum()  # the forward runs under no_grad
+    with pytest.warns(RuntimeWarning, match="reentrant"):
+        assert gate_losses(m).item() == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpoint(m, x, use_reentrant=False).sum()
+        assert gate_losses(m).item() > 0
+        m(x)
+        assert gate_losses(m).item() > 0
+        with torch.no_grad():  # e.g. a metric inside the training loop: no gate loss asked for
+            m(x)
+            gate_losses(m)
+        m.eval()
+        m(x)
+        assert gate_losses(m).item() == 0.0

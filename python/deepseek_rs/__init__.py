@@ -14,6 +14,8 @@ from .attention import (
     dense_warmup,
     dynamic_attention,
     gate_losses,
+    gate_parameters,
+    gate_warmup,
 )
 from .attention_patch import patch_attention
 from .batching import DynamicBatcher
@@ -75,6 +77,8 @@ __all__ = [
     "dense_warmup",
     "dynamic_attention",
     "gate_losses",
+    "gate_parameters",
+    "gate_warmup",
     "optimize",
     "patch",
     "patch_attention",

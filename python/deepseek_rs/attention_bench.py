@@ -52,8 +52,8 @@ from .attention import (
     DynamicAttention,
     block_layout,
     computed_fraction,
-    dense_warmup,
     gate_losses,
+    gate_warmup,
     work_fraction,
 )
 from .attention_flex import selection_block_mask
@@ -242,31 +242,25 @@ class RandomGate(nn.Module):
         return torch.rand(b, h, nq, key_pooled.shape[2], generator=self.gen).to(query_pooled.device)
 
 
-def warm_up_gates(model, data, steps: int, batch: int, seq: int, lr: float, seed: int, task) -> None:
-    """DSA's dense warm-up, a stage before training: ``steps`` steps on the first batches of the
-    training stream, every block attended, only the gates trained (on their distillation loss),
-    the rest of the model frozen."""
-    dars = [m for m in model.modules() if isinstance(m, DynamicAttention)]
-    gates = {id(p) for m in dars for p in m.gate.parameters()}
-    frozen = [p for p in model.parameters() if id(p) not in gates and p.requires_grad]
-    opt = torch.optim.AdamW([p for m in dars for p in m.gate.parameters()], lr=lr, weight_decay=0.0)
+def warm_up_gates(
+    model, data, steps: int, batch: int, seq: int, lr: float, seed: int, task, dense: bool = True
+) -> None:
+    """DSA's warm-up (:func:`deepseek_rs.gate_warmup`), a stage before training: ``steps`` steps
+    on the first batches of the training stream, only the gates trained (on their distillation
+    loss, AdamW at a constant ``lr``), the rest of the model frozen; every block attended unless
+    ``dense`` is False (the sparse-warm-up control)."""
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for p in frozen:  # no graph through the language model: only the gates learn
-        p.requires_grad_(False)
-    try:
-        with dense_warmup(model):
-            for step in range(steps):
-                model(batches(data, seq, batch, gen, task))
-                gate = gate_losses(model)
-                opt.zero_grad()
-                gate.backward()
-                opt.step()
-                if step % max(1, steps // 3) == 0 or step == steps - 1:
-                    print(f"  warm-up step {step:4d}  gate loss {gate.item():.4f}", flush=True)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    with gate_warmup(model, dense=dense) as gates:
+        opt = torch.optim.AdamW(gates, lr=lr, weight_decay=0.0)
+        for step in range(steps):
+            model(batches(data, seq, batch, gen, task))
+            gate = gate_losses(model)
+            opt.zero_grad()
+            gate.backward()
+            opt.step()
+            if step % max(1, steps // 3) == 0 or step == steps - 1:
+                print(f"  warm-up step {step:4d}  gate loss {gate.item():.4f}", flush=True)
 
 
 def train_lm(model, data, steps: int, batch: int, seq: int, lr: float, seed: int, task):

@@ -12,9 +12,9 @@ entry in ``AttentionMaskInterface`` that hands it the 2-D key padding mask.
 The projections, rotary embeddings and KV cache are the model's own, so ``generate`` works and
 with every block selected (``top_k`` >= the number of blocks) the model computes what it did
 before. Fine-tune as usual and add :func:`~deepseek_rs.attention.gate_losses` of the model to
-the loss to train the gates, after a dense warm-up of the gates as DSA does
-(:func:`~deepseek_rs.attention.dense_warmup`). Sliding-window layers and attention dropout are
-refused.
+the loss to train the gates, after DSA's warm-up of the gates alone, every block attended and
+the rest of the model frozen (:func:`~deepseek_rs.attention.gate_warmup`). Sliding-window layers
+and attention dropout are refused.
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ def patch_attention(model: nn.Module, **dar_kwargs: Any) -> nn.Module:
 
     ``dar_kwargs`` go to each ``DynamicAttention`` (``block_size``, ``rule``, ``top_k``,
     ``top_p``, ``min_blocks``, ``max_blocks``, ``local_blocks``, ``sink_block``, ``gate_dim``,
-    ``warmup``, ...). For DSA's dense warm-up of the new gates, train inside
-    ``with deepseek_rs.dense_warmup(model):`` first.
+    ``warmup``, ...). Then DSA's recipe: first train the new gates alone, densely, on
+    ``gate_losses(model)`` inside ``with deepseek_rs.gate_warmup(model) as gates:`` (an optimizer
+    over ``gates``), then the whole model sparse on its loss plus ``gate_losses(model)``.
     Raises :class:`InvalidValueError` when the model has no supported layer or a layer uses a
     sliding window or attention dropout; then nothing is changed.
     """
