@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from deepseek_rs.attention_bench import CopyTask, build, language_model, warm_up_gates, words
+from deepseek_rs.attention_bench import CopyTask, RandomGate, build, language_model, warm_up_gates, words
 
 BENCH = pathlib.Path(__file__).with_name("bench_attention.py")
 
@@ -94,3 +94,11 @@ def test_warm_up_trains_only_the_gates_with_every_block_attended():
         assert p.requires_grad
         assert torch.equal(p, before[n]) != (".gate." in n), n  # gates moved, nothing else did
     assert not any(getattr(m, "warmup", False) for m in model.modules())
+
+
+def test_random_gate_draws_another_pattern_in_every_layer():
+    model = build("random", 0, language_model(0, 512, 64, 2))
+    gates = [m for m in model.modules() if isinstance(m, RandomGate)]
+    assert len(gates) == 2
+    qp, kp = torch.zeros(1, 1, 8, 64), torch.zeros(1, 1, 8, 64)
+    assert not torch.equal(gates[0](qp, kp), gates[1](qp, kp))
