@@ -6,7 +6,17 @@ import sys
 
 import pytest
 import torch
-from deepseek_rs.attention_bench import CopyTask, RandomGate, build, language_model, warm_up_gates, words
+from deepseek_rs import DynamicAttention
+from deepseek_rs.attention_bench import (
+    CopyTask,
+    RandomGate,
+    build,
+    describe_routing,
+    language_model,
+    routed_offsets,
+    warm_up_gates,
+    words,
+)
 
 BENCH = pathlib.Path(__file__).with_name("bench_attention.py")
 
@@ -28,6 +38,9 @@ def test_quick_attention_benchmark_prints_every_section():
         "| own + previous + sink only |",
         "| random routed blocks |",
         "| untrained identity gate |",
+        "| DAR, gate-only warm-up run sparse |",
+        "| fixed blocks n-6, n-5 (no gate) |",
+        "routed blocks of the second half's query blocks",
         "copied part",
         "of the pairs",
         "products computed",
@@ -102,3 +115,16 @@ def test_random_gate_draws_another_pattern_in_every_layer():
     assert len(gates) == 2
     qp, kp = torch.zeros(1, 1, 8, 64), torch.zeros(1, 1, 8, 64)
     assert not torch.equal(gates[0](qp, kp), gates[1](qp, kp))
+
+
+def test_offset_gate_routes_blocks_five_and_six_back_and_routing_is_described():
+    model = build("offset", 0, language_model(0, 1024, 64, 1)).eval()
+    x = torch.randint(0, 256, (2, 1024), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(x)
+    (dar,) = [m for m in model.modules() if isinstance(m, DynamicAttention)]
+    counts = routed_offsets(dar, 1024)
+    assert {n for n, _ in counts} == set(range(8, 16))  # the second half's query blocks
+    assert set(offsets for _, offsets in counts) == {(5, 6)}
+    assert describe_routing(counts).startswith("blocks n-5, n-6 in 100.0%; differs")
+    assert describe_routing(counts).endswith("in 0.0%")

@@ -243,6 +243,25 @@ class RandomGate(nn.Module):
         return torch.rand(b, h, nq, key_pooled.shape[2], generator=self.gen).to(query_pooled.device)
 
 
+class OffsetGate(nn.Module):
+    """Ablation: no gate, a fixed pattern. Scores 1 for the key blocks ``offsets`` before the
+    query block, 0 elsewhere, so the router always takes those blocks (at the same selection
+    size as the gate). The queries are the last of the keys, so query block n is key block
+    n + NK - NQ."""
+
+    def __init__(self, gate: nn.Module, offsets: Tuple[int, ...]):
+        super().__init__()
+        self.num_kv_heads, self.head_dim = gate.num_kv_heads, gate.head_dim
+        self.offsets = offsets
+
+    def forward(self, query_pooled: torch.Tensor, key_pooled: torch.Tensor) -> torch.Tensor:
+        b, h, nq, _ = query_pooled.shape
+        nk = key_pooled.shape[2]
+        back = (torch.arange(nq).view(nq, 1) + nk - nq) - torch.arange(nk).view(1, nk)
+        hit = sum((back == o) for o in self.offsets)
+        return hit.to(torch.float32).expand(b, h, nq, nk).to(query_pooled.device)
+
+
 def warm_up_gates(
     model, data, steps: int, batch: int, seq: int, lr: float, seed: int, task, dense: bool = True
 ) -> None:
@@ -294,6 +313,38 @@ class Scores(NamedTuple):
     copy_perplexity: float
     pairs: float  # DAR's share of the (query, key) pairs of dense causal attention
     products: float  # DAR's score products over the same
+    routing: Tuple[str, ...] = ()  # per DAR layer: its routed blocks on the second half of the windows
+
+
+def routed_offsets(m: DynamicAttention, seq: int) -> Counter:
+    """Over the last forward of ``m`` (full windows of ``seq`` tokens), the routed (not forced)
+    blocks of every (window, kv head, query block) of the second half of the window, as offsets
+    back from the query block: Counter of (query block, offsets)."""
+    idx = m.last_selection.block_indices.cpu()  # [B, Hkv, NQ, S], queries = keys
+    nq = idx.shape[2]
+    counts = Counter()
+    for n in range(seq // 2 // m.block_size, nq):
+        forced = {j for j in range(n - m.local_blocks, n + 1)} | ({0} if m.sink_block else set())
+        for row in idx[:, :, n].reshape(-1, idx.shape[-1]).tolist():
+            counts[n, tuple(sorted(n - j for j in row if j >= 0 and j not in forced))] += 1
+    return counts
+
+
+def describe_routing(counts: Counter) -> str:
+    """The most common routed offsets and their share, and how often a query block's routed
+    blocks differ from that query block's most common choice (between windows and heads)."""
+    total = sum(counts.values())
+    if not total:
+        return "no query block"
+    overall = Counter()
+    top = Counter()
+    for (n, offsets), c in counts.items():
+        overall[offsets] += c
+        top[n] = max(top[n], c)
+    offsets, c = overall.most_common(1)[0]
+    differ = 1 - sum(top.values()) / total
+    back = ", ".join(f"n-{o}" for o in offsets) or "none"
+    return f"blocks {back} in {c / total:.1%}; differs from the query block's usual choice in {differ:.1%}"
 
 
 @torch.no_grad()
@@ -304,6 +355,7 @@ def evaluate(model, val: torch.Tensor, seq: int, count: int, task: Optional[Copy
     hits, nlls = [], []
     fracs, works = [], []
     dars = [m for m in model.modules() if isinstance(m, DynamicAttention)]
+    routes = [Counter() for _ in dars]
     for row in x.split(4):
         logits = model(row).logits[:, :-1].float()
         target = row[:, 1:]
@@ -311,6 +363,8 @@ def evaluate(model, val: torch.Tensor, seq: int, count: int, task: Optional[Copy
         hits.append(logits.argmax(-1) == target)
         fracs += [computed_fraction(m.last_selection, seq, seq, m.block_size) for m in dars]
         works += [work_fraction(m.last_selection, seq, seq, m.block_size) for m in dars]
+        for r, m in zip(routes, dars):
+            r.update(routed_offsets(m, seq))
     hit, nll = torch.cat(hits).double(), torch.cat(nlls).double()
     copy = copied.expand_as(hit)
     nan = float("nan")
@@ -322,6 +376,7 @@ def evaluate(model, val: torch.Tensor, seq: int, count: int, task: Optional[Copy
         math.exp(nll[copy].mean().item()) if bool(copy.any()) else nan,
         statistics.mean(fracs) if fracs else 1.0,
         statistics.mean(works) if works else 1.0,
+        tuple(describe_routing(r) for r in routes),
     )
 
 
@@ -330,11 +385,16 @@ MODELS = {
     "dense": ("dense (SDPA)", None, None),
     "dar": ("DAR, dense warm-up", DAR, "warmup"),
     "dar-nowarm": ("DAR, no warm-up", DAR, None),
+    # control: the same gate-only warm-up steps, run sparse (does the dense mode matter, or the steps?)
+    "dar-sparsewarm": ("DAR, gate-only warm-up run sparse", DAR, "sparse-warmup"),
     # ablations: does the gate's choice matter? random routed blocks and the untrained gate at the
     # same selection sizes; the forced blocks alone at less work
     "fixed": ("own + previous + sink only", {**DAR, "top_k": 0}, None),
     "random": ("random routed blocks", DAR, "random"),
     "frozen": ("untrained identity gate", DAR, "frozen"),
+    # a static pattern at DAR's work: the forced blocks plus the two blocks the trained gate converges
+    # to on the copy task (333 bytes back: blocks n-6 and n-5), no gate
+    "offset": ("fixed blocks n-6, n-5 (no gate)", DAR, "offset"),
 }
 
 
@@ -350,6 +410,8 @@ def build(key: str, seed: int, base: nn.Module):
             m.gate = RandomGate(m.gate, 1000 * seed + layer)  # each layer its own random pattern
         elif variant == "frozen":
             m.gate.requires_grad_(False)  # MoBA's parameter-free scoring, never trained
+        elif variant == "offset":
+            m.gate = OffsetGate(m.gate, (5, 6))
     return model
 
 
@@ -394,8 +456,8 @@ def quality(
             + " back (one distance per window); copy accuracy is over the copied tokens but the first"
         )
     print(
-        f"DAR: {DAR}; the warm-up model first runs {warmup_steps} dense warm-up steps (gates only, "
-        "on the first batches), then the same steps as every model"
+        f"DAR: {DAR}; the warm-up models first run {warmup_steps} warm-up steps (gates only, "
+        "on the first batches; dense unless said otherwise), then the same steps as every model"
     )
     results = {}
     base = language_model(seed, seq, hidden, layers, vocab)
@@ -410,9 +472,11 @@ def quality(
         model = build(key, seed, base)
         print(f"{name}:", flush=True)
         start = time.perf_counter()
-        warm = warmup_steps if MODELS[key][2] == "warmup" else 0
+        variant = MODELS[key][2]
+        warm = warmup_steps if variant in ("warmup", "sparse-warmup") else 0
         if warm:
-            warm_up_gates(model, train, warm, batch, seq, lr=lr, seed=seed, task=copy_task)
+            dense = variant == "warmup"
+            warm_up_gates(model, train, warm, batch, seq, lr=lr, seed=seed, task=copy_task, dense=dense)
         train_lm(model, train, steps, batch, seq, lr=lr, seed=seed, task=copy_task)
         elapsed = time.perf_counter() - start
         results[name] = (evaluate(model, val, seq, evals, copy_task), elapsed, steps, warm)
@@ -438,6 +502,9 @@ def quality(
                 f"{1 - r.pairs:.1%} of the pairs skipped at {seq} tokens; "
                 f"{r.accuracy / d.accuracy:.2%} of the dense accuracy{copied}"
             )
+    for name, (r, *_) in results.items():
+        for layer, routing in enumerate(r.routing):
+            print(f"{name}, layer {layer}, routed blocks of the second half's query blocks n: {routing}")
     print("   article: >= 42% of the attention work skipped at 1024 tokens with >= 98.7% of the accuracy")
 
 
