@@ -14,8 +14,9 @@
   and times the gather path too, as its baseline.
 * Quality: small Hugging Face Llama language models over bytes (``--vocab``: word-level
   tokens) that differ only in attention: dense SDPA, DAR with and without the dense warm-up of
-  its gate, and ablations: random routed blocks and an untrained gate at the same selection
-  sizes, the forced blocks alone at less work, trained for the same steps on the same batches (optionally all
+  its gate, and ablations: random routed blocks, an untrained gate and a fixed block pattern
+  without a gate at the same selection sizes, the forced blocks alone at less work, the gate-only
+  warm-up run sparse; trained for the same steps on the same batches (optionally all
   converted from one dense checkpoint, ``--pretrain-steps``) on real text available offline:
   the docstrings of the Python standard library's modules, classes and functions (files split
   90/10 into train and validation). With ``--task copy`` (the default) the second half of every
