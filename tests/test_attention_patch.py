@@ -1,13 +1,20 @@
 """deepseek_rs.patch_attention on tiny randomly initialised Hugging Face models (no download)."""
 
 import copy
+import warnings
 
 import pytest
 
 transformers = pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-from deepseek_rs import DynamicAttention, InvalidValueError, dense_warmup, patch_attention  # noqa: E402
+from deepseek_rs import (  # noqa: E402
+    DynamicAttention,
+    InvalidValueError,
+    dense_warmup,
+    gate_warmup,
+    patch_attention,
+)
 from deepseek_rs.attention import gate_losses  # noqa: E402
 
 V = 97
@@ -158,3 +165,22 @@ def test_sparse_cached_decoding_equals_the_full_forward_and_is_causal():
         changed = ids.clone()
         changed[0, 39] = (ids[0, 39] + 1) % V  # the last token may not change any earlier logit
         assert torch.equal(model(changed).logits[:, :39], full[:, :39])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_trains_the_gates_or_warns(reentrant):
+    torch.manual_seed(4)
+    model = patch_attention(llama(), block_size=4, top_k=2, local_blocks=0, sink_block=True).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids, _ = batch(t=48)
+    with gate_warmup(model) as gates:
+        model(ids)
+        if reentrant:  # the checkpointed forward ran under no_grad: no gate loss, and a warning
+            with pytest.warns(RuntimeWarning, match="reentrant"):
+                assert gate_losses(model).item() == 0.0
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                loss = gate_losses(model)
+            loss.backward()
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates)
