@@ -266,6 +266,7 @@ def test_pool_blocks_means_and_identity_gate_is_moba():
     torch.testing.assert_close(kp[0, 1, 2], k[0, 1, 8])
     torch.testing.assert_close(kp[0, 0, 0], k[0, 0, :4].mean(0))
     torch.testing.assert_close(qp[0, 1, 1], q[0, 2:4, 4:8].mean((0, 1)))
+    torch.testing.assert_close(qp[0, 1, 2], q[0, 2:4, 8].mean(0))  # padded query row 9 left out
     assert valid.tolist() == [[True, True, True]]
     gate = BlockGate(2, 6).double()
     torch.testing.assert_close(gate(qp, kp), qp @ kp.transpose(-1, -2) / math.sqrt(6))

@@ -175,7 +175,7 @@ def _unpadded_query_rows(lay: BlockLayout, tq: int, padding: Optional[Tensor], d
     nq, bs = lay.num_query_blocks, lay.block_size
     tk = padding.shape[1]
     real = nn.functional.pad(padding[:, tk - tq :], (lay.front, nq * bs - lay.front - tq), value=False)
-    return rows & real.view(-1, nq, bs)
+    return rows & real.view(padding.shape[0], nq, bs)
 
 
 def pool_blocks(
@@ -188,7 +188,8 @@ def pool_blocks(
 
     Returns ``(query_pooled [B, Hkv, NQ, D], key_pooled [B, Hkv, NK, D], key_block_valid
     [B, NK])``: queries are averaged over the query heads of each group and the real rows of
-    each query block, keys over the real keys of each key block; ``key_block_valid`` says
+    each query block (not padding in ``key_padding_mask``; zeros for a block of padding only),
+    keys over the real keys of each key block; ``key_block_valid`` says
     whether a key block holds any real key.
     """
     b, hq, tq, d = query.shape
@@ -201,9 +202,11 @@ def pool_blocks(
     kcount = kv.sum(3).to(acc)
     key_pooled = ksum / kcount.clamp_min(1)
     q = nn.functional.pad(query.to(acc), (0, 0, lay.front, nq * bs - lay.front - tq))
-    q = q.view(b, hkv, hq // hkv, nq, bs, d).sum((2, 4))
-    rows = _query_rows(lay, tq, query.device).sum(1).to(acc) * (hq // hkv)
-    query_pooled = q / rows.view(1, 1, nq, 1)
+    real = _unpadded_query_rows(lay, tq, key_padding_mask, query.device)  # [B or 1, NQ, bs]
+    lead = real.shape[0]
+    q = (q.view(b, hkv, hq // hkv, nq, bs, d) * real.view(lead, 1, 1, nq, bs, 1).to(acc)).sum((2, 4))
+    rows = real.sum(-1).to(acc) * (hq // hkv)
+    query_pooled = q / rows.view(lead, 1, nq, 1).clamp_min(1)
     return query_pooled, key_pooled, kcount.view(b, nk) > 0
 
 
@@ -561,7 +564,7 @@ def _attend_chunk(
         with torch.no_grad():
             pm = p.detach() if row_ok is None else p.detach() * row_ok.unsqueeze(-1).to(acc)
             per_row = pm.view(b, hkv, c, g, bs, s, bs).sum(-1)  # [B, Hkv, C, G, bs, S]
-            w = rows_ok.view(-1, 1, c, 1, bs, 1).to(acc)
+            w = rows_ok.view(rows_ok.shape[0], 1, c, 1, bs, 1).to(acc)
             mass = (per_row * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0)
     return out, lse, mass
 

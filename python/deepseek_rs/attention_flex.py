@@ -503,7 +503,7 @@ def _block_mass(
             ok = ok & (k_pos.view(b, hkv, c, 1, 1, s, bs) <= q_pos.view(1, 1, c, 1, bs, 1, 1))
         row_lse = lse[:, :, :, c0 : c0 + c].transpose(2, 3).to(acc).view(b, hkv, c, g, bs, 1, 1)
         p = torch.where(ok, torch.exp(scores * scale - row_lse), 0.0)
-        w = rows_ok[:, c0 : c0 + c].reshape(-1, 1, c, 1, bs, 1).to(acc)
+        w = rows_ok[:, c0 : c0 + c].reshape(rows_ok.shape[0], 1, c, 1, bs, 1).to(acc)
         mass[:, :, c0 : c0 + c] = (p.sum(-1) * w).sum((3, 4)) / (w.sum((3, 4)) * g).clamp_min(1.0)
     return mass
 
