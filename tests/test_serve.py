@@ -386,13 +386,6 @@ def test_a_string_anywhere_in_inputs_is_400_whatever_else_the_body_holds(rows, f
         assert json.loads(body)["detail"] == '"inputs" must be numbers, not strings'
 
 
-@given(raw=st.binary(max_size=40) | st.text('"a', max_size=40).map(str.encode), cap=st.integers(0, 50))
-def test_count_quotes_counts_up_to_one_past_the_cap(raw, cap):
-    from deepseek_rs.serve import _count_quotes
-
-    assert _count_quotes(raw, cap) == min(raw.count(b'"'), cap + 1)
-
-
 def test_model_specs_are_checked():
     assert isinstance(load_model("serve_models:gated"), torch.nn.Module)
     for spec in ("serve_models", "no_such_module:f", "serve_models:nope", "json:dumps"):
