@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from deepseek_rs.serve import DEFAULT_HIDDEN_SIZE, default_model
+from deepseek_rs.serving.server import DEFAULT_HIDDEN_SIZE, default_model
 from torch import Tensor, nn
 
 # A request whose first feature (of any token) is this makes the model raise.

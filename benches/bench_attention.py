@@ -1,6 +1,6 @@
 """The attention benchmark as a script: ``python benches/bench_attention.py [--quick] [--section ...]``.
 
-The same code as ``deepseek-rs bench attention`` (``deepseek_rs.attention_bench``).
+The same code as ``deepseek-rs bench attention`` (``deepseek_rs.bench.attention``).
 """
 
 import sys

@@ -53,8 +53,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from deepseek_rs import DynamicBatcher
 from deepseek_rs._core import Scheduler
-from deepseek_rs.benchmarks import machine_info
-from deepseek_rs.serve import DEFAULT_HIDDEN_SIZE
+from deepseek_rs.bench.moe import machine_info
+from deepseek_rs.serving.server import DEFAULT_HIDDEN_SIZE
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -287,7 +287,7 @@ def percentile(xs: List[float], q: float) -> float:
 
 def expected_outputs(load: Load) -> List[torch.Tensor]:
     """The served model's output for each good input of ``load``, computed here, one at a time."""
-    from deepseek_rs.serve import default_model
+    from deepseek_rs.serving.server import default_model
 
     model = default_model()
     with torch.inference_mode():
@@ -324,7 +324,7 @@ def measure(server: Server, load: Load, run) -> Dict[str, Any]:
 def in_process(batching: bool, tokens: int, concurrency: int, duration: float) -> Dict[str, Any]:
     """The same model and batcher without HTTP: ``concurrency`` asyncio clients in one event loop
     (as in the server) awaiting ``batcher.infer(x)`` in a closed loop."""
-    from deepseek_rs.serve import default_model, make_batcher
+    from deepseek_rs.serving.server import default_model, make_batcher
 
     x = torch.randn(tokens, DEFAULT_HIDDEN_SIZE)
     latency: List[float] = []

@@ -178,7 +178,7 @@ def bench_grouped(quick: bool, reps: int) -> List[Row]:
 
 
 def bench_layer(quick: bool, reps: int) -> List[Row]:
-    from deepseek_rs import benchmarks
+    from deepseek_rs.bench import moe as benchmarks
 
     t, h, f, e, k = (64, 256, 128, 8, 2) if quick else (1024, 2048, 1408, 64, 8)
     ours, hf, hf_error = benchmarks.build_layers(h, f, e, k)

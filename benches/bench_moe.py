@@ -1,6 +1,6 @@
 """The MoE benchmark as a script: ``python benches/bench_moe.py [--quick] [--json PATH]``.
 
-The same code as ``deepseek-rs bench moe`` (``deepseek_rs.benchmarks``).
+The same code as ``deepseek-rs bench moe`` (``deepseek_rs.bench.moe``).
 """
 
 import sys

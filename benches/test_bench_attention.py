@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from deepseek_rs import DynamicAttention
-from deepseek_rs.attention_bench import (
+from deepseek_rs.bench.attention import (
     CopyTask,
     RandomGate,
     build,

@@ -13,7 +13,7 @@ import sys
 import deepseek_rs
 import pytest
 import torch
-from deepseek_rs import benchmarks
+from deepseek_rs.bench import moe as benchmarks
 from deepseek_rs.cli import main
 
 S = benchmarks.QUICK

@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from deepseek_rs.gvrt import GVRT, global_grad_norm
+from deepseek_rs.training.gvrt import GVRT, global_grad_norm
 from torch import nn
 
 WORLD = 2

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from deepseek_rs import DeviceError, DTypeError, DynamicAttention, InvalidValueError, ShapeError
-from deepseek_rs.attention import (
+from deepseek_rs.attention.module import (
     BlockGate,
     Selection,
     block_layout,

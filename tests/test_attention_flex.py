@@ -1,4 +1,4 @@
-"""The FlexAttention path of Dynamic Attention Routing (deepseek_rs.attention_flex).
+"""The FlexAttention path of Dynamic Attention Routing (deepseek_rs.attention.flex).
 
 On the CPU: the BlockMask against the selection, the mask_mod against the dense rule, and the
 eager FlexAttention results against the gather path and dense references (float64). torch
@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from deepseek_rs import DeviceError, DynamicAttention, InvalidValueError, ShapeError
-from deepseek_rs import attention_flex as flex
-from deepseek_rs.attention import block_layout, block_sparse_attention, dynamic_attention
+from deepseek_rs.attention import flex
+from deepseek_rs.attention.module import block_layout, block_sparse_attention, dynamic_attention
 from hypothesis import given
 from hypothesis import strategies as st
 from test_attention import dense_mask, problem, random_indices, reference
@@ -498,7 +498,7 @@ def test_gpu_dynamic_attention_trains_through_flex():
 
 
 def test_block_indices_are_checked_once_and_cuda_takes_the_main_kernel(monkeypatch):
-    import deepseek_rs.attention as attention
+    import deepseek_rs.attention.module as attention
 
     checks = []
     check = attention._check_block_indices

@@ -633,7 +633,7 @@ def test_an_answer_arriving_after_its_event_loop_closed_is_dropped_and_frees_the
     import gc
     import weakref
 
-    from deepseek_rs.batching import _LoopWaker
+    from deepseek_rs.serving.batcher import _LoopWaker
 
     gate = Gate()
     loops = []
@@ -680,7 +680,7 @@ def test_stop_iteration_from_the_model_is_a_runtime_error_and_strands_no_awaiter
 def test_an_answer_asyncio_refuses_fails_its_own_awaiter_only():
     from concurrent.futures import Future
 
-    from deepseek_rs.batching import _LoopWaker, _settle_all
+    from deepseek_rs.serving.batcher import _LoopWaker, _settle_all
 
     async def main():
         futures = [Future() for _ in range(3)]

@@ -6,10 +6,10 @@ from deepseek_rs.config import (
     HardwareConfig,
     OptimizationConfig,
     QuantizationConfig,
-    optimize,
     parse_config,
     sample_config_path,
 )
+from deepseek_rs.optimization import optimize
 from deepseek_rs.quant import Int8Linear, QATLinear
 from torch import nn
 

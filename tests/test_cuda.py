@@ -15,10 +15,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from deepseek_rs import DeviceError, DTypeError, InvalidValueError, PEAMoE, ShapeError, ops, route
+from deepseek_rs import DeviceError, DTypeError, InvalidValueError, PEAMoE, ShapeError, _core, route
 from deepseek_rs import cuda as ds_cuda
 from deepseek_rs.cuda import _nvrtc, _runtime, kernels
-from deepseek_rs.cuda import moe as cuda_moe
+from deepseek_rs.moe import ops
+from deepseek_rs.moe import ops_cuda as cuda_moe
+from deepseek_rs.moe.routing import RoutingConfig
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -134,7 +136,7 @@ def test_every_launch_matches_its_kernel_signature(monkeypatch):
         launches.append(name)
 
     monkeypatch.setattr(_runtime, "launch", record)
-    monkeypatch.setattr(kernels, "_check_device", lambda what, *ts: ts[0].device)
+    monkeypatch.setattr(kernels, "check_device", lambda what, *ts: ts[0].device)
     meta = dict(device="meta")
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.empty(300, 64, dtype=dtype, **meta)
@@ -195,7 +197,7 @@ def routing_case(draw):
         top_k=top_k,
         top_p=draw(st.floats(0.05, 1.0)),
         renormalize=draw(st.booleans()),
-        scale=draw(st.sampled_from([1.0, 2.5])),
+        routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])),
     )
     if rule == "group_limited":
         kw.update(
@@ -211,7 +213,8 @@ def test_route_weights_backward_matches_the_rust_backward(case):
     t = logits.shape[0]
     grad_w = torch.randn(r.expert_ids.shape[0], generator=g, dtype=torch.float64)
     pair_token = torch.repeat_interleave(torch.arange(t), r.token_offsets.diff())
-    scoring, renormalize, scale = cuda_moe.SCORING[rule], kw["renormalize"], kw["scale"]
+    scoring, renormalize = RoutingConfig(rule).scoring, kw["renormalize"]
+    scale = kw["routed_scaling_factor"]
     got = cuda_moe.route_weights_backward(
         r.logits, pair_token, r.expert_ids, grad_w, scoring, renormalize, scale
     )
@@ -221,14 +224,14 @@ def test_route_weights_backward_matches_the_rust_backward(case):
 
 @given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 30), st.integers(1, 20))
 def test_group_limited_checks_agree_with_the_rust_router(e, n_group, topk_group, top_k):
-    logits = torch.zeros(1, e)
+    """RoutingConfig (which the CUDA path relies on) refuses exactly what the Rust router refuses."""
     try:
-        route(logits, "group_limited", top_k=top_k, n_group=n_group, topk_group=topk_group)
+        _core.route_group_limited(np.zeros((1, e), np.float32), None, top_k, n_group, topk_group, False)
         rust_ok = True
     except InvalidValueError:
         rust_ok = False
     try:
-        cuda_moe.check_group_limited(e, top_k, n_group, topk_group)
+        RoutingConfig("group_limited", top_k=top_k, n_group=n_group, topk_group=topk_group).check(e)
         ours_ok = True
     except InvalidValueError:
         ours_ok = False

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from deepseek_rs import GVRT, InvalidValueError
-from deepseek_rs.gvrt import LR_Z_CAP, global_grad_norm
+from deepseek_rs.training.gvrt import LR_Z_CAP, global_grad_norm
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn

@@ -8,7 +8,7 @@ import pytest
 import reference
 import torch
 from deepseek_rs import DeviceError, DTypeError, InvalidValueError, PEAMoE, ShapeError, route
-from deepseek_rs.ops import combine, dispatch, sort_by_expert
+from deepseek_rs.moe.ops import combine, dispatch, sort_by_expert
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -288,7 +288,7 @@ def test_a_trained_layer_can_be_copied_and_pickled():
 def test_expert_ffn_rust_and_torch_paths_match_reference(sizes, h, f, small, seed):
     # The float32 expert FFN runs segments of up to RUST_SEGMENT_ROWS rows in Rust and the rest
     # with torch GEMMs; every split must give the per-expert SwiGLU of the definition.
-    from deepseek_rs import ops
+    from deepseek_rs.moe import ops
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ops, "RUST_SEGMENT_ROWS", small)

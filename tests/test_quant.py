@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 from deepseek_rs import DTypeError, InvalidValueError, PEAMoE, ShapeError
-from deepseek_rs.quant import (
+from deepseek_rs.quant.qat import (
     QMAX,
     Int8Linear,
     Int8SwiGLUExperts,

@@ -22,7 +22,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from deepseek_rs import InvalidValueError  # noqa: E402
-from deepseek_rs.serve import default_model, load_model  # noqa: E402
+from deepseek_rs.serving.server import default_model, load_model  # noqa: E402
 
 RESULT_TIMEOUT = 30  # seconds: a hang fails the test instead of stalling the suite
 
@@ -326,7 +326,7 @@ def chunk(body, more=False):
 
 def test_asgi_disconnects_head_root_path_and_model_base_exceptions():
     from deepseek_rs import DynamicBatcher
-    from deepseek_rs.serve import create_app
+    from deepseek_rs.serving.server import create_app
     from serve_models import Picky
 
     async def main(app):
@@ -372,7 +372,7 @@ leaf = st.one_of(
 )
 def test_a_string_anywhere_in_inputs_is_400_whatever_else_the_body_holds(rows, fields, unicode_quotes):
     from deepseek_rs import DynamicBatcher
-    from deepseek_rs.serve import create_app
+    from deepseek_rs.serving.server import create_app
 
     fields.pop("timeout", None)  # a string timeout is a 400 of its own
     raw = json.dumps({**fields, "inputs": rows})

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from deepseek_rs import DTypeError, InvalidValueError, ShapeError, UnifiedSemanticSpace, USSLoss
-from deepseek_rs.uss import symmetric_info_nce
+from deepseek_rs.training.uss import symmetric_info_nce
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.nn import functional as F

@@ -14,11 +14,12 @@ import json
 import sys
 from typing import List, Optional
 
+from . import __version__
 from .errors import DeepseekError
 
 
 def _bench_moe(args: argparse.Namespace) -> int:
-    from . import benchmarks
+    from .bench import moe as benchmarks
 
     machine = benchmarks.machine_info()
 
@@ -43,8 +44,8 @@ def _bench_moe(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import torch
 
-    from . import serve
     from .config import BatchingConfig, parse_config
+    from .serving import server as serve
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -112,7 +113,7 @@ def _filter(args: argparse.Namespace) -> int:
 
 
 def _bench_attention(args: argparse.Namespace) -> int:
-    from . import attention_bench
+    from .bench import attention as attention_bench
 
     return attention_bench.main(args.extra)  # its own parser: `deepseek-rs bench attention --help`
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deepseek-rs",
         description="deepseek-rs: DeepSeek-style MoE components for PyTorch (Rust on the CPU).",
     )
+    parser.add_argument("--version", action="version", version=f"deepseek-rs {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     bench = commands.add_parser("bench", help="run a benchmark", description="Run a benchmark.")

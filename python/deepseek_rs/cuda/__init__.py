@@ -9,13 +9,14 @@ The kernels (``cuda/*.cu`` in the repository, shipped as ``deepseek_rs/cuda/sour
 * ``permute.cu``: the stable counting sort by expert (histogram, scan, scatter), gather,
   weighted combine and the backward helpers.
 
-``PEAMoE`` (and :func:`deepseek_rs.route`) take this path by themselves when their input is a
-CUDA tensor; it needs CuPy (``pip install 'deepseek-rs[gpu]'``) and a GPU of compute
-capability 8.0 or newer. :func:`is_available` and :func:`unavailable_reason` say whether it
+The MoE ops of :mod:`deepseek_rs.moe.ops` have these kernels registered as their CUDA
+kernels (:mod:`deepseek_rs.moe.ops_cuda`), so ``PEAMoE`` and :func:`deepseek_rs.route` take this
+path by themselves when their input is a CUDA tensor; it needs CuPy (``pip install
+'deepseek-rs[gpu]'``) and a GPU of compute capability 8.0 or newer. :func:`is_available` and :func:`unavailable_reason` say whether it
 can run here. The functions of :mod:`deepseek_rs.cuda.kernels` are the kernels one by one.
 """
 
-from ._runtime import is_available, kernel_dir, unavailable_reason
+from ._runtime import is_available, kernel_dir, require, unavailable_reason
 from .kernels import gemm, grouped_gemm, grouped_swiglu, grouped_wgrad
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "grouped_wgrad",
     "is_available",
     "kernel_dir",
+    "require",
     "unavailable_reason",
 ]

@@ -51,7 +51,7 @@ def _check_half(what: str, *tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _check_device(what: str, *tensors: Tensor) -> torch.device:
+def check_device(what: str, *tensors: Tensor) -> torch.device:
     device = tensors[0].device
     if device.type != "cuda":
         raise DeviceError(f"{what} runs on CUDA tensors, got a tensor on {device}")
@@ -96,7 +96,7 @@ def gemm(a: Tensor, b: Tensor, *, b_transposed: bool = False) -> Tensor:
         layout = "[N, K]" if b_transposed else "[K, N]"
         raise ShapeError(f"gemm: a is {tuple(a.shape)} but b {tuple(b.shape)} is not {layout} with K={k}")
     dtype = _check_half("gemm", a, b)
-    device = _check_device("gemm", a, b)
+    device = check_device("gemm", a, b)
     _check_multiple_of_8("gemm", K=k, N=n)
     c = torch.empty(m, n, dtype=dtype, device=device)
     if m == 0 or n == 0:
@@ -146,7 +146,7 @@ def grouped_gemm(
     if kw != k:
         raise ShapeError(f"grouped_gemm: x has K={k} but w {tuple(w.shape)} has K={kw}")
     dtype = _check_half("grouped_gemm", x, w)
-    device = _check_device("grouped_gemm", x, w)
+    device = check_device("grouped_gemm", x, w)
     _check_multiple_of_8("grouped_gemm", K=k, N=n)
     offs = _check_offsets(expert_offsets, e, rows, device)
     out = torch.empty(rows, n, dtype=dtype, device=device)
@@ -179,7 +179,7 @@ def grouped_swiglu(
     if kw != k:
         raise ShapeError(f"grouped_swiglu: x has K={k} but gate_up {tuple(gate_up.shape)} has K={kw}")
     dtype = _check_half("grouped_swiglu", x, gate_up)
-    device = _check_device("grouped_swiglu", x, gate_up)
+    device = check_device("grouped_swiglu", x, gate_up)
     _check_multiple_of_8("grouped_swiglu", K=k, F=f)
     offs = _check_offsets(expert_offsets, e, rows, device)
     act = torch.empty(rows, f, dtype=dtype, device=device)
@@ -219,7 +219,7 @@ def grouped_wgrad(x: Tensor, y: Tensor, expert_offsets: Tensor) -> Tensor:
     n = y.shape[1]
     e = expert_offsets.shape[0] - 1
     dtype = _check_half("grouped_wgrad", x, y)
-    device = _check_device("grouped_wgrad", x, y)
+    device = check_device("grouped_wgrad", x, y)
     _check_multiple_of_8("grouped_wgrad", M=m, N=n)
     offs = _check_offsets(expert_offsets, e, rows, device)
     g = torch.empty(e, m, n, dtype=dtype, device=device)
@@ -448,6 +448,8 @@ def check_router_experts(e: int) -> None:
 
 
 __all__ = [
+    "check_device",
+    "check_router_experts",
     "combine_rows",
     "combine_weight_grad",
     "gather_rows",

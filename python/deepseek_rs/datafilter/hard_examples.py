@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidValueError, ShapeError
+from .domain import require_sklearn
 
 KEPT, NEAR_DUPLICATE, PROTOTYPICAL = 0, 1, 2
 REASONS = {NEAR_DUPLICATE: "near_duplicate", PROTOTYPICAL: "prototypical"}
@@ -33,8 +34,6 @@ class HardExampleResult:
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
-    from .domain import require_sklearn
-
     require_sklearn()
     from sklearn.cluster import KMeans, MiniBatchKMeans
 

@@ -34,8 +34,10 @@ from ..errors import DeepseekError, InvalidValueError, ShardError
 from .config import FilterConfig
 from .density import KEEP, DensityFilter
 from .domain import DSIRDomainFilter, LDADomainFilter
+from .embed import HashedEmbedder, MiniLMEncoder
 from .hard_examples import REASONS as HARD_REASONS
 from .hard_examples import mine_hard_examples
+from .plot import plot_signals
 from .signals import HISTOGRAM_BINS, SIGNAL_NAMES, histogram_range, histograms
 
 MAX_REPORTED_ERRORS = 1000
@@ -116,8 +118,6 @@ class _Stages:
         self.model_reason, self.domain_reason = first_hard - 2, first_hard - 1
         self.encoder = None
         if config.model_density is not None or (config.hard_examples and config.embedding == "minilm"):
-            from .embed import MiniLMEncoder
-
             self.encoder = MiniLMEncoder()
         self.domain: Optional[Union[LDADomainFilter, DSIRDomainFilter]] = None
         if config.domain is not None:
@@ -135,8 +135,6 @@ class _Stages:
             if config.embedding == "minilm":
                 self.embedder = self.encoder
             else:
-                from .embed import HashedEmbedder
-
                 self.embedder = HashedEmbedder(seed=config.seed)
 
     def run(
@@ -411,8 +409,6 @@ def run_filter(
     _atomic_json(out / "stats.json", stats)
     t = time.perf_counter()
     try:
-        from .plot import plot_signals
-
         plot_signals(stats, out / "signals.png")
         stats["plot"] = str(out / "signals.png")
     except ImportError:

@@ -52,8 +52,8 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .errors import DeviceError, DTypeError, InvalidValueError, ShapeError
-from .router import route
+from ..errors import DeviceError, DTypeError, InvalidValueError, ShapeError
+from ..moe.routing import route
 
 RULES = ("top_k", "top_p")
 _BACKENDS = ("auto", "gather", "flex")  # see block_sparse_attention
@@ -386,7 +386,7 @@ def block_sparse_attention(
     lay = block_layout(tq, tk, block_size)
     bs, nq, nk = lay.block_size, lay.num_query_blocks, lay.num_key_blocks
     _check_block_indices(block_indices, b, hkv, lay, query.device)
-    from . import attention_flex as _flex  # imports this module
+    from . import flex as _flex  # imports this module
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if _flex.resolve_backend(backend, query.device, bs, query.shape[-1], value.shape[-1], grad) == "flex":

@@ -47,8 +47,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import _core
-from .errors import DTypeError, InvalidValueError, RequestTimeoutError, ShapeError
+from .. import _core
+from ..config import BatchingConfig, OptimizationConfig, parse_config
+from ..errors import DTypeError, InvalidValueError, RequestTimeoutError, ShapeError
 
 COLLATE_MODES = ("stack", "pad", "ragged")
 
@@ -238,8 +239,6 @@ class DynamicBatcher:
         (min 4, max 32, 5 ms). ``strategy: none`` serves one request per model call. Keyword
         arguments set the options the YAML does not have (``collate``, ``item_shape``, ...).
         """
-        from .config import BatchingConfig, OptimizationConfig, parse_config
-
         if config is None:
             batching = BatchingConfig()
         elif isinstance(config, BatchingConfig):

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .errors import InvalidValueError
+from ..errors import InvalidValueError
 
 CLIP_MODES = ("zscore", "adaptive", "mean")
 NONFINITE_MODES = ("skip", "raise")

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batching import DynamicBatcher
-from .errors import DeepseekError, InvalidValueError, QueueFullError, RequestTimeoutError, ShutdownError
+from ..errors import DeepseekError, InvalidValueError, QueueFullError, RequestTimeoutError, ShutdownError
+from ..moe.layer import PEAMoE
+from .batcher import DynamicBatcher
 
 DEFAULT_HIDDEN_SIZE = 256
 
@@ -39,8 +40,6 @@ DEFAULT_HIDDEN_SIZE = 256
 def default_model() -> nn.Module:
     """The built-in model: a small PEAMoE layer (H=256, 16 experts of width 512, progressive
     top-p routing), seeded so every server answers the same. Inputs are ``[tokens, 256]``."""
-    from .moe import PEAMoE
-
     gen = torch.random.fork_rng()
     with gen:
         torch.manual_seed(0)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .errors import DeviceError, DTypeError, InvalidValueError, ShapeError
+from ..errors import DeviceError, DTypeError, InvalidValueError, ShapeError
 
 
 class _Block(nn.Module):

@@ -25,8 +25,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .attention import DynamicAttention
-from .errors import InvalidValueError, ShapeError
+from ..errors import InvalidValueError, ShapeError
+from .module import DynamicAttention
 
 ATTN_IMPLEMENTATION = "deepseek_rs_dar"
 _CLASSES = (("llama", "LlamaAttention"), ("qwen2", "Qwen2Attention"), ("qwen3", "Qwen3Attention"))

@@ -1,9 +1,11 @@
-"""Torch custom ops over the Rust engines (`torch.ops.deepseek_rs.*`).
+"""Torch custom ops of the MoE layer (`torch.ops.deepseek_rs.*`) and their CPU kernels in Rust.
 
 Each op is a `torch.library.custom_op` with a fake (meta) implementation, so `torch.compile`
-traces around it, and a registered backward where it has one. Arguments are assumed checked
-by the callers in `router.py` and `moe.py`; the Rust side checks again and raises the
-exceptions of `deepseek_rs.errors`.
+traces around it, and a registered backward where it has one. The leaf ops' CUDA kernels are
+registered on the same ops by :mod:`.ops_cuda`, so the dispatcher picks the kernel by the
+tensors' device; `dispatch` and `combine` are compositions of leaf ops and run on either.
+Arguments are checked by the callers in `routing.py` and `layer.py`; the Rust side checks again
+and raises the exceptions of `deepseek_rs.errors`.
 
 Data crosses into Rust as zero-copy numpy views of contiguous CPU tensors; large outputs are
 allocated here by torch and filled in place.
@@ -16,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _core
+from .. import _core
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -34,7 +36,7 @@ def _np(t: Tensor):
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("deepseek_rs::route", mutates_args=())
+@torch.library.custom_op("deepseek_rs::route", mutates_args=(), device_types="cpu")
 def route(
     logits: Tensor,
     bias: Optional[Tensor],
@@ -89,7 +91,7 @@ def _route_setup(ctx, inputs, output):
     ctx.scale = scale
 
 
-@torch.library.custom_op("deepseek_rs::route_backward", mutates_args=())
+@torch.library.custom_op("deepseek_rs::route_backward", mutates_args=(), device_types="cpu")
 def route_backward(
     logits: Tensor,
     token_offsets: Tensor,
@@ -133,7 +135,7 @@ route.register_autograd(_route_backward, setup_context=_route_setup)
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("deepseek_rs::sort_by_expert", mutates_args=())
+@torch.library.custom_op("deepseek_rs::sort_by_expert", mutates_args=(), device_types="cpu")
 def sort_by_expert(
     token_offsets: Tensor, expert_ids: Tensor, num_experts: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -156,7 +158,7 @@ def _(token_offsets, expert_ids, num_experts):
     )
 
 
-@torch.library.custom_op("deepseek_rs::combine_rows", mutates_args=())
+@torch.library.custom_op("deepseek_rs::combine_rows", mutates_args=(), device_types="cpu")
 def combine_rows(
     buf: Tensor, pair_position: Tensor, token_offsets: Tensor, weights: Optional[Tensor]
 ) -> Tensor:
@@ -181,7 +183,7 @@ def _(buf, pair_position, token_offsets, weights):
     return buf.new_empty(token_offsets.shape[0] - 1, buf.shape[1])
 
 
-@torch.library.custom_op("deepseek_rs::gather_rows", mutates_args=())
+@torch.library.custom_op("deepseek_rs::gather_rows", mutates_args=(), device_types="cpu")
 def gather_rows(src: Tensor, index: Tensor, scale: Optional[Tensor]) -> Tensor:
     """out[r] = scale[r] * src[index[r]] (scale 1 when None)."""
     if scale is not None and src.dtype in _HALF:
@@ -199,7 +201,7 @@ def _(src, index, scale):
     return src.new_empty(index.shape[0], src.shape[1])
 
 
-@torch.library.custom_op("deepseek_rs::combine_weight_grad", mutates_args=())
+@torch.library.custom_op("deepseek_rs::combine_weight_grad", mutates_args=(), device_types="cpu")
 def combine_weight_grad(
     grad_out: Tensor, buf: Tensor, pair_position: Tensor, token_offsets: Tensor
 ) -> Tensor:
@@ -353,7 +355,7 @@ def _rust_segment_rows(buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> 
     return RUST_SEGMENT_ROWS if rust_ok else 0
 
 
-@torch.library.custom_op("deepseek_rs::expert_ffn", mutates_args=())
+@torch.library.custom_op("deepseek_rs::expert_ffn", mutates_args=(), device_types="cpu")
 def expert_ffn(
     buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor, expert_offsets: Tensor, save_h: bool
 ) -> Tuple[Tensor, Tensor]:
@@ -400,7 +402,7 @@ def _expert_ffn_setup(ctx, inputs, output):
     ctx.save_for_backward(buf, gate_up_proj, down_proj, expert_offsets, output[1])
 
 
-@torch.library.custom_op("deepseek_rs::expert_ffn_backward", mutates_args=())
+@torch.library.custom_op("deepseek_rs::expert_ffn_backward", mutates_args=(), device_types="cpu")
 def expert_ffn_backward(
     grad_out: Tensor, buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor, expert_offsets: Tensor, h: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor]:

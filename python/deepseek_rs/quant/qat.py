@@ -26,9 +26,9 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .errors import DTypeError, InvalidValueError, ShapeError
-from .moe import SwiGLUExperts
+from ..errors import DTypeError, InvalidValueError, ShapeError
+from ..moe import ops
+from ..moe.layer import SwiGLUExperts
 
 QMAX = 127  # symmetric int8: -128 is left unused so that q and -q are both representable
 

@@ -1,23 +1,24 @@
 """The Progressive Expert Activation Mixture-of-Experts layer.
 
-``PEAMoE`` = a :class:`~deepseek_rs.router.Router` + SwiGLU experts stored as stacked weights
-(the Hugging Face transformers >= 5 layout) + optional shared experts. The forward pass is
-dropless: route (Rust) -> counting sort by expert (Rust) -> gather token rows into one
-expert-contiguous buffer (Rust) -> two GEMMs per expert segment -> weighted combine back to
-token order in a fixed per-token order (Rust). Every step has a backward pass.
+``PEAMoE`` = a :class:`~deepseek_rs.moe.routing.Router` + SwiGLU experts stored as stacked
+weights (the Hugging Face transformers >= 5 layout) + optional shared experts. The forward pass
+is dropless: route -> counting sort by expert -> gather token rows into one expert-contiguous
+buffer -> the expert FFN over each expert's segment -> weighted combine back to token order in a
+fixed per-token order. Each step is an op of :mod:`.ops` (Rust kernels on the CPU, CUDA kernels
+on the GPU) with a backward pass.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import DeviceError, DTypeError, InvalidValueError, ShapeError
 from . import ops
-from .errors import DeviceError, DTypeError, InvalidValueError, ShapeError
-from .router import Router, RouterAuxLosses, RouterOutput
+from .routing import Router, RouterAuxLosses, RouterOutput, RoutingConfig
 
 
 class SwiGLUExperts(nn.Module):
@@ -46,18 +47,22 @@ class SwiGLUExperts(nn.Module):
         nn.init.uniform_(self.down_proj, -bound, bound)
 
     def forward(self, hidden_states: Tensor, routing: RouterOutput) -> Tensor:
-        """Run every token [T, H] through its routed experts and combine with the routing weights."""
-        if hidden_states.is_cuda:  # the CUDA kernels of deepseek_rs.cuda
-            from .cuda import moe as cuda_moe
+        """Run every token [T, H] through its routed experts and combine with the routing weights.
 
-            return cuda_moe.experts_forward(self.gate_up_proj, self.down_proj, hidden_states, routing)
+        Every step is a ``torch.ops.deepseek_rs`` op with a CPU (Rust) and a CUDA kernel.
+        """
+        devices = {t.device for t in (hidden_states, self.gate_up_proj, self.down_proj, routing.expert_ids)}
+        if len(devices) > 1:
+            raise DeviceError(f"PEAMoE's inputs, weights and routing must share one device, got {devices}")
         t = hidden_states.shape[0]
         perm = ops.sort_by_expert(routing.token_offsets, routing.expert_ids, self.num_experts)
         sorted_pair, sorted_token, pair_position, expert_offsets = perm
         x = hidden_states.to(self.gate_up_proj.dtype).contiguous()
         buf = ops.dispatch(x, sorted_token, pair_position, routing.token_offsets)
         # The pre-activations are kept only when a backward pass may follow.
-        save_h = torch.is_grad_enabled()
+        save_h = torch.is_grad_enabled() and any(
+            p.requires_grad for p in (hidden_states, self.gate_up_proj, self.down_proj, routing.weights)
+        )
         out, _ = ops.expert_ffn(buf, self.gate_up_proj, self.down_proj, expert_offsets, save_h)
         y = ops.combine(out, routing.weights, sorted_pair, sorted_token, pair_position, routing.token_offsets)
         return y.view(t, self.hidden_size)
@@ -88,11 +93,13 @@ class PEAMoE(nn.Module):
         hidden_size: model width H.
         intermediate_size: width F of each routed expert's SwiGLU FFN.
         num_experts: number of routed experts E.
-        router: ``"top_p"`` (progressive: as many experts as the token needs to reach ``top_p``
+        router: a :class:`~deepseek_rs.moe.routing.RoutingConfig`, or its rule name:
+            ``"top_p"`` (progressive: as many experts as the token needs to reach ``top_p``
             probability mass, between ``min_k`` and ``max_k``), ``"top_k"``, or
-            ``"group_limited"`` (DeepSeek-V3). See :mod:`deepseek_rs.router`.
-        top_k, top_p, min_k, max_k, renormalize, n_group, topk_group, routed_scaling_factor,
-        bias_update_rate: the router's parameters (see :class:`~deepseek_rs.router.Router`).
+            ``"group_limited"`` (DeepSeek-V3).
+        **routing: fields of the ``RoutingConfig`` (``top_k``, ``top_p``, ``min_k``, ``max_k``,
+            ``renormalize``, ``n_group``, ``topk_group``, ``routed_scaling_factor``), set on it.
+        bias_update_rate: the rate of :meth:`Router.update_bias` (``"group_limited"``).
         shared_intermediate_size: width of an always-on shared SwiGLU expert (0: none).
         shared_expert_gate: scale the shared expert by ``sigmoid(linear(x))`` (Qwen2-MoE).
         shared_experts_name: attribute name of the shared expert (``"shared_experts"`` as in
@@ -111,21 +118,14 @@ class PEAMoE(nn.Module):
         intermediate_size: int,
         num_experts: int,
         *,
-        router: str = "top_p",
-        top_k: int = 2,
-        top_p: float = 0.5,
-        min_k: int = 1,
-        max_k: Optional[int] = None,
-        renormalize: bool = False,
-        n_group: int = 1,
-        topk_group: int = 1,
-        routed_scaling_factor: float = 1.0,
+        router: Union[RoutingConfig, str, None] = None,
         bias_update_rate: float = 1e-3,
         shared_intermediate_size: int = 0,
         shared_expert_gate: bool = False,
         shared_experts_name: str = "shared_experts",
         device=None,
         dtype=None,
+        **routing: Any,
     ):
         super().__init__()
         if min(hidden_size, intermediate_size, num_experts) < 1:
@@ -138,21 +138,9 @@ class PEAMoE(nn.Module):
             intermediate_size,
             num_experts,
         )
+        config = RoutingConfig.of(router, **routing)
         self.gate = Router(
-            hidden_size,
-            num_experts,
-            router,
-            top_k=top_k,
-            top_p=top_p,
-            min_k=min_k,
-            max_k=max_k,
-            renormalize=renormalize,
-            n_group=n_group,
-            topk_group=topk_group,
-            routed_scaling_factor=routed_scaling_factor,
-            bias_update_rate=bias_update_rate,
-            device=device,
-            dtype=dtype,
+            hidden_size, num_experts, config, bias_update_rate=bias_update_rate, device=device, dtype=dtype
         )
         self.experts = SwiGLUExperts(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
         self.shared_experts_name = shared_experts_name

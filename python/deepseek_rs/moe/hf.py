@@ -30,8 +30,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from torch import nn
 
-from .errors import InvalidValueError
-from .moe import PEAMoE
+from ..errors import InvalidValueError
+from .layer import PEAMoE
 
 
 class _Spec(NamedTuple):

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .attention import (
+from ..errors import DeviceError, InvalidValueError
+from .module import (
     _BACKENDS,
     _CHUNK_ELEMENTS,
     BlockLayout,
@@ -52,7 +53,6 @@ from .attention import (
     _unpadded_query_rows,
     block_layout,
 )
-from .errors import DeviceError, InvalidValueError
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 import deepseek_rs
 
-from .moe import PEAMoE
+from ..moe.layer import PEAMoE
 
 SPEEDUP = "baseline/ours"  # the ratio is baseline time / measured time (higher is better)
 FLOOR = "ours/baseline"  # the ratio is measured time / baseline time (how far above a floor)

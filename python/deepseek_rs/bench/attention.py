@@ -49,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import (
+from ..attention.flex import selection_block_mask
+from ..attention.hf import patch_attention
+from ..attention.module import (
     DynamicAttention,
     block_layout,
     computed_fraction,
@@ -58,8 +60,6 @@ from .attention import (
     gate_warmup,
     work_fraction,
 )
-from .attention_flex import selection_block_mask
-from .attention_patch import patch_attention
 
 # DAR's selection in both sections: the query block's own block, the one before it, the first
 # (sink) block and 2 more chosen by the gate, in blocks of 64 tokens.
