@@ -1,10 +1,11 @@
+import dataclasses
 import math
 
 import deepseek_rs
 import pytest
 import reference
 import torch
-from deepseek_rs import DeviceError, DTypeError, InvalidValueError, ShapeError, route
+from deepseek_rs import DeviceError, DTypeError, InvalidValueError, RoutingConfig, ShapeError, route
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -177,6 +178,70 @@ def test_bad_input_errors():
     # Every error is also the builtin a torch user expects.
     assert issubclass(ShapeError, ValueError) and issubclass(DTypeError, TypeError)
     assert issubclass(InvalidValueError, deepseek_rs.DeepseekError)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(rule="top_q"), "rule"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_k=True), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(min_k=3, max_k=2), "min_k"),
+        (dict(n_group=2, topk_group=3), "topk_group"),
+        (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor"),
+        (dict(renormalize=1), "renormalize"),
+    ],
+)
+def test_routing_config_refuses_bad_values_at_construction(fields, match):
+    with pytest.raises(InvalidValueError, match=match):
+        RoutingConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    "fields, experts, match",
+    [
+        (dict(rule="top_k", top_k=5), 4, "top_k"),
+        (dict(rule="top_p", max_k=5), 4, "max_k"),
+        (dict(rule="top_p", min_k=5), 4, "min_k"),
+        (dict(rule="group_limited", n_group=4, top_k=1), 6, "n_group"),
+        (dict(rule="group_limited", n_group=4, topk_group=1, top_k=3), 8, "top_k"),
+    ],
+)
+def test_layers_refuse_a_config_that_does_not_fit_their_experts_at_construction(fields, experts, match):
+    config = RoutingConfig(**fields)
+    with pytest.raises(InvalidValueError, match=match):
+        config.check(experts)
+    with pytest.raises(InvalidValueError, match=match):
+        deepseek_rs.Router(8, experts, config)
+    with pytest.raises(InvalidValueError, match=match):
+        deepseek_rs.PEAMoE(8, 4, experts, router=config)
+    with pytest.raises(InvalidValueError, match=match):
+        route(torch.zeros(2, experts), config)
+
+
+def test_one_config_object_and_one_default():
+    config = RoutingConfig("top_k", top_k=3, renormalize=True, routed_scaling_factor=2.0)
+    z = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    by_object = route(z, config)
+    by_fields = route(z, "top_k", top_k=3, renormalize=True, routed_scaling_factor=2.0)
+    assert torch.equal(by_object.expert_ids, by_fields.expert_ids)
+    assert torch.equal(by_object.weights, by_fields.weights)
+    torch.testing.assert_close(by_object.weights.view(5, 3).sum(-1), torch.full((5,), 2.0))
+    # Fields given beside a config override it; the config itself is frozen.
+    assert route(z, config, top_k=1).expert_ids.numel() == 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.top_k = 1
+    layer = deepseek_rs.PEAMoE(6, 4, 6, router=config)
+    assert layer.gate.config is config
+    # route, Router and PEAMoE share one default rule.
+    assert RoutingConfig().rule == "top_p"
+    assert deepseek_rs.Router(4, 6).config == RoutingConfig() == deepseek_rs.PEAMoE(4, 2, 6).gate.config
+    assert torch.equal(route(z).token_offsets, route(z, RoutingConfig()).token_offsets)
+    with pytest.raises(InvalidValueError, match="RoutingConfig"):
+        route(z, 3)
 
 
 def test_aux_losses():
