@@ -173,6 +173,32 @@ def test_every_launch_matches_its_kernel_signature(monkeypatch):
     assert set(launches) == every
 
 
+LEAF_OPS = [
+    "route",
+    "route_backward",
+    "sort_by_expert",
+    "gather_rows",
+    "combine_rows",
+    "combine_weight_grad",
+    "expert_ffn",
+    "expert_ffn_backward",
+]
+
+
+@pytest.mark.parametrize("op", LEAF_OPS)
+def test_cuda_kernels_are_registered_on_the_same_ops_as_the_cpu_ones(op):
+    # One API: the dispatcher picks the kernel by device, so the layers have no device branches.
+    name = f"deepseek_rs::{op}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta")  # the fake, for torch.compile
+
+
+@pytest.mark.parametrize("op", ["dispatch", "combine"])
+def test_composite_ops_run_on_either_device(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"deepseek_rs::{op}", "CompositeExplicitAutograd")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a CUDA device")
 def test_cuda_input_without_a_device_says_why():
     assert not ds_cuda.is_available()

@@ -11,7 +11,7 @@ on the GPU) with a backward pass.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Literal, Optional, Tuple, Union, overload
 
 import torch
 from torch import Tensor, nn
@@ -178,6 +178,12 @@ class PEAMoE(nn.Module):
         weights = self.gate.weight.device
         if hidden_states.device != weights:
             raise DeviceError(f"PEAMoE input is on {hidden_states.device} but its weights are on {weights}")
+
+    @overload
+    def forward(self, hidden_states: Tensor, return_aux: Literal[False] = ...) -> Tensor: ...
+
+    @overload
+    def forward(self, hidden_states: Tensor, return_aux: Literal[True]) -> Tuple[Tensor, RouterAuxLosses]: ...
 
     def forward(
         self, hidden_states: Tensor, return_aux: bool = False
