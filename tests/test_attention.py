@@ -7,23 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from deepseek_rs import DeviceError, DTypeError, DynamicAttention, InvalidValueError, ShapeError
-from deepseek_rs.attention.module import (
-    BlockGate,
-    Selection,
-    block_layout,
-    block_sparse_attention,
-    computed_fraction,
-    dense_warmup,
-    dynamic_attention,
-    gate_distillation_loss,
-    gate_losses,
-    gate_parameters,
-    gate_warmup,
-    pool_blocks,
-    routable_blocks,
-    select_blocks,
-    work_fraction,
-)
+from deepseek_rs.attention.gate import BlockGate, gate_distillation_loss
+from deepseek_rs.attention.layout import block_layout
+from deepseek_rs.attention.module import computed_fraction, dynamic_attention, work_fraction
+from deepseek_rs.attention.selection import Selection, pool_blocks, routable_blocks, select_blocks
+from deepseek_rs.attention.sparse import block_sparse_attention
+from deepseek_rs.attention.training import dense_warmup, gate_losses, gate_parameters, gate_warmup
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn

@@ -14,8 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from deepseek_rs import DeviceError, DynamicAttention, InvalidValueError, ShapeError
-from deepseek_rs.attention import flex
-from deepseek_rs.attention.module import block_layout, block_sparse_attention, dynamic_attention
+from deepseek_rs.attention import flex, sparse
+from deepseek_rs.attention.layout import block_layout
+from deepseek_rs.attention.module import dynamic_attention
+from deepseek_rs.attention.sparse import block_sparse_attention
 from hypothesis import given
 from hypothesis import strategies as st
 from test_attention import dense_mask, problem, random_indices, reference
@@ -234,25 +236,25 @@ def test_dynamic_attention_module_backends_agree():
 def test_auto_takes_gather_on_the_cpu_and_flex_where_it_can_on_cuda(monkeypatch):
     monkeypatch.setattr(flex, "_has_triton", lambda: True)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert flex.resolve_backend("auto", cpu, 64, 64, 64, False) == "gather"
-    assert flex.resolve_backend("flex", cpu, 7, 4, 3, False) == "flex"
-    assert flex.resolve_backend("gather", cuda, 64, 64, 64, True) == "gather"
+    assert sparse.resolve_backend("auto", cpu, 64, 64, 64, False) == "gather"
+    assert sparse.resolve_backend("flex", cpu, 7, 4, 3, False) == "flex"
+    assert sparse.resolve_backend("gather", cuda, 64, 64, 64, True) == "gather"
     for bs in (16, 64, 128, 256, 384):
         assert flex.flex_unavailable_reason(cuda, bs, 64, 64) is None
-        assert flex.resolve_backend("auto", cuda, bs, 64, 64, True) == "flex"
+        assert sparse.resolve_backend("auto", cuda, bs, 64, 64, True) == "flex"
     for bs in (1, 8, 24, 100):
         assert "power of two >= 16 or a multiple of 128" in flex.flex_unavailable_reason(cuda, bs, 64, 64)
-        assert flex.resolve_backend("auto", cuda, bs, 64, 64, True) == "gather"
+        assert sparse.resolve_backend("auto", cuda, bs, 64, 64, True) == "gather"
         with pytest.raises(DeviceError, match="power of two"):
-            flex.resolve_backend("flex", cuda, bs, 64, 64, False)
+            sparse.resolve_backend("flex", cuda, bs, 64, 64, False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(flex, "_has_triton", lambda: False)
         assert "Triton" in flex.flex_unavailable_reason(cuda, 64, 64, 64)
-        assert flex.resolve_backend("auto", cuda, 64, 64, 64, True) == "gather"
+        assert sparse.resolve_backend("auto", cuda, 64, 64, 64, True) == "gather"
     assert "head dims >= 16" in flex.flex_unavailable_reason(cuda, 64, 8, 64)
-    assert flex.resolve_backend("auto", cuda, 64, 64, 8, True) == "gather"
+    assert sparse.resolve_backend("auto", cuda, 64, 64, 8, True) == "gather"
     with pytest.raises(DeviceError, match="head dims"):
-        flex.resolve_backend("flex", cuda, 64, 64, 8, False)
+        sparse.resolve_backend("flex", cuda, 64, 64, 8, False)
 
 
 def test_bad_input_errors():
@@ -498,12 +500,10 @@ def test_gpu_dynamic_attention_trains_through_flex():
 
 
 def test_block_indices_are_checked_once_and_cuda_takes_the_main_kernel(monkeypatch):
-    import deepseek_rs.attention.module as attention
-
     checks = []
-    check = attention._check_block_indices
-    monkeypatch.setattr(attention, "_check_block_indices", lambda *a: checks.append(1) or check(*a))
-    monkeypatch.setattr(flex, "_check_block_indices", attention._check_block_indices)
+    check = sparse.check_block_indices
+    monkeypatch.setattr(sparse, "check_block_indices", lambda *a: checks.append(1) or check(*a))
+    monkeypatch.setattr(flex, "check_block_indices", sparse.check_block_indices)
     q = k = v = torch.randn(1, 1, 8, 4, dtype=f64)
     block_sparse_attention(q, k, v, torch.tensor([[[[0, -1], [0, 1]]]]), block_size=4, backend="flex")
     assert len(checks) == 1  # each check syncs with the device (min, max, duplicates)
@@ -565,7 +565,7 @@ def test_scale_is_passed_through():
 
 @pytest.mark.parametrize("chunk_elements", [1, 1 << 23])
 def test_block_mass_over_many_key_blocks_in_chunks(monkeypatch, chunk_elements):
-    monkeypatch.setattr(flex, "_CHUNK_ELEMENTS", chunk_elements)  # 1: a query block per chunk
+    monkeypatch.setattr(flex, "CHUNK_ELEMENTS", chunk_elements)  # 1: a query block per chunk
     gen = torch.Generator().manual_seed(7)
     b, hkv, g, tk, tq, d, bs = 1, 2, 2, 161, 150, 4, 2  # 81 key blocks
     q = torch.randn(b, hkv * g, tq, d, dtype=f64, generator=gen)
@@ -585,7 +585,7 @@ def test_auto_on_the_cpu_never_calls_flex(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the flex path ran")
 
-    monkeypatch.setattr(flex, "_flex_checked", refuse)
+    monkeypatch.setattr(sparse, "run_flex", refuse)
     q = k = v = torch.randn(1, 1, 8, 4)
     idx = torch.tensor([[[[0, -1], [0, 1]]]])
     block_sparse_attention(q, k, v, idx, block_size=4)

@@ -40,24 +40,22 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DeviceError, InvalidValueError
-from .module import (
-    _BACKENDS,
-    _CHUNK_ELEMENTS,
+from .layout import (
+    CHUNK_ELEMENTS,
     BlockLayout,
     SparseAttentionOutput,
-    _blocks,
-    _check_block_indices,
-    _check_padding,
-    _check_qkv,
-    _key_valid,
-    _unpadded_query_rows,
     block_layout,
+    check_block_indices,
+    check_padding,
+    check_qkv,
+    key_valid,
+    split_blocks,
+    unpadded_query_rows,
 )
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
-BACKENDS = _BACKENDS
 _CPU_COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -102,22 +100,6 @@ def flex_unavailable_reason(
             return "torch's FlexAttention has no backward on the CPU: use backend='gather' to train there"
         return None
     return f"the FlexAttention path runs on CUDA or the CPU, the tensors are on {device}"
-
-
-def resolve_backend(
-    backend: str, device: torch.device, block_size: int, head_dim: int, value_dim: int, requires_grad: bool
-) -> str:
-    """``"gather"`` or ``"flex"``: ``"auto"`` takes FlexAttention on CUDA when it can run there."""
-    if backend not in BACKENDS:
-        raise InvalidValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "gather":
-        return "gather"
-    reason = flex_unavailable_reason(device, block_size, head_dim, value_dim, requires_grad)
-    if backend == "auto":
-        return "flex" if device.type == "cuda" and reason is None else "gather"
-    if reason is not None:
-        raise DeviceError(f"backend='flex' cannot run: {reason}")
-    return "flex"
 
 
 # Graphs the compiled FlexAttention may keep (dynamo's default, 8, is reached by an ordinary mix of
@@ -322,10 +304,10 @@ def flex_block_sparse_attention(
     twice the first. ``compile=False`` runs torch's eager FlexAttention, which computes every
     score and masks: a reference, not a fast path.
     """
-    b, _, hkv, tq, tk = _check_qkv(query, key, value)
+    b, _, hkv, tq, tk = check_qkv(query, key, value)
     lay = block_layout(tq, tk, block_size)
-    _check_block_indices(block_indices, b, hkv, lay, query.device)
-    return _flex_checked(
+    check_block_indices(block_indices, b, hkv, lay, query.device)
+    return run_flex(
         query,
         key,
         value,
@@ -340,7 +322,7 @@ def flex_block_sparse_attention(
     )
 
 
-def _flex_checked(
+def run_flex(
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -358,7 +340,7 @@ def _flex_checked(
     index check syncs with the device: ``block_sparse_attention`` has done it already)."""
     b, hq, tq = query.shape[:3]
     hkv, tk, block_size = key.shape[1], key.shape[2], lay.block_size
-    padding = _check_padding(key_padding_mask, b, tk, query.device)
+    padding = check_padding(key_padding_mask, b, tk, query.device)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     reason = flex_unavailable_reason(query.device, lay.block_size, query.shape[-1], value.shape[-1], grad)
     if reason is not None:
@@ -478,13 +460,13 @@ def _block_mass(
     device, acc = q.device, torch.promote_types(q.dtype, torch.float32)
     qb = q.view(b, hkv, g, nq, bs, d)
     lse = lse.view(b, hkv, g, nq, bs)
-    kflat = _blocks(key, lay).reshape(b * hkv * nk, bs * d)
-    key_ok = _key_valid(lay, b, tk, padding, device).view(b, 1, nk, bs).expand(b, hkv, nk, bs)
-    rows_ok = _unpadded_query_rows(lay, tq, padding, device)  # [B or 1, NQ, bs]
+    kflat = split_blocks(key, lay).reshape(b * hkv * nk, bs * d)
+    key_ok = key_valid(lay, b, tk, padding, device).view(b, 1, nk, bs).expand(b, hkv, nk, bs)
+    rows_ok = unpadded_query_rows(lay, tq, padding, device)  # [B or 1, NQ, bs]
     base = (torch.arange(b * hkv, device=device) * nk).view(b, hkv, 1, 1)
     pos = torch.arange(bs, device=device)
     mass = torch.empty(b, hkv, nq, s, device=device, dtype=acc)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hkv * g * bs * s * bs))
+    chunk = max(1, CHUNK_ELEMENTS // max(1, b * hkv * g * bs * s * bs))
     for c0 in range(0, nq, chunk):
         idx = block_indices[:, :, c0 : c0 + chunk]  # [B, Hkv, C, S]
         c = idx.shape[2]
@@ -509,9 +491,9 @@ def _block_mass(
 
 
 __all__ = [
-    "BACKENDS",
     "flex_block_sparse_attention",
     "flex_unavailable_reason",
     "query_rows",
+    "run_flex",
     "selection_block_mask",
 ]

@@ -51,15 +51,9 @@ from torch import nn
 
 from ..attention.flex import selection_block_mask
 from ..attention.hf import patch_attention
-from ..attention.module import (
-    DynamicAttention,
-    block_layout,
-    computed_fraction,
-    gate_losses,
-    gate_parameters,
-    gate_warmup,
-    work_fraction,
-)
+from ..attention.layout import block_layout
+from ..attention.module import DynamicAttention, computed_fraction, work_fraction
+from ..attention.training import gate_losses, gate_parameters, gate_warmup
 
 # DAR's selection in both sections: the query block's own block, the one before it, the first
 # (sink) block and 2 more chosen by the gate, in blocks of 64 tokens.
