@@ -12,8 +12,9 @@ The kernels (``cuda/*.cu`` in the repository, shipped as ``deepseek_rs/cuda/sour
 The MoE ops of :mod:`deepseek_rs.moe.ops` have these kernels registered as their CUDA
 kernels (:mod:`deepseek_rs.moe.ops_cuda`), so ``PEAMoE`` and :func:`deepseek_rs.route` take this
 path by themselves when their input is a CUDA tensor; it needs CuPy (``pip install
-'deepseek-rs[gpu]'``) and a GPU of compute capability 8.0 or newer. :func:`is_available` and :func:`unavailable_reason` say whether it
-can run here. The functions of :mod:`deepseek_rs.cuda.kernels` are the kernels one by one.
+'deepseek-rs[gpu]'``) and a GPU of compute capability 8.0 or newer. :func:`is_available` and
+:func:`unavailable_reason` say whether it can run here. The functions of
+:mod:`deepseek_rs.cuda.kernels` are the kernels one by one.
 """
 
 from ._runtime import is_available, kernel_dir, require, unavailable_reason
