@@ -2,7 +2,7 @@
 
 ``pytest benches`` times each case (compare ours against the plain-torch baselines in the same
 group); ``pytest benches --benchmark-disable`` runs each once as a smoke test (CI). The full
-benchmark table is ``deepseek-rs bench moe`` (``python benches/bench_moe.py``).
+benchmark table is ``deepseek-rs bench moe``.
 """
 
 import json

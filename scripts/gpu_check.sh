@@ -10,8 +10,8 @@
 #
 # Steps: install the wheel, the gpu-marked tests against torch (from the installed package, so
 # the packaged kernel sources are what runs; DAR's FlexAttention tests as a step of their own),
-# then the GPU benchmark and DAR's latency table with its FlexAttention path. Logs go to $OUT too when
-# it is set (the device tool returns the files under $OUT).
+# then the GPU benchmark (`deepseek-rs bench gpu`) and DAR's latency table with its FlexAttention
+# path. Logs go to $OUT too when it is set (the device tool returns the files under $OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -40,10 +40,12 @@ step "tests marked gpu: DAR's FlexAttention path"
 "$PY" -m pytest tests/test_attention_flex.py -m gpu -q -p no:cacheprovider 2>&1 \
   | tee "$LOG_DIR/gpu_tests_flex.log" || status=$?
 
+# The benchmarks from the installed wheel (`deepseek-rs bench`); `bench gpu` exits with 77 when
+# the CUDA path cannot run here, with the reason on stderr.
 step "benchmark"
-"$PY" benches/bench_gpu.py 2>&1 | tee "$LOG_DIR/bench_gpu.md" || status=$?
+"$PY" -m deepseek_rs bench gpu --json "$LOG_DIR/bench_gpu.json" 2>&1 | tee "$LOG_DIR/bench_gpu.md" || status=$?
 
 step "DAR latency: SDPA, gather path, FlexAttention path"
-"$PY" benches/bench_attention.py --section latency --device cuda --backend flex 2>&1 \
+"$PY" -m deepseek_rs bench attention --section latency --device cuda --backend flex 2>&1 \
   | tee "$LOG_DIR/bench_attention_flex.md" || status=$?
 exit "$status"

@@ -1,7 +1,8 @@
 """The ``deepseek-rs`` command line.
 
 ``deepseek-rs bench moe [--quick] [--json PATH]`` runs the MoE benchmark and prints its table;
-``deepseek-rs bench attention [--quick] ...`` the Dynamic Attention Routing benchmark.
+``deepseek-rs bench {attention,batching,filter,quant,gvrt,uss,gpu} [--quick] ...`` the others
+(``deepseek_rs.bench.<name>.main``, each with its own options: ``deepseek-rs bench NAME --help``).
 ``deepseek-rs serve [--model MODULE:FACTORY] [--port N] ...`` serves a model over HTTP through
 the dynamic batcher (see ``deepseek_rs.serve``).
 ``deepseek-rs filter INPUT... -o OUTDIR [--config filter.yaml]`` filters JSONL shards.
@@ -16,6 +17,18 @@ from typing import List, Optional
 
 from . import __version__
 from .errors import DeepseekError
+
+# The benchmarks that parse their own options (``deepseek_rs.bench.<name>.main(argv)``), with
+# the line ``deepseek-rs bench --help`` shows for each.
+BENCHMARKS = {
+    "attention": "Dynamic Attention Routing: latency against SDPA and dense-vs-DAR language-model quality",
+    "batching": "dynamic batching over HTTP: QPS and latency of one server with batching off and on",
+    "filter": "the data filter on real text: signals and stage 1 against plain Python and datatrove",
+    "quant": "INT8: QAT against PTQ accuracy on real digits, memory and latency against fp32",
+    "gvrt": "GVRT against no and fixed clipping: a byte-level LM trained through injected gradient spikes",
+    "uss": "USS against a two-tower model: text-to-image recall on captioned handwritten digits",
+    "gpu": "the CUDA kernels against cuBLAS, a per-expert loop and HF on one GPU (needs a CUDA device)",
+}
 
 
 def _bench_moe(args: argparse.Namespace) -> int:
@@ -112,10 +125,22 @@ def _filter(args: argparse.Namespace) -> int:
     return 1 if unreadable else 0
 
 
-def _bench_attention(args: argparse.Namespace) -> int:
-    from .bench import attention as attention_bench
+def _bench_module(args: argparse.Namespace) -> int:
+    """``deepseek-rs bench NAME ...``: ``deepseek_rs.bench.NAME.main`` parses the rest itself."""
+    import importlib
 
-    return attention_bench.main(args.extra)  # its own parser: `deepseek-rs bench attention --help`
+    from .bench import common
+
+    module = importlib.import_module(f"{__package__}.bench.{args.benchmark}")
+    if args.benchmark == "attention" and not {"-h", "--help"} & set(args.extra):
+        # its own machine line has the load and the threads it runs with, not the CPU model and GPU
+        print(common.format_machine(common.machine_info(), threads=False), flush=True)
+    try:
+        return int(module.main(args.extra))
+    except ModuleNotFoundError as e:  # an optional dependency imported where it is needed
+        if (e.name or "").split(".")[0] not in common.EXTRAS:
+            raise
+        raise common.MissingExtra(e.name, f"deepseek-rs bench {args.benchmark}") from e
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,12 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     moe.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     moe.set_defaults(run=_bench_moe)
-    attention = benches.add_parser(
-        "attention",
-        add_help=False,
-        help="Dynamic Attention Routing: latency against SDPA and dense-vs-DAR language-model quality",
-    )
-    attention.set_defaults(run=_bench_attention)
+    for name, line in BENCHMARKS.items():
+        sub = benches.add_parser(name, add_help=False, help=line)  # --help goes to the module's parser
+        sub.set_defaults(run=_bench_module, passes_extra=True)
     bench.set_defaults(run=lambda _args: _usage(bench))
 
     srv = commands.add_parser(
@@ -231,7 +253,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.run is not _bench_attention:
+    if extra and not getattr(args, "passes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     try:

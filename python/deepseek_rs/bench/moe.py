@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from torch.nn import functional as F
 import deepseek_rs
 
 from ..moe.layer import PEAMoE
+from .common import machine_info
 
 SPEEDUP = "baseline/ours"  # the ratio is baseline time / measured time (higher is better)
 FLOOR = "ours/baseline"  # the ratio is measured time / baseline time (how far above a floor)
@@ -162,29 +161,6 @@ def measure(fns: Dict[str, Callable[[], Any]], timer: TimerConfig) -> Dict[str, 
 # --------------------------------------------------------------------------------------------
 # Machine and rows
 # --------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def machine_info() -> Dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_model": cpu_model(),
-        "torch": torch.__version__,
-        "deepseek_rs": deepseek_rs.__version__,
-        "build": "release build",
-        "python": platform.python_version(),
-    }
 
 
 def _row(
@@ -723,8 +699,8 @@ def format_time(seconds: Optional[float]) -> str:
 def format_machine(machine: Dict[str, Any]) -> str:
     return (
         f"machine: {machine['cpus']} CPUs (os.cpu_count), {machine['torch_threads']} torch threads, "
-        f"{machine['cpu_model']}; torch {machine['torch']}; deepseek-rs {machine['deepseek_rs']}, "
-        f"{machine['build']}; float32"
+        f"{machine['cpu_model']} ({machine['isa']}), GPU: {machine['gpu'] or 'none'}; "
+        f"torch {machine['torch']}; deepseek-rs {machine['deepseek_rs']}, {machine['build']}; float32"
     )
 
 

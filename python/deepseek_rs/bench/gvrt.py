@@ -1,6 +1,7 @@
 """GVRT measured: a byte-level language model on real text with injected gradient spikes.
 
-``python benches/bench_gvrt.py [--quick] [--seeds N] [--steps N] [--plot PATH]``
+``deepseek-rs bench gvrt [--quick] [--seeds N] [--steps N] [--spike-p P] [--burst START:END:P]
+[--out DIR] [--no-plot] [--json PATH]`` (the plot needs matplotlib, the ``bench`` extra)
 
 * Data: the Python standard library's own source (every ``*.py`` directly under the directory
   of ``os``, sorted by name, concatenated), read as bytes: 90% for training, the last 10% held
@@ -21,22 +22,26 @@
 * ``--burst START:END:P``: steps START to END-1 are corrupted with probability P instead, a
   surge of bad batches (the case the learning-rate half of GVRT is for).
 * Reported: held-out loss (bits per byte) at the end and along the run, mean and spread over
-  seeds; the PNG plot of the held-out loss curves (matplotlib).
+  seeds; the steps each method clipped, and how many of the corrupted steps among them; the PNG
+  plot of the held-out loss curves (``DIR/gvrt_loss.png``, ``DIR/gvrt_loss_burst.png`` with
+  ``--burst``).
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import math
 import os
 import statistics
 import sys
 import time
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from deepseek_rs import GVRT
 from torch import nn
+
+from ..training.gvrt import GVRT
+from . import common
 
 CONTEXT = 16
 # name -> GVRT keyword arguments (None: no GVRT)
@@ -119,7 +124,7 @@ def train(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     g = torch.Generator().manual_seed(1000 + seed)  # batches and corruptions: same for every method
-    curve, norms, factors, clipped = [], [], [], 0
+    curve, norms, factors, clipped, clipped_corrupted = [], [], [], 0, 0
     for step in range(steps):
         x, y = windows(train_data, torch.randint(0, len(train_data) - CONTEXT - 1, (64,), generator=g))
         p = burst[2] if burst is not None and burst[0] <= step < burst[1] else spike_p
@@ -131,6 +136,7 @@ def train(
         loss = nn.functional.cross_entropy(model(x), y) * scale
         opt.zero_grad()
         loss.backward()
+        before = clipped
         if method == "fixed clip 1.0":
             norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
             clipped += norm > 1.0
@@ -143,13 +149,14 @@ def train(
             clipped = last.clipped_steps
         elif method in ("no clipping", "clean data"):
             norm = math.sqrt(sum(float(p.grad.square().sum()) for p in model.parameters()))
+        clipped_corrupted += corrupt and clipped > before
         norms.append((norm, corrupt))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             curve.append((step + 1, held_out_bits(model, *eval_xy)))
-    return curve, norms, factors, clipped
+    return curve, norms, factors, clipped, clipped_corrupted
 
 
-def plot(results, steps: int, seeds: int, path: str) -> None:
+def plot(results, steps: int, seeds: int, path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,7 +171,7 @@ def plot(results, steps: int, seeds: int, path: str) -> None:
         ax.plot(xs, mean, label=method, linewidth=1.6, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss (bits per byte)")
-    ax.set_title(f"byte-level LM on Python stdlib source, 2% corrupted batches (mean of {seeds} seeds)")
+    ax.set_title(f"byte-level LM on Python stdlib source, {title} (mean of {seeds} seeds)")
     ax.title.set_fontsize(9)
     lo = min(min(v for _, v in results[m][s][0]) for m in METHODS for s in range(seeds))
     ax.set_ylim(lo - 0.1, lo + 2.5)
@@ -175,51 +182,39 @@ def plot(results, steps: int, seeds: int, path: str) -> None:
     print(f"plot: {path}")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="few steps and one seed: a smoke test")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--spike-p", type=float, default=0.02, help="probability that a step's batch is corrupted")
-    p.add_argument(
-        "--burst",
-        metavar="START:END:P",
-        help="a stretch of steps [START, END) whose batches are corrupted with probability P",
-    )
-    p.add_argument("--plot", metavar="PATH", help="write the held-out loss curves as a PNG")
-    args = p.parse_args(argv)
-    burst = None
-    if args.burst:
-        start, end, prob = args.burst.split(":")
-        burst = (int(start), int(end), float(prob))
-    steps, seeds = (40, 1) if args.quick else (args.steps, args.seeds)
-    if args.quick:  # a few corrupted steps even in 40
-        args.spike_p = max(args.spike_p, 0.1)
+def run(
+    steps: int,
+    seeds: int,
+    spike_p: float,
+    burst,
+    quick: bool,
+    say: Callable[[str], None],
+) -> Dict[str, Any]:
     eval_every = max(1, steps // 12)
-    torch.set_num_threads(1)  # small models: one thread is faster, and steady on a shared machine
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    data = stdlib_bytes(400_000 if args.quick else 4_000_000)
+    data = stdlib_bytes(400_000 if quick else 4_000_000)
     split = int(0.9 * len(data))
     train_data, test_data = data[:split], data[split:]
     eval_starts = torch.randint(
         0,
         len(test_data) - CONTEXT - 1,
-        (512 if args.quick else 2048,),
+        (512 if quick else 2048,),
         generator=torch.Generator().manual_seed(7),
     )
     eval_xy = windows(test_data, eval_starts)
     print(
-        f"data: {len(data) / 1e6:.1f} MB of Python {sys.version.split()[0]} stdlib source; {steps} steps, "
-        f"batch 64, {args.spike_p:.0%} corrupted batches (random bytes, loss x100), {seeds} seed(s)"
+        f"workload: {len(data) / 1e6:.1f} MB of Python {sys.version.split()[0]} stdlib source; "
+        f"{steps} steps, batch 64, {spike_p:.0%} corrupted batches (random bytes, loss x100), {seeds} seed(s)"
         + (f"; steps {burst[0]}-{burst[1] - 1}: {burst[2]:.0%} corrupted" if burst else "")
     )
+    print("baselines: no clipping, fixed clip 1.0; ours: GVRT and its halves; clean data: the loss to reach")
 
-    results = {m: [] for m in METHODS}
+    results: Dict[str, List[Any]] = {m: [] for m in METHODS}
     start = time.perf_counter()
     for seed in range(seeds):
         for method in METHODS:
+            say(f"seed {seed}: {method}")
             results[method].append(
-                train(method, seed, train_data, eval_xy, steps, eval_every, args.spike_p, burst=burst)
+                train(method, seed, train_data, eval_xy, steps, eval_every, spike_p, burst=burst)
             )
         spikes = sum(c for _, c in results["no clipping"][seed][1])
         finals = "  ".join(f"{m}: {results[m][seed][0][-1][1]:.3f}" for m in METHODS)
@@ -232,20 +227,40 @@ def main(argv=None) -> None:
     print(
         f"{'method':<17}| "
         + " | ".join(f"step {s:>5}" for s in steps_at)
-        + " | final (+- std)   | clipped steps | mean lr factor"
+        + " | final (+- std)   | clipped steps (corrupted) | mean lr factor | final / no clipping"
     )
+    reference = statistics.mean(r[0][-1][1] for r in results["no clipping"])
+    rows = []
     for method in METHODS:
         runs = results[method]
         cells = [statistics.mean(r[0][i][1] for r in runs) for i in quarter]
         finals = [r[0][-1][1] for r in runs]
         sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
         clipped = statistics.mean(r[3] for r in runs)
+        clipped_corrupted = statistics.mean(r[4] for r in runs)
         factors = [f for r in runs for f in r[2]]
         lr = f"{statistics.mean(factors):.3f}" if factors else "1 (none)"
+        mean = statistics.mean(finals)
         print(
             f"{method:<17}| "
             + " | ".join(f"{c:>10.3f}" for c in cells)
-            + f" | {statistics.mean(finals):.3f} (+- {sd:.3f}) | {clipped:>13.1f} | {lr}"
+            + f" | {mean:.3f} (+- {sd:.3f}) | {clipped:>8.1f} ({clipped_corrupted:.1f})"
+            + f"{'':>11} | {lr:>14} | {mean / reference:.3f}"
+        )
+        rows.append(
+            {
+                "method": method,
+                "final_bits": finals,
+                "final_mean": mean,
+                "final_std": sd,
+                "ratio_to_no_clipping": mean / reference,
+                "curve": [
+                    (s, statistics.mean(r[0][i][1] for r in runs)) for i, (s, _) in enumerate(runs[0][0])
+                ],
+                "clipped_steps": [r[3] for r in runs],
+                "clipped_corrupted_steps": [r[4] for r in runs],
+                "mean_lr_factor": statistics.mean(factors) if factors else None,
+            }
         )
     clean = [n for r in results["no clipping"] for n, c in r[1] if not c]
     spiky = [n for r in results["no clipping"] for n, c in r[1] if c]
@@ -253,9 +268,56 @@ def main(argv=None) -> None:
         f"\ngradient norm without clipping: median {statistics.median(clean):.3f} on clean steps"
         + (f", median {statistics.median(spiky):.1f} on corrupted steps" if spiky else "")
     )
-    if args.plot:
-        plot(results, steps, seeds, args.plot)
+    return {
+        "steps": steps,
+        "seeds": seeds,
+        "spike_p": spike_p,
+        "burst": burst,
+        "corrupted_steps": [sum(c for _, c in r[1]) for r in results["no clipping"]],
+        "rows": rows,
+        "grad_norm_median_clean": statistics.median(clean),
+        "grad_norm_median_corrupted": statistics.median(spiky) if spiky else None,
+        "_curves": results,  # for the plot; not written to JSON
+    }
 
 
-if __name__ == "__main__":
-    main()
+def main(argv: Optional[List[str]] = None) -> int:
+    p = common.parser("gvrt", __doc__)
+    p.add_argument("--seeds", type=int, default=3, help="training seeds (default 3; --quick: 1)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (default 600; --quick: 40)")
+    p.add_argument(
+        "--spike-p", type=float, default=0.02, help="probability that a step's batch is corrupted (0.02)"
+    )
+    p.add_argument(
+        "--burst",
+        metavar="START:END:P",
+        help="a stretch of steps [START, END) whose batches are corrupted with probability P",
+    )
+    common.add_out(p)
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG of the held-out loss curves")
+    common.add_json(p)
+    args = p.parse_args(argv)
+    burst = None
+    if args.burst:
+        try:
+            start, end, prob = args.burst.split(":")
+            burst = (int(start), int(end), float(prob))
+        except ValueError:
+            p.error(f"--burst takes START:END:P (two integers and a probability), got {args.burst!r}")
+    if not args.no_plot and not common.has_module("matplotlib"):
+        raise common.MissingExtra("matplotlib", "the GVRT benchmark's plot", "pass --no-plot")
+    steps, seeds = (40, 1) if args.quick else (args.steps, args.seeds)
+    spike_p = max(args.spike_p, 0.1) if args.quick else args.spike_p  # a few corrupted steps even in 40
+    torch.set_num_threads(1)  # small models: one thread is faster, and steady on a shared machine
+    machine = common.machine_info()
+    print(common.format_machine(machine))
+    results = run(steps, seeds, spike_p, burst, args.quick, common.progress("gvrt", args))
+    curves = results.pop("_curves")
+    if not args.no_plot:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "gvrt_loss_burst.png" if burst else "gvrt_loss.png")
+        title = f"steps {burst[0]}-{burst[1] - 1} {burst[2]:.0%} corrupted" if burst else None
+        plot(curves, steps, seeds, path, title or f"{spike_p:.0%} corrupted batches")
+        results["plot"] = path
+    common.write_json(args.json, machine, args.quick, results)
+    return 0

@@ -1,6 +1,7 @@
 """INT8 quantization measured: accuracy, memory and latency, fp32 against int8 in one run.
 
-``python benches/bench_quant.py [--quick] [--seeds N]``
+``deepseek-rs bench quant [--quick] [--seeds N] [--json PATH]`` (needs scikit-learn, the
+``bench`` extra, for the data)
 
 * Accuracy on a real task: handwritten-digit classification (scikit-learn's bundled UCI digits,
   1797 8x8 images, 30% held out) with a small network whose middle block is a ``PEAMoE``
@@ -15,16 +16,17 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import statistics
 import time
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from deepseek_rs import PEAMoE
-from deepseek_rs.quant import Int8Linear, convert_int8, model_bytes, prepare_qat
 from torch import nn
+
+from ..moe.layer import PEAMoE
+from ..quant import Int8Linear, convert_int8, model_bytes, prepare_qat
+from . import common
 
 
 def digits(seed: int):
@@ -77,17 +79,15 @@ def timed(fn, repeat: int) -> float:
     return best
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few epochs: a smoke test")
-    p.add_argument("--seeds", type=int, default=3)
-    args = p.parse_args(argv)
-    epochs, qat_epochs = (3, 1) if args.quick else (30, 5)
-    seeds = 1 if args.quick else args.seeds
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
-
-    rows = []
+def run(quick: bool, seeds: int, say: Callable[[str], None]) -> Dict[str, Any]:
+    epochs, qat_epochs = (3, 1) if quick else (30, 5)
+    out: Dict[str, Any] = {"epochs": epochs, "qat_epochs": qat_epochs, "seeds": []}
+    print(
+        f"workload: UCI digits, 30% held out, {epochs} epochs (the last {qat_epochs} QAT for QAT); "
+        "baseline: PTQ (convert_int8 of the fp32 model); ours: QAT then convert_int8; ratio: % of fp32"
+    )
     for seed in range(seeds):
+        say(f"training, seed {seed}")
         xtr, ytr, xte, yte = digits(seed)
         # QAT fine-tunes a snapshot taken qat_epochs before the end of the fp32 run, so both
         # see the same number of epochs (QAT's extra training must not count as accuracy).
@@ -96,39 +96,76 @@ def main(argv=None) -> None:
         fp32 = train(base, xtr, ytr, qat_epochs, 3e-4, seed + 100)
         ptq = convert_int8(copy.deepcopy(fp32))
         qat_int8 = convert_int8(qat)
-        rows.append((accuracy(fp32, xte, yte), accuracy(ptq, xte, yte), accuracy(qat_int8, xte, yte)))
-        print(f"seed {seed}: fp32 {rows[-1][0]:.4f}  PTQ int8 {rows[-1][1]:.4f}  QAT int8 {rows[-1][2]:.4f}")
-    f, pt, qa = (statistics.mean(r[i] for r in rows) for i in range(3))
+        r = {
+            "seed": seed,
+            "fp32": accuracy(fp32, xte, yte),
+            "ptq_int8": accuracy(ptq, xte, yte),
+            "qat_int8": accuracy(qat_int8, xte, yte),
+        }
+        out["seeds"].append(r)
+        print(
+            f"seed {seed}: fp32 {r['fp32']:.4f}  PTQ int8 {r['ptq_int8']:.4f}  QAT int8 {r['qat_int8']:.4f}"
+        )
+    f, pt, qa = (statistics.mean(r[k] for r in out["seeds"]) for k in ("fp32", "ptq_int8", "qat_int8"))
+    out["accuracy"] = {
+        "fp32": f,
+        "ptq_int8": pt,
+        "qat_int8": qa,
+        "ptq_of_fp32": pt / f,
+        "qat_of_fp32": qa / f,
+    }
     print("\n== accuracy: UCI digits, 30% held out, mean of", seeds, "seed(s)")
     print(f"fp32 {f:.4f} | PTQ int8 {pt:.4f} ({pt / f:.1%} of fp32)", end="")
     print(f" | QAT int8 {qa:.4f} ({qa / f:.1%} of fp32)")
     print("   article: QAT keeps 99.2% of the fp32 accuracy")
 
+    say("memory")
     print("\n== memory (parameters + buffers)")
     small = network(0)
     b32 = model_bytes(small)
     b8 = model_bytes(convert_int8(small))
     print(f"digits network: fp32 {b32 / 1024:.1f} KiB, int8 {b8 / 1024:.1f} KiB ({b8 / b32:.3f}x)")
-    h, ff, e, k, t = (256, 128, 8, 2, 64) if args.quick else (1024, 512, 64, 6, 256)
+    h, ff, e, k, t = (256, 128, 8, 2, 64) if quick else (1024, 512, 64, 6, 256)
     layer = PEAMoE(h, ff, e, router="top_k", top_k=k, renormalize=True).eval()
     layer8 = convert_int8(nn.Sequential(copy.deepcopy(layer)))
     l32, l8 = model_bytes(layer), model_bytes(layer8)
     mib = 2**20
     print(f"PEAMoE H={h} F={ff} E={e}: fp32 {l32 / mib:.1f} MiB, int8 {l8 / mib:.1f} MiB ({l8 / l32:.3f}x)")
+    out["memory"] = {"network_fp32": b32, "network_int8": b8, "layer_fp32": l32, "layer_int8": l8}
 
-    print("\n== latency (best of repeats, same run)")
-    n = 512 if args.quick else 4096
+    say("latency")
+    print("\n== latency (best of repeats, same run; ratio: fp32 time / int8 time)")
+    n = 512 if quick else 4096
     lin = nn.Linear(n, n)
     lin8 = Int8Linear.from_float(lin)
     xl = torch.randn(256, n)
     xm = torch.randn(t, h)
-    repeat = 3 if args.quick else 20
+    repeat = 3 if quick else 20
     with torch.no_grad():
         t32, t8 = timed(lambda: lin(xl), repeat), timed(lambda: lin8(xl), repeat)
         print(f"Linear {n}x{n}, 256 rows: fp32 {t32 * 1e3:.2f} ms, int8 {t8 * 1e3:.2f} ms ({t32 / t8:.2f}x)")
         m32, m8 = timed(lambda: layer(xm), repeat), timed(lambda: layer8(xm), repeat)
         print(f"PEAMoE T={t}: fp32 {m32 * 1e3:.2f} ms, int8 {m8 * 1e3:.2f} ms ({m32 / m8:.2f}x)")
+    out["latency"] = [
+        {"workload": f"Linear {n}x{n}, 256 rows", "fp32_s": t32, "int8_s": t8, "ratio": t32 / t8},
+        {
+            "workload": f"PEAMoE H={h} F={ff} E={e} k={k}, T={t}",
+            "fp32_s": m32,
+            "int8_s": m8,
+            "ratio": m32 / m8,
+        },
+    ]
+    return out
 
 
-if __name__ == "__main__":
-    main()
+def main(argv: Optional[List[str]] = None) -> int:
+    p = common.parser("quant", __doc__)
+    p.add_argument("--seeds", type=int, default=3, help="training seeds (default 3; --quick: 1)")
+    common.add_json(p)
+    args = p.parse_args(argv)
+    common.require("sklearn", "the INT8 benchmark's data (UCI digits)")
+    machine = common.machine_info()
+    print(common.format_machine(machine))
+    results = run(args.quick, 1 if args.quick else args.seeds, common.progress("quant", args))
+    common.write_json(args.json, machine, args.quick, results)
+    return 0

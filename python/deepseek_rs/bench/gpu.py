@@ -1,7 +1,9 @@
 """Benchmark of the CUDA path (deepseek_rs.cuda) against torch on one GPU, in one run.
 
-    python benches/bench_gpu.py            # the issue's sizes
-    python benches/bench_gpu.py --quick    # tiny sizes: a smoke test
+    deepseek-rs bench gpu [--reps N] [--json PATH]    # the issue's sizes
+    deepseek-rs bench gpu --quick                     # tiny sizes: a smoke test
+
+(needs a CUDA device of compute capability 8.0 or newer and CuPy, the ``gpu`` extra)
 
 Sections (each row: workload, baseline, baseline time, our time, speed ratio = baseline / ours):
 
@@ -16,18 +18,25 @@ Sections (each row: workload, baseline, baseline time, our time, speed ratio = b
    implementation transformers offers).
 
 Times are medians of CUDA-event timings after warm-up. Every pair of results is checked to
-agree before it is timed. Exits with status 1 and a message when no CUDA device (or CuPy) is
-available: nothing is measured then.
+agree before it is timed. Exits with status 77 (``NO_DEVICE``) and a message saying why when no
+usable CUDA device (or CuPy) is here: nothing is measured then.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from .. import cuda as ds_cuda
+from . import common
+from . import moe as benchmarks
+
+# The exit status when there is nothing to measure on: the "skipped" status of automake's and
+# meson's test harnesses, apart from 1 (a failure) and 2 (a usage error).
+NO_DEVICE = 77
 
 
 def timed(fn: Callable[[], object], reps: int, warmup: int) -> float:
@@ -50,7 +59,9 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     err = (got.float() - want.float()).abs().max().item()
     scale = max(want.float().abs().max().item(), 1.0)
     if not err <= tol * scale:
-        raise SystemExit(f"bench_gpu: {name}: results differ (max |diff| {err:.3g}, scale {scale:.3g})")
+        raise benchmarks.BenchmarkMismatch(
+            f"bench gpu: {name}: results differ (max |diff| {err:.3g}, scale {scale:.3g})"
+        )
 
 
 Row = Tuple[str, str, Optional[float], Optional[float], str]
@@ -71,9 +82,22 @@ def print_table(title: str, rows: List[Row]) -> None:
         print(f"| {workload} | {baseline} | {fmt_time(tb)} | {fmt_time(to)} | {ratio} | {target} |")
 
 
-def bench_gemm(quick: bool, reps: int) -> List[Row]:
-    from deepseek_rs import cuda as ds_cuda
+def as_dicts(section: str, rows: List[Row]) -> List[Dict[str, Any]]:
+    return [
+        {
+            "section": section,
+            "workload": w,
+            "baseline": b,
+            "baseline_s": tb,
+            "time_s": to,
+            "ratio": tb / to if tb and to else None,
+            "target": target,
+        }
+        for w, b, tb, to, target in rows
+    ]
 
+
+def bench_gemm(quick: bool, reps: int) -> List[Row]:
     sizes = (
         [(256, torch.float16)]
         if quick
@@ -101,8 +125,6 @@ def bench_gemm(quick: bool, reps: int) -> List[Row]:
 
 
 def bench_grouped(quick: bool, reps: int) -> List[Row]:
-    from deepseek_rs import cuda as ds_cuda
-
     e, per_expert, h, f = (8, 32, 256, 128) if quick else (64, 128, 2048, 1408)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, e, (e * per_expert,), generator=g)
@@ -178,8 +200,6 @@ def bench_grouped(quick: bool, reps: int) -> List[Row]:
 
 
 def bench_layer(quick: bool, reps: int) -> List[Row]:
-    from deepseek_rs.bench import moe as benchmarks
-
     t, h, f, e, k = (64, 256, 128, 8, 2) if quick else (1024, 2048, 1408, 64, 8)
     ours, hf, hf_error = benchmarks.build_layers(h, f, e, k)
     ours = ours.to("cuda", torch.float16)
@@ -209,16 +229,17 @@ def bench_layer(quick: bool, reps: int) -> List[Row]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+    parser = common.parser("gpu", __doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (20)")
+    common.add_json(parser)
     args = parser.parse_args(argv)
-    from deepseek_rs import cuda as ds_cuda
-
+    machine = common.machine_info()
+    print(common.format_machine(machine))
     reason = ds_cuda.unavailable_reason()
     if reason is not None:
-        print(f"bench_gpu: nothing measured: {reason}", file=sys.stderr)
-        return 1
+        print(f"deepseek-rs bench gpu: nothing measured: {reason}", file=sys.stderr)
+        return NO_DEVICE
+    say = common.progress("gpu", args)
     reps = args.reps or (3 if args.quick else 20)
     props = torch.cuda.get_device_properties(0)
     print(
@@ -226,13 +247,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{props.multi_processor_count} SMs), torch {torch.__version__}, CUDA {torch.version.cuda}"
     )
     if args.quick:
-        print("quick run: tiny sizes, a smoke test; the targets apply to the full sizes only")
+        print(common.QUICK_NOTE)
     torch.manual_seed(0)
-    print_table("GEMM", bench_gemm(args.quick, reps))
-    print_table("grouped GEMM", bench_grouped(args.quick, reps))
-    print_table("MoE layer forward", bench_layer(args.quick, reps))
+    rows: List[Dict[str, Any]] = []
+    for title, bench in (
+        ("GEMM", bench_gemm),
+        ("grouped GEMM", bench_grouped),
+        ("MoE layer forward", bench_layer),
+    ):
+        say(title)
+        section = bench(args.quick, reps)
+        print_table(title, section)
+        rows += as_dicts(title, section)
+    common.write_json(args.json, machine, args.quick, {"rows": rows})
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
 """USS measured: text-to-image retrieval on real handwritten digits with descriptive captions.
 
-``python benches/bench_uss.py [--quick] [--seeds N] [--steps N]``
+``deepseek-rs bench uss [--quick] [--seeds N] [--steps N] [--json PATH]`` (needs scikit-learn,
+the ``bench`` extra, for the data)
 
 * Data: scikit-learn's bundled UCI digits (1797 8x8 images, offline), 30% held out (stratified).
   Each image gets a caption of its label and of three properties measured on the image itself,
@@ -23,13 +24,14 @@
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from deepseek_rs import UnifiedSemanticSpace, USSLoss
+
+from ..training.uss import UnifiedSemanticSpace, USSLoss
+from . import common
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 INK, WIDTH, SLANT = (
@@ -128,25 +130,18 @@ def train(method: str, seed: int, xt, xi, steps: int):
     return embed
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="few steps and one seed: a smoke test")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=600)
-    args = p.parse_args(argv)
-    steps, seeds = (20, 1) if args.quick else (args.steps, args.seeds)
-    torch.set_num_threads(1)  # small models: one thread is faster, and steady on a shared machine
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
+def run(steps: int, seeds: int, say: Callable[[str], None]) -> Dict[str, Any]:
     from sklearn.model_selection import train_test_split
 
     images, captions, labels = captioned_digits()
     text = bag_of_words(captions)
     print(
-        f"data: UCI digits, {len(captions)} images, {len(set(captions))} distinct captions, "
+        f"workload: UCI digits, {len(captions)} images, {len(set(captions))} distinct captions, "
         f"{text.shape[1]}-word vocabulary; e.g. {captions[0]!r}, {captions[7]!r}"
     )
+    print("baseline: two-tower (CLIP's recipe); ours: USS; ratio: USS R@10 / two-tower R@10")
     start = time.perf_counter()
-    results = {}
+    results: Dict[Any, List[List[float]]] = {}
     for seed in range(seeds):
         tr, te = train_test_split(
             torch.arange(len(labels)).numpy(), test_size=0.3, random_state=seed, stratify=labels.numpy()
@@ -157,6 +152,7 @@ def main(argv=None) -> None:
         small = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(seed))[:250]]
         for size, subset in (("full", tr), ("250 pairs", small)):
             for method in METHODS:
+                say(f"seed {seed}, {size}: {method}")
                 embed = train(method, seed, text[subset], images[subset], steps)
                 with torch.no_grad():
                     r = recall_at(embed(text[te], "text"), embed(images[te], "image"))
@@ -169,18 +165,58 @@ def main(argv=None) -> None:
         f"\n== text-to-image recall on the held-out images ({len(te)}), "
         f"mean +- std over {seeds} seed(s), {steps} steps"
     )
-    print(f"{'training pairs':<15}| {'method':<20}| {'R@1':>6} | {'R@5':>6} | {'R@10':>15}")
+    print(
+        f"{'training pairs':<15}| {'method':<20}| {'R@1':>6} | {'R@5':>6} | {'R@10':>15} | R@10 / two-tower"
+    )
+    rows = []
     for size in ("full", "250 pairs"):
         label = f"{n_train} (all)" if size == "full" else size
+        base = statistics.mean(r[2] for r in results[(size, "two-tower")])
         for method in METHODS:
             runs = results[(size, method)]
             m = [statistics.mean(r[i] for r in runs) for i in range(3)]
             sd = statistics.stdev(r[2] for r in runs) if len(runs) > 1 else 0.0
-            print(f"{label:<15}| {method:<20}| {m[0]:>6.3f} | {m[1]:>6.3f} | {m[2]:>6.3f} (+- {sd:.3f})")
+            print(
+                f"{label:<15}| {method:<20}| {m[0]:>6.3f} | {m[1]:>6.3f} | {m[2]:>6.3f} (+- {sd:.3f}) "
+                f"| {m[2] / base:.3f}"
+            )
+            rows.append(
+                {
+                    "pairs": size,
+                    "method": method,
+                    "recall_at_1": m[0],
+                    "recall_at_5": m[1],
+                    "recall_at_10": m[2],
+                    "recall_at_10_std": sd,
+                    "recall_at_10_per_seed": [r[2] for r in runs],
+                    "ratio_to_two_tower": m[2] / base,
+                }
+            )
     c = [statistics.mean(r[i] for r in results["ceiling"]) for i in range(3)]
     print(f"{'ceiling':<15}| {'exact-caption order':<20}| {c[0]:>6.3f} | {c[1]:>6.3f} | {c[2]:>6.3f}")
     print("   article: USS raises text-to-image Recall@10 from 67.3% (two-tower) to 82.1%")
+    return {
+        "steps": steps,
+        "seeds": seeds,
+        "images": len(captions),
+        "distinct_captions": len(set(captions)),
+        "test_images": len(te),
+        "rows": rows,
+        "ceiling": {"recall_at_1": c[0], "recall_at_5": c[1], "recall_at_10": c[2]},
+    }
 
 
-if __name__ == "__main__":
-    main()
+def main(argv: Optional[List[str]] = None) -> int:
+    p = common.parser("uss", __doc__)
+    p.add_argument("--seeds", type=int, default=3, help="training seeds (default 3; --quick: 1)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (default 600; --quick: 20)")
+    common.add_json(p)
+    args = p.parse_args(argv)
+    common.require("sklearn", "the USS benchmark's data (UCI digits)")
+    steps, seeds = (20, 1) if args.quick else (args.steps, args.seeds)
+    torch.set_num_threads(1)  # small models: one thread is faster, and steady on a shared machine
+    machine = common.machine_info()
+    print(common.format_machine(machine))
+    results = run(steps, seeds, common.progress("uss", args))
+    common.write_json(args.json, machine, args.quick, results)
+    return 0

@@ -1,6 +1,7 @@
 """Dynamic batching measured over HTTP: the same server with batching off and on, in one run.
 
-``python benches/bench_batching.py [--quick] [--duration S] [--tokens N] [--json PATH]``
+``deepseek-rs bench batching [--quick] [--duration S] [--tokens N] [--threads N]
+[--concurrency C ...] [--json PATH]`` (needs the ``serve`` extra: starlette, uvicorn)
 
 * Server: ``deepseek-rs serve`` (the built-in PEAMoE: H=256, 16 experts of width 512, top-p
   routing; one torch thread) started twice on loopback, as a separate process: batching off
@@ -14,11 +15,14 @@
   carries a unique id that its answer must echo: the run fails if a request is lost, answered
   twice, or answered with another request's id. QPS counts the 200 answers.
 * Failure isolation under load: one more point at concurrency 32 against servers of the
-  built-in model wrapped so that it raises on a marked row (``benches/batching_models.py``):
+  built-in model wrapped so that it raises on a marked row (:func:`peamoe_failing_on_mark`):
   another 1 in 100 requests is marked and must get a 500, and the batcher must find it by
   bisection and answer every other request of its batch; the 200 answers of the requests sent
   around a marked one (ids within 8 of it: in flight with it, so mostly in its batch) are
-  checked against the model run in this process.
+  checked against the model run in this process, one request at a time (unbatched).
+* ``--quick``: a fixed number of requests per point (200) instead of a duration, so the counts
+  are the same on every run: 2 bad requests (400) per point, 2 failing ones (500) on the failing
+  points, and every 200 answer checked against the unbatched model.
 * The same model and batcher in process, without HTTP: 32 asyncio clients in one event loop
   awaiting ``batcher.infer(x)`` (the batching gain of the model alone, before JSON and HTTP
   costs).
@@ -34,10 +38,8 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import queue
 import random
 import signal
@@ -48,22 +50,47 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, wait
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from deepseek_rs import DynamicBatcher
-from deepseek_rs._core import Scheduler
-from deepseek_rs.bench.moe import machine_info
-from deepseek_rs.serving.server import DEFAULT_HIDDEN_SIZE
-from torch import nn
+from torch import Tensor, nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batching_models import FAIL_MARK  # noqa: E402
+from .._core import Scheduler
+from ..serving.batcher import DynamicBatcher
+from ..serving.server import DEFAULT_HIDDEN_SIZE, default_model, make_batcher
+from . import common
 
 BAD_EVERY = 100
 FAIL_EVERY, FAIL_AT, NEIGHBOURS = 100, 49, 8  # id % 100 == 49 is marked; ids within 8 are checked
-MODEL = "batching_models:peamoe_failing_on_mark"
+CHECK_EVERY = 25  # full runs also check every 25th 200 answer against the unbatched model
+QUICK_REQUESTS = 200  # requests per point of a quick run (ids 0..199: 2 bad, 2 marked)
+MODEL = "deepseek_rs.bench.batching:peamoe_failing_on_mark"
 ANSWER_TIMEOUT = 120  # seconds: a request unanswered by then is reported lost
+# A request whose first feature (of any token) is this makes the failing model raise.
+FAIL_MARK = 12345.0
+
+
+class FailsOnMark(nn.Module):
+    """``model`` that raises ``ValueError`` on a batch holding a row marked with ``FAIL_MARK``:
+    the batcher must find the marked request by bisection and answer every other one."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        if bool((x[:, 0] == FAIL_MARK).any()):
+            raise ValueError(f"a row is marked with {FAIL_MARK} (the benchmark's failing request)")
+        return self.model(x, **kwargs)
+
+
+def peamoe_failing_on_mark() -> nn.Module:
+    """The server's built-in PEAMoE (the same seeded weights), failing on marked rows: the
+    failing points run ``deepseek-rs serve --model deepseek_rs.bench.batching:peamoe_failing_on_mark``."""
+    model = FailsOnMark(default_model())
+    with torch.inference_mode():  # the first call pays one-time set-up: not a client's
+        model(torch.zeros(4, DEFAULT_HIDDEN_SIZE))
+    return model
 
 
 class Server:
@@ -87,9 +114,7 @@ class Server:
             cmd += ["--model", MODEL, "--collate", "ragged", "--item-shape", str(DEFAULT_HIDDEN_SIZE)]
         if not batching:
             cmd.append("--no-batching")
-        path = [os.path.dirname(os.path.abspath(__file__)), *filter(None, [os.environ.get("PYTHONPATH")])]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))  # the model's module
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while True:
             if self.proc.poll() is not None:
@@ -162,8 +187,8 @@ class Connection:
 class Load:
     """Request bodies and the answer bookkeeping of one measurement point."""
 
-    def __init__(self, tokens: int, seed: int, failing: bool = False):
-        self.failing = failing
+    def __init__(self, tokens: int, seed: int, failing: bool = False, check_all: bool = False):
+        self.failing, self.check_all = failing, check_all
         rng = random.Random(seed)
         self.rows = [self._rows(rng, tokens, DEFAULT_HIDDEN_SIZE) for _ in range(16)]
         self.good = [self._json(rows) for rows in self.rows]
@@ -171,7 +196,9 @@ class Load:
         marked = [list(row) for row in self.rows[0]]
         marked[0][0] = FAIL_MARK
         self.marked = self._json(marked)
-        self.neighbours: List[Tuple[int, bytes]] = []  # (id, 200 answer) of requests sent around a marked one
+        # (id, 200 answer) of the requests checked against the unbatched model: all of them with
+        # check_all, else those sent around a marked one and every CHECK_EVERY-th
+        self.checked: List[Tuple[int, bytes]] = []
         self.next_id = 0
         self.sent = 0
         self.answers: Counter = Counter()
@@ -221,28 +248,36 @@ class Load:
             self.errors.append(f"request {rid} got a 500 for another reason than the model's: {data[:200]!r}")
         if status == 200:
             self.latency.append(elapsed)
-            if self.failing and abs(rid % FAIL_EVERY - FAIL_AT) <= NEIGHBOURS:
-                self.neighbours.append((rid, data))
+            near = self.failing and abs(rid % FAIL_EVERY - FAIL_AT) <= NEIGHBOURS
+            if self.check_all or near or rid % CHECK_EVERY == 0:
+                self.checked.append((rid, data))
 
     def check(self, expected: List[torch.Tensor]) -> None:
-        """No request lost or answered twice, every status as it must be, and the 200 answers
-        sent around a marked request equal to the model's output for their input
+        """No request lost or answered twice, every status as it must be, and the checked 200
+        answers equal to the model's output for their input computed alone
         (``expected[i]``: for ``self.rows[i]``)."""
         lost = self.sent - len(self.answers)
         twice = sum(1 for c in self.answers.values() if c > 1)
         if lost or twice or self.errors:
             raise AssertionError(f"lost {lost}, answered twice {twice}, errors: {self.errors[:5]}")
-        for rid, data in self.neighbours:
+        for rid, data in self.checked:
             got = torch.tensor(json.loads(data)["outputs"])
             torch.testing.assert_close(got, expected[rid % len(self.rows)], rtol=1e-4, atol=1e-5)
 
 
-async def closed_loop(port: int, load: Load, concurrency: int, duration: float) -> float:
+async def closed_loop(
+    port: int, load: Load, concurrency: int, duration: float, requests: Optional[int] = None
+) -> float:
+    """``concurrency`` clients, each sending its next request when the last is answered, for
+    ``duration`` seconds or, with ``requests``, until that many are sent."""
     conns = [await Connection.open(port) for _ in range(concurrency)]
     stop = time.perf_counter() + duration
 
+    def more() -> bool:
+        return load.next_id < requests if requests is not None else time.perf_counter() < stop
+
     async def client(conn: Connection) -> None:
-        while time.perf_counter() < stop:
+        while more():
             await load.one(conn)
 
     start = time.perf_counter()
@@ -253,7 +288,10 @@ async def closed_loop(port: int, load: Load, concurrency: int, duration: float) 
     return elapsed
 
 
-async def open_loop(port: int, load: Load, rate: float, duration: float, seed: int) -> float:
+async def open_loop(
+    port: int, load: Load, rate: float, duration: float, seed: int, requests: Optional[int] = None
+) -> float:
+    """Poisson arrivals at ``rate`` per second, for ``duration`` seconds or ``requests`` arrivals."""
     rng = random.Random(seed)
     idle: List[Connection] = []
     tasks = []
@@ -265,7 +303,7 @@ async def open_loop(port: int, load: Load, rate: float, duration: float, seed: i
 
     start = time.perf_counter()
     t = start
-    while t < start + duration:
+    while (len(tasks) < requests) if requests is not None else (t < start + duration):
         t += rng.expovariate(rate)
         delay = t - time.perf_counter()
         if delay > 0:
@@ -287,8 +325,6 @@ def percentile(xs: List[float], q: float) -> float:
 
 def expected_outputs(load: Load) -> List[torch.Tensor]:
     """The served model's output for each good input of ``load``, computed here, one at a time."""
-    from deepseek_rs.serving.server import default_model
-
     model = default_model()
     with torch.inference_mode():
         return [model(torch.tensor(rows)) for rows in load.rows]
@@ -312,7 +348,9 @@ def measure(server: Server, load: Load, run) -> Dict[str, Any]:
         "ok": load.statuses[200],
         "bad_400": load.statuses[400],
         "failed_500": load.statuses[500],
-        "checked": len(load.neighbours),
+        "checked": len(load.checked),
+        "lost": load.sent - len(load.answers),
+        "answered_twice": sum(1 for c in load.answers.values() if c > 1),
         "rejected_429": load.statuses[429],
         "qps": load.statuses[200] / elapsed,
         "p50_ms": percentile(load.latency, 0.5) * 1e3,
@@ -324,8 +362,6 @@ def measure(server: Server, load: Load, run) -> Dict[str, Any]:
 def in_process(batching: bool, tokens: int, concurrency: int, duration: float) -> Dict[str, Any]:
     """The same model and batcher without HTTP: ``concurrency`` asyncio clients in one event loop
     (as in the server) awaiting ``batcher.infer(x)`` in a closed loop."""
-    from deepseek_rs.serving.server import default_model, make_batcher
-
     x = torch.randn(tokens, DEFAULT_HIDDEN_SIZE)
     latency: List[float] = []
 
@@ -423,60 +459,62 @@ def scheduler_overhead(n: int) -> Dict[str, float]:
     }
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    ap.add_argument("--duration", type=float, default=6.0, help="seconds per measurement point")
-    ap.add_argument("--tokens", type=int, default=4, help="tokens per request")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
-    ap.add_argument("--concurrency", type=int, nargs="+", help="closed-loop points (default 1 8 32 64)")
-    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    args = ap.parse_args(argv)
-    concurrencies = args.concurrency or ([1, 8] if args.quick else [1, 8, 32, 64])
-    duration = 0.7 if args.quick else args.duration
-    machine = machine_info()
-    print(
-        f"machine: {machine['cpus']} CPUs ({machine['cpu_model']}), torch {machine['torch']}, "
-        f"server torch threads {args.threads}; {args.tokens} tokens x {DEFAULT_HIDDEN_SIZE} per request, "
-        f"1 in {BAD_EVERY} requests bad (400); {duration:g} s per point; the last HTTP point also has "
-        f"1 in {FAIL_EVERY} requests failing in the model (500)",
-        flush=True,
-    )
+def run(
+    quick: bool,
+    duration: float,
+    tokens: int,
+    threads: int,
+    concurrencies: List[int],
+    say: Callable[[str], None],
+) -> Dict[str, Any]:
+    """Every point with batching off and on; ``quick``: a fixed request count per point."""
+    requests = QUICK_REQUESTS if quick else None
+    warmup = 64 if quick else None
     rows: List[Dict[str, Any]] = []
     rate: Optional[float] = None
     for batching in (False, True):
-        server = Server(batching, args.threads, failing=False)
+        say(f"server, batching {'on' if batching else 'off'}")
+        server = Server(batching, threads, failing=False)
         try:
-            asyncio.run(closed_loop(server.port, Load(args.tokens, seed=99), 8, 0.5))  # warm-up
+            asyncio.run(closed_loop(server.port, Load(tokens, seed=99), 8, 0.5, warmup))  # warm-up
             for c in concurrencies:
-                load = Load(args.tokens, seed=c)
-                r = measure(server, load, closed_loop(server.port, load, c, duration))
+                say(f"closed loop c={c}, batching {'on' if batching else 'off'}")
+                load = Load(tokens, seed=c, check_all=quick)
+                r = measure(server, load, closed_loop(server.port, load, c, duration, requests))
                 rows.append({"batching": batching, "load": f"closed c={c}", **r})
             if rate is None:  # set by the batching-off run, used by both
                 ref = [r for r in rows if r["load"] in ("closed c=32", f"closed c={concurrencies[-1]}")]
                 rate = 2 * ref[0]["qps"]
-            load = Load(args.tokens, seed=7)
-            r = measure(server, load, open_loop(server.port, load, rate, duration, seed=7))
+            say(f"Poisson arrivals, {rate:.0f}/s")
+            load = Load(tokens, seed=7, check_all=quick)
+            r = measure(server, load, open_loop(server.port, load, rate, duration, seed=7, requests=requests))
             rows.append({"batching": batching, "load": f"Poisson {rate:.0f}/s", "rate": rate, **r})
         finally:
             server.stop()
-    c_fail = concurrencies[-1] if args.quick else 32
+    c_fail = concurrencies[-1] if quick else 32
     for batching in (False, True):
-        server = Server(batching, args.threads, failing=True)
+        say(f"server of the failing model, batching {'on' if batching else 'off'}")
+        server = Server(batching, threads, failing=True)
         try:
-            asyncio.run(closed_loop(server.port, Load(args.tokens, seed=98, failing=True), 8, 0.5))
-            load = Load(args.tokens, seed=c_fail + 1000, failing=True)
-            r = measure(server, load, closed_loop(server.port, load, c_fail, duration))
+            asyncio.run(closed_loop(server.port, Load(tokens, seed=98, failing=True), 8, 0.5, warmup))
+            load = Load(tokens, seed=c_fail + 1000, failing=True, check_all=quick)
+            r = measure(server, load, closed_loop(server.port, load, c_fail, duration, requests))
             rows.append({"batching": batching, "load": f"closed c={c_fail}, 1% failing in the model", **r})
         finally:
             server.stop()
 
-    c_in = concurrencies[-1] if args.quick else 32
-    torch.set_num_threads(args.threads)  # as the server's
+    c_in = concurrencies[-1] if quick else 32
+    torch.set_num_threads(threads)  # as the server's
     for batching in (False, True):
-        r = in_process(batching, args.tokens, c_in, duration)
+        say(f"in process, batching {'on' if batching else 'off'}")
+        r = in_process(batching, tokens, c_in, duration)
         rows.append({"batching": batching, "load": f"in process c={c_in}, no HTTP", **r})
+    say("scheduler overhead")
+    over = scheduler_overhead(2000 if quick else 50000)
+    return {"rows": rows, "overhead": over}
 
+
+def report(rows: List[Dict[str, Any]], over: Dict[str, float]) -> None:
     header = "| load | QPS off | QPS on | ratio | p50 ms off / on | p99 ms off / on | mean batch on | 429 off / on |"  # noqa: E501
     print("\n" + header + "\n|---|---|---|---|---|---|---|---|")
     off = [r for r in rows if not r["batching"]]
@@ -495,9 +533,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(
         f"\n{total} requests, none lost or answered twice; all {bad} bad ones got 400, all {failed} that "
         "made the model raise got 500, every good one 200 (or 429 when the queue was full); "
-        f"{checked} answers sent around a failing request equal the model's output"
+        f"{checked} answers checked equal to the model's output for the request alone (unbatched)"
     )
-    over = scheduler_overhead(2000 if args.quick else 50000)
     print(
         f"no-op model, in process: {over['batcher_us']:.1f} us per request through DynamicBatcher "
         f"with 64 outstanding (mean batch {over['mean_batch']:.1f}); {over['sequential_us']:.1f} us "
@@ -505,12 +542,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         "two-thread hand-off (queue.SimpleQueue + Future, no scheduler); "
         f"{over['scheduler_us']:.2f} us per request in the scheduler's calls alone (target < 20 us)"
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "rows": rows, "overhead": over}, f, indent=2)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = common.parser("batching", __doc__)
+    ap.add_argument("--duration", type=float, default=6.0, help="seconds per measurement point (default 6)")
+    ap.add_argument("--tokens", type=int, default=4, help="tokens per request (default 4)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (default 1)")
+    ap.add_argument(
+        "--concurrency", type=int, nargs="+", metavar="C", help="closed-loop points (default 1 8 32 64)"
+    )
+    common.add_json(ap)
+    args = ap.parse_args(argv)
+    for module in ("starlette", "uvicorn"):
+        common.require(module, "the batching benchmark (it runs `deepseek-rs serve`)")
+    concurrencies = args.concurrency or ([1, 8] if args.quick else [1, 8, 32, 64])
+    duration = 0.7 if args.quick else args.duration
+    machine = common.machine_info()
+    print(common.format_machine(machine))
+    per_point = f"{QUICK_REQUESTS} requests per point" if args.quick else f"{duration:g} s per point"
+    print(
+        f"workload: server torch threads {args.threads}; {args.tokens} tokens x {DEFAULT_HIDDEN_SIZE} per "
+        f"request, 1 in {BAD_EVERY} requests bad (400); {per_point}; the last HTTP point also has "
+        f"1 in {FAIL_EVERY} requests failing in the model (500). Baseline: the same server with batching "
+        "off; ours: batching on (min 4, max 32, 5 ms); ratio: QPS on / off",
+        flush=True,
+    )
+    results = run(
+        args.quick, duration, args.tokens, args.threads, concurrencies, common.progress("batching", args)
+    )
+    report(results["rows"], results["overhead"])
+    common.write_json(args.json, machine, args.quick, results)
     return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
