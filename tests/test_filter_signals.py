@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 from deepseek_rs import ShardError, _core
+from deepseek_rs.bench.filter_reference import signals as reference_signals
 from deepseek_rs.datafilter import SIGNAL_NAMES, compute_signals
-from filter_reference import signals as reference_signals
 from hypothesis import example, given
 from hypothesis import strategies as st
 

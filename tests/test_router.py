@@ -95,7 +95,8 @@ def test_weight_gradient_gradcheck(rule, renormalize):
     z = distinct_logits(5, 8, seed=1).requires_grad_()
     kw = dict(top_k=3, top_p=0.6, max_k=5, renormalize=renormalize)
     if rule == "group_limited":
-        kw.update(n_group=2, topk_group=2, routed_scaling_factor=2.5, bias=torch.linspace(-0.1, 0.1, 8, dtype=torch.float64))
+        bias = torch.linspace(-0.1, 0.1, 8, dtype=torch.float64)
+        kw.update(n_group=2, topk_group=2, routed_scaling_factor=2.5, bias=bias)
     assert torch.autograd.gradcheck(lambda z: route(z, rule, **kw).weights, (z,))
 
 

@@ -3,8 +3,8 @@
 Written from the definitions in ``rust/textfilter/src/signals.rs`` as directly as possible, with
 no attempt at speed: ``deepseek-rs bench filter`` uses it as the plain-Python baseline (and checks
 that it computes what the Rust engine computes before timing either). It ships in the package so
-that the benchmark runs from an installed wheel; the property tests check the Rust against the
-same reference (``tests/filter_reference.py``).
+that the benchmark runs from an installed wheel; the property tests of ``tests/`` check the Rust
+engine against it too.
 """
 
 from __future__ import annotations
