@@ -1,4 +1,4 @@
-"""The Rust signals against the plain-Python reference (tests/filter_reference.py), and the
+"""The Rust signals against the plain-Python reference (deepseek_rs.bench.filter_reference), and the
 JSONL reader on bad bytes."""
 
 import gzip
