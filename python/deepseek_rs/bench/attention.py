@@ -1,7 +1,7 @@
 """Dynamic Attention Routing measured: work skipped, latency and language-model quality, in one run.
 
-``deepseek-rs bench attention [--quick] [--section latency|quality|all] [--steps N] [--threads N]``
-(or ``python benches/bench_attention.py ...``). The quality section needs transformers (the
+``deepseek-rs bench attention [--quick] [--section latency|quality|all] [--steps N] [--threads N]``.
+The quality section needs transformers (the
 ``hf`` extra).
 
 * Latency: ``DynamicAttention`` (gate + Rust router + block-sparse attention, forward, no
