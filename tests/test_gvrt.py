@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from deepseek_rs import GVRT, InvalidValueError
+from deepseek_rs import GVRT, DTypeError, InvalidValueError
 from deepseek_rs.training.gvrt import LR_Z_CAP, global_grad_norm
 from hypothesis import given
 from hypothesis import strategies as st
@@ -335,6 +335,12 @@ def test_no_gradients_is_a_zero_norm_step():
         ({"min_lr_factor": 0.0}, "min_lr_factor"),
         ({"lr_tolerance": -2}, "lr_tolerance"),
         ({"norm_type": 0}, "norm_type"),
+        ({"norm_type": float("nan")}, "norm_type"),
+        ({"eps": float("nan")}, "eps"),
+        ({"min_lr_factor": float("nan")}, "min_lr_factor"),
+        ({"warmup_clip_factor": float("nan")}, "warmup_clip_factor"),
+        ({"max_norm": float("inf")}, "max_norm"),
+        ({"adapt_lr": "no"}, "adapt_lr must be a bool"),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs, match):
@@ -344,12 +350,105 @@ def test_bad_arguments_name_the_problem(kwargs, match):
 
 def test_only_optimizers_it_can_serve_are_wrapped():
     p = [nn.Parameter(torch.ones(1))]
-    with pytest.raises(TypeError, match="Optimizer"):
+    with pytest.raises(DTypeError, match="GVRT wraps a torch.optim.Optimizer, got list"):
         GVRT(p)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="LBFGS"):
+    with pytest.raises(DTypeError, match="LBFGS"):
         GVRT(torch.optim.LBFGS(p))
-    with pytest.raises(TypeError, match="GVRT"):
+    with pytest.raises(DTypeError, match="GVRT"):
         GVRT(GVRT(torch.optim.SGD(p, lr=0.1)))
+    with pytest.raises(TypeError):  # DTypeError is a TypeError: old `except TypeError` still works
+        GVRT(None)  # type: ignore[arg-type]
+
+
+class _NoLR(torch.optim.Optimizer):
+    """An optimizer whose groups have no learning rate."""
+
+    def __init__(self, params):
+        super().__init__(params, {"scale": 0.5})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.mul_(group["scale"])
+
+
+def test_an_optimizer_without_learning_rates_needs_adapt_lr_false():
+    p = nn.Parameter(torch.ones(2))
+    with pytest.raises(InvalidValueError, match="group without one: pass adapt_lr=False"):
+        GVRT(_NoLR([p]))
+    opt = GVRT(_NoLR([p]), adapt_lr=False, warmup_steps=2)
+    for _ in range(4):
+        p.grad = torch.ones(2)
+        opt.step()
+    assert opt.last.step == 4
+
+
+def test_a_closure_must_be_callable():
+    opt = GVRT(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1))
+    with pytest.raises(DTypeError, match="closure must be callable"):
+        opt.step(1.0)  # type: ignore[arg-type]
+
+
+def test_global_grad_norm_bad_input():
+    with pytest.raises(DTypeError, match="grads must be tensors, got a NoneType"):
+        global_grad_norm([torch.ones(2), None])  # type: ignore[list-item]
+    with pytest.raises(InvalidValueError, match="norm_type"):
+        global_grad_norm([torch.ones(2)], -1.0)
+
+
+def _trained(steps=4):
+    p = nn.Parameter(torch.ones(2))
+    opt = GVRT(torch.optim.SGD([p], lr=0.1), warmup_steps=2)
+    for i in range(steps):
+        p.grad = torch.full((2,), 1.0 + i)
+        opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda sd: 5, DTypeError, "state_dict must be a mapping, got int"),
+        (lambda sd: {**sd, "gvrt": 3}, InvalidValueError, "the 'gvrt' state must be a mapping"),
+        (lambda sd: {**sd, "gvrt": {"mean": 1.0}}, InvalidValueError, "the 'gvrt' state lacks"),
+        (
+            lambda sd: {**sd, "gvrt": {**sd["gvrt"], "mean": float("nan")}},
+            InvalidValueError,
+            "mean must be a finite number, got nan",
+        ),
+        (
+            lambda sd: {**sd, "gvrt": {**sd["gvrt"], "var": -1.0}},
+            InvalidValueError,
+            "var must be a finite number >= 0",
+        ),
+        (
+            lambda sd: {**sd, "gvrt": {**sd["gvrt"], "count": 2.5}},
+            InvalidValueError,
+            "count must be an integer >= 0",
+        ),
+        (
+            lambda sd: {**sd, "gvrt": {**sd["gvrt"], "warmup_norms": [1.0, float("inf")]}},
+            InvalidValueError,
+            "warmup_norms must be a list of finite numbers",
+        ),
+        (
+            lambda sd: {**sd, "param_groups": []},
+            InvalidValueError,
+            "cannot load this state dict: loaded state dict has a different number of parameter groups",
+        ),
+        (
+            lambda sd: {k: v for k, v in sd.items() if k != "param_groups"},
+            InvalidValueError,
+            "cannot load this state dict",
+        ),
+    ],
+)
+def test_a_bad_state_dict_changes_nothing(change, error, match):
+    p, opt = _trained()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(change(copy.deepcopy(before)))
+    assert opt.state_dict() == before
 
 
 @given(st.lists(st.integers(0, 5), min_size=1, max_size=5), st.sampled_from([1.0, 2.0, 3.0, float("inf")]))

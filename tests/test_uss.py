@@ -5,7 +5,15 @@ import math
 
 import pytest
 import torch
-from deepseek_rs import DTypeError, InvalidValueError, ShapeError, UnifiedSemanticSpace, USSLoss
+from deepseek_rs import (
+    DeepseekError,
+    DeviceError,
+    DTypeError,
+    InvalidValueError,
+    ShapeError,
+    UnifiedSemanticSpace,
+    USSLoss,
+)
 from deepseek_rs.training.uss import symmetric_info_nce
 from hypothesis import given
 from hypothesis import strategies as st
@@ -175,10 +183,122 @@ def test_bad_input_names_the_problem():
         loss_fn(torch.randn(2, 6), torch.randn(2, 6), modalities=("text", "video"))
 
 
+def _space():
+    return UnifiedSemanticSpace({"text": 4, "image": 5}, dim=6)
+
+
+# Each bad call, the DeepseekError it raises and what its message says.
+BAD_CALLS = {
+    "features not a tensor": (
+        lambda s, f: s([[0.0] * 4] * 2, "text"),
+        DTypeError,
+        "features must be a torch",
+    ),
+    "modality not a str": (
+        lambda s, f: s(torch.randn(2, 4), ["text"]),
+        InvalidValueError,
+        "unknown modality",
+    ),
+    "float64 features, float32 space": (
+        lambda s, f: s(torch.randn(2, 4, dtype=torch.float64), "text"),
+        DTypeError,
+        "features is torch.float64 but the space's parameters are torch.float32",
+    ),
+    "features on another device": (
+        lambda s, f: s(torch.randn(2, 4, device="meta"), "text"),
+        DeviceError,
+        "features is on meta, the space's parameters on cpu",
+    ),
+    "embedding not a tensor": (lambda s, f: s.decode(None, "text"), DTypeError, "embedding must be a torch"),
+    "integer embedding": (
+        lambda s, f: s.decode(torch.ones(2, 6, dtype=torch.int32), "image"),
+        DTypeError,
+        "embedding must be floating point",
+    ),
+    "a not a tensor": (lambda s, f: f([[0.0] * 6] * 2, torch.randn(2, 6)), DTypeError, "a must be a torch"),
+    "integer b": (
+        lambda s, f: f(torch.randn(2, 6), torch.ones(2, 6, dtype=torch.long)),
+        DTypeError,
+        "b must be floating point, got torch.int64",
+    ),
+    "a and b of two dtypes": (
+        lambda s, f: f(torch.randn(2, 6), torch.randn(2, 6, dtype=torch.float64)),
+        DTypeError,
+        "a and b must have one dtype",
+    ),
+    "a and b float64, space float32": (
+        lambda s, f: f(torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)),
+        DTypeError,
+        "but the space's parameters are torch.float32",
+    ),
+    "mismatched batch sizes": (lambda s, f: f(torch.randn(3, 6), torch.randn(2, 6)), ShapeError, "paired"),
+    "1-D embeddings": (lambda s, f: f(torch.randn(6), torch.randn(6)), ShapeError, "paired"),
+    "embeddings not of the space's width": (
+        lambda s, f: f(torch.randn(2, 7), torch.randn(2, 7)),
+        ShapeError,
+        r"embeddings of the space, \[B, 6\]",
+    ),
+    "a and b on two devices": (
+        lambda s, f: f(torch.randn(2, 6), torch.randn(2, 6, device="meta")),
+        DeviceError,
+        "a is on cpu and b on meta",
+    ),
+    "a and b on another device than the space": (
+        lambda s, f: f(torch.randn(2, 6, device="meta"), torch.randn(2, 6, device="meta")),
+        DeviceError,
+        "the space's parameters on cpu",
+    ),
+    "a and b on another device than the temperature": (
+        lambda s, f: f.to("meta")(torch.randn(2, 6), torch.randn(2, 6)),
+        DeviceError,
+        "the temperature is on meta",
+    ),
+    "a modality that is not a str": (
+        lambda s, f: f(torch.randn(2, 6), torch.randn(2, 6), modalities=(["text"], "image")),
+        InvalidValueError,
+        "modalities must be a pair",
+    ),
+    "info_nce of unpaired embeddings": (
+        lambda s, f: symmetric_info_nce(torch.randn(2, 6), torch.randn(3, 6), torch.tensor(1.0)),
+        ShapeError,
+        "paired",
+    ),
+    "info_nce of integers": (
+        lambda s, f: symmetric_info_nce(
+            torch.ones(2, 6, dtype=torch.long), torch.randn(2, 6), torch.tensor(1.0)
+        ),
+        DTypeError,
+        "a must be floating point",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_every_bad_call_is_a_deepseek_error_naming_the_problem(case):
+    call, error, match = BAD_CALLS[case]
+    space = _space()
+    with pytest.raises(error, match=match) as e:
+        call(space, USSLoss(space))
+    assert isinstance(e.value, DeepseekError)
+
+
+def test_autocast_inputs_of_another_dtype_are_accepted():
+    space = _space()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = space(torch.randn(2, 4, dtype=torch.bfloat16), "text")
+    assert emb.shape == (2, 6)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"consistency_weight": 0.3}, "needs the UnifiedSemanticSpace"),
+        ({"consistency_weight": 0.0, "contrastive_weight": 0.0}, "both 0"),
+        ({"consistency_weight": 0.0, "temperature": float("nan")}, "temperature"),
+        ({"consistency_weight": 0.0, "temperature": "0.07"}, "temperature"),
+        ({"consistency_weight": 0.0, "max_logit_scale": float("nan")}, "max_logit_scale"),
+        ({"consistency_weight": 0.0, "learnable_temperature": "yes"}, "learnable_temperature"),
+        ({"consistency_weight": "0.3"}, "consistency_weight"),
         ({"consistency_weight": 0.0, "contrastive_weight": -1}, "contrastive_weight"),
         ({"consistency_weight": float("nan")}, "consistency_weight"),
         ({"consistency_weight": 0.0, "temperature": 0.0}, "temperature"),
@@ -191,6 +311,11 @@ def test_bad_loss_arguments(kwargs, match):
         USSLoss(**kwargs)
 
 
+def test_the_space_must_be_a_space():
+    with pytest.raises(DTypeError, match="space must be a UnifiedSemanticSpace or None, got str"):
+        USSLoss("space", consistency_weight=0.0)
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
@@ -201,6 +326,9 @@ def test_bad_loss_arguments(kwargs, match):
         (({"text": 3}, 4, -1), "depth"),
         (({"text": 3}, 4, 1, 0), "mlp_ratio"),
         (({"text": 3}, 4, 1, 1, 1.0), "dropout"),
+        (({"text": 3}, 4, 1, 1, float("nan")), "dropout"),
+        (({"text": 3}, 4, 1, 1, "0.1"), "dropout"),
+        (({"text": 3.0},), "modality_dims"),
     ],
 )
 def test_bad_space_arguments(args, match):

@@ -1,15 +1,25 @@
 """Type stubs of the Rust extension module `deepseek_rs._core` (kept in step by mypy.stubtest)."""
 
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union, final
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union, final, overload
 
 import numpy as np
 import numpy.typing as npt
 
-_Floats = npt.NDArray[np.float32] | npt.NDArray[np.float64]
-_Rows = npt.NDArray[np.float32] | npt.NDArray[np.float64] | npt.NDArray[np.int16]
+# The dtypes each binding takes, exactly: any other dtype (or number of dimensions) raises
+# deepseek_rs.DTypeError (or ShapeError) naming the argument. Where a binding takes either float
+# precision (the constrained type variable _Float), every float argument of one call has the same
+# one, and so has its float result. 16-bit floats (float16, bfloat16; numpy has no bfloat16)
+# cross as int16 views of their bits, in `gather` only (_Row).
+_Float = TypeVar("_Float", np.float32, np.float64)
+_Row = TypeVar("_Row", np.float32, np.float64, np.int16)
+_F32 = npt.NDArray[np.float32]
+_F64 = npt.NDArray[np.float64]
 _I64 = npt.NDArray[np.int64]
-_Routing = Tuple[_I64, _I64, _Floats, _I64]
+_U32 = npt.NDArray[np.uint32]
+_Bool = npt.NDArray[np.bool_]
+# (token_offsets, expert_ids, weights, expert_counts)
+_Routing = Tuple[_I64, _I64, npt.NDArray[_Float], _I64]
 
 __all__ = [
     "DocBatch",
@@ -33,52 +43,70 @@ __all__ = [
     "swiglu_experts_forward",
 ]
 
-def route_top_k(logits: _Floats, k: int, renormalize: bool) -> _Routing: ...
-def route_top_p(logits: _Floats, top_p: float, min_k: int, max_k: int, renormalize: bool) -> _Routing: ...
+# router (rust/python/src/lib.rs): the weights have the dtype of the logits
+def route_top_k(logits: npt.NDArray[_Float], k: int, renormalize: bool) -> _Routing[_Float]: ...
+def route_top_p(
+    logits: npt.NDArray[_Float], top_p: float, min_k: int, max_k: int, renormalize: bool
+) -> _Routing[_Float]: ...
 def route_group_limited(
-    logits: _Floats, bias: Optional[_Floats], top_k: int, n_group: int, topk_group: int, renormalize: bool
-) -> _Routing: ...
+    logits: npt.NDArray[_Float],
+    bias: Optional[npt.NDArray[_Float]],
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+) -> _Routing[_Float]: ...
 def route_backward(
-    logits: _Floats,
+    logits: npt.NDArray[_Float],
     token_offsets: _I64,
     expert_ids: _I64,
-    grad_weights: _Floats,
+    grad_weights: npt.NDArray[_Float],
     scoring: str,
     renormalize: bool,
     scale: float,
-) -> _Floats: ...
+) -> npt.NDArray[_Float]: ...
+
+# dispatch (rust/python/src/lib.rs)
 def sort_by_expert(
     token_offsets: _I64, expert_ids: _I64, num_experts: int
 ) -> Tuple[_I64, _I64, _I64, _I64]: ...
-def gather(src: _Rows, index: _I64, out: _Rows) -> None: ...
-def gather_scaled(src: _Floats, index: _I64, scale: _Floats, out: _Floats) -> None: ...
-def combine(
-    buf: _Floats, pair_position: _I64, token_offsets: _I64, weights: Optional[_Floats], out: _Floats
+def gather(src: npt.NDArray[_Row], index: _I64, out: npt.NDArray[_Row]) -> None: ...
+def gather_scaled(
+    src: npt.NDArray[_Float], index: _I64, scale: npt.NDArray[_Float], out: npt.NDArray[_Float]
 ) -> None: ...
-def swiglu_experts_backward(
-    grad_out: _Floats,
-    buf: _Floats,
-    gate_up: _Floats,
-    down: _Floats,
-    h: _Floats,
-    expert_offsets: _I64,
-    max_rows: int,
-    grad_buf: _Floats,
-    grad_gate_up: _Floats,
-    grad_down: _Floats,
-) -> int: ...
-def swiglu_experts_forward(
-    buf: _Floats,
-    gate_up: _Floats,
-    down: _Floats,
-    expert_offsets: _I64,
-    max_rows: int,
-    out: _Floats,
-    h: Optional[_Floats] = None,
-) -> int: ...
+def combine(
+    buf: npt.NDArray[_Float],
+    pair_position: _I64,
+    token_offsets: _I64,
+    weights: Optional[npt.NDArray[_Float]],
+    out: npt.NDArray[_Float],
+) -> None: ...
 def combine_weight_grad(
-    grad_out: _Floats, buf: _Floats, pair_position: _I64, token_offsets: _I64
-) -> _Floats: ...
+    grad_out: npt.NDArray[_Float], buf: npt.NDArray[_Float], pair_position: _I64, token_offsets: _I64
+) -> npt.NDArray[_Float]: ...
+
+# experts (rust/python/src/experts.rs): float32 only
+def swiglu_experts_forward(
+    buf: _F32,
+    gate_up: _F32,
+    down: _F32,
+    expert_offsets: _I64,
+    max_rows: int,
+    out: _F32,
+    h: Optional[_F32] = None,
+) -> int: ...
+def swiglu_experts_backward(
+    grad_out: _F32,
+    buf: _F32,
+    gate_up: _F32,
+    down: _F32,
+    h: _F32,
+    expert_offsets: _I64,
+    max_rows: int,
+    grad_buf: _F32,
+    grad_gate_up: _F32,
+    grad_down: _F32,
+) -> int: ...
 
 @final
 class Scheduler:
@@ -109,8 +137,6 @@ class Scheduler:
     def metrics(self) -> Dict[str, Any]: ...
 
 # data filter (rust/python/src/textfilter.rs)
-_F64 = npt.NDArray[np.float64]
-_U32 = npt.NDArray[np.uint32]
 _Path = Union[str, os.PathLike[str]]
 
 def signal_names() -> List[str]: ...
@@ -148,14 +174,26 @@ class JsonlWriter:
     def __new__(cls, path: _Path) -> JsonlWriter: ...
     @property
     def lines(self) -> int: ...
+    # The documents unchanged, or annotated: signals, names, keep and reasons go together.
+    @overload
     def write(
         self,
         batch: DocBatch,
         rows: _I64,
-        signals: Optional[_F64] = None,
-        names: Optional[Sequence[str]] = None,
-        keep: Optional[npt.NDArray[np.bool_]] = None,
-        reasons: Optional[Sequence[Optional[str]]] = None,
+        signals: None = None,
+        names: None = None,
+        keep: None = None,
+        reasons: None = None,
+    ) -> None: ...
+    @overload
+    def write(
+        self,
+        batch: DocBatch,
+        rows: _I64,
+        signals: _F64,
+        names: Sequence[str],
+        keep: _Bool,
+        reasons: Sequence[Optional[str]],
     ) -> None: ...
     def finish(self) -> None: ...
     def abort(self) -> None: ...

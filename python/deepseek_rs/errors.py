@@ -1,8 +1,9 @@
 """The exceptions of deepseek_rs.
 
 Every error the package raises on bad input is a `DeepseekError`, and also the builtin that a
-torch user would catch for it: shape and value problems are `ValueError`, dtype problems are
-`TypeError`. The Rust bindings raise these same classes.
+torch user would catch for it: shape and value problems are `ValueError`, dtype and type problems
+(an argument that is not a tensor, an array, an optimizer) are `TypeError`. The Rust bindings
+raise these same classes.
 """
 
 
@@ -15,7 +16,8 @@ class ShapeError(DeepseekError, ValueError):
 
 
 class DTypeError(DeepseekError, TypeError):
-    """A tensor has a dtype the operation does not accept."""
+    """A tensor or array has a dtype the operation does not accept, or an argument is not of the
+    type it must be (a list where a tensor or numpy array goes, a non-optimizer for GVRT)."""
 
 
 class DeviceError(DeepseekError, ValueError):

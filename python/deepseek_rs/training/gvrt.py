@@ -35,15 +35,16 @@ reads the norm (as ``clip_grad_norm_(error_if_nonfinite=True)`` does).
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..errors import InvalidValueError
+from ..errors import DTypeError, InvalidValueError
 
 CLIP_MODES = ("zscore", "adaptive", "mean")
 NONFINITE_MODES = ("skip", "raise")
@@ -51,6 +52,7 @@ NONFINITE_MODES = ("skip", "raise")
 # outlier (already clipped) lowers the rate for a few steps only, a sustained rise keeps it low.
 LR_Z_CAP = 2.0
 MAD_TO_STD = 1.4826  # the standard deviation of a normal distribution is 1.4826 times its MAD
+_COUNTS = ("step", "count", "clipped_steps", "skipped_steps")  # the integer statistics
 
 
 @dataclass
@@ -72,6 +74,46 @@ def _check_positive(name: str, value: float) -> None:
         raise InvalidValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def _check_norm_type(norm_type: float) -> None:
+    if not (_is_real(norm_type) and (math.isinf(norm_type) or norm_type > 0)):
+        raise InvalidValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _checked_stats(stats: Any, names: List[str]) -> Dict[str, Any]:
+    """A copy of the ``"gvrt"`` entry of a state dict, checked: every statistic in ``names``
+    present, counts integers >= 0, the others finite numbers (variances >= 0)."""
+    if not isinstance(stats, Mapping):
+        raise InvalidValueError(f"the 'gvrt' state must be a mapping, got {type(stats).__name__}")
+    missing = set(names) - set(stats)
+    if missing:
+        raise InvalidValueError(f"the 'gvrt' state lacks {sorted(missing)}")
+    out = dict(stats)
+    norms = out["warmup_norms"]
+    if not (isinstance(norms, (list, tuple)) and all(_is_real(x) and math.isfinite(x) for x in norms)):
+        raise InvalidValueError(
+            f"the 'gvrt' state's warmup_norms must be a list of finite numbers, got {norms!r}"
+        )
+    out["warmup_norms"] = list(norms)
+    for name in names:
+        value = out[name]
+        if name == "warmup_norms":
+            continue
+        if name in _COUNTS:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+            want = "an integer >= 0"
+        else:
+            low = 0.0 if name in ("var", "var_fast") else -math.inf
+            ok = _is_real(value) and low <= value < math.inf
+            want = "a finite number" + (" >= 0" if low == 0 else "")
+        if not ok:
+            raise InvalidValueError(f"the 'gvrt' state's {name} must be {want}, got {value!r}")
+    return out
+
+
 def _check_unit(name: str, value: float, *, closed_low: bool = False) -> None:
     ok = isinstance(value, (int, float)) and (0 <= value < 1 if closed_low else 0 < value < 1)
     if not ok:
@@ -90,6 +132,10 @@ def global_grad_norm(
     ZeRO) have their ``norm**p`` summed (maximum for the infinity norm) across it. Leave
     ``process_group`` None for DDP and single-process training.
     """
+    _check_norm_type(norm_type)
+    for g in grads:
+        if not isinstance(g, Tensor):
+            raise DTypeError(f"grads must be tensors, got a {type(g).__name__}")
     grads = [g for g in grads if g.numel() > 0]  # an empty gradient adds nothing, even to the max
     if not grads:
         return torch.zeros((), dtype=torch.float32)
@@ -172,9 +218,9 @@ class GVRT(Optimizer):
         eps: float = 1e-6,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"GVRT wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise DTypeError(f"GVRT wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, (GVRT, torch.optim.LBFGS)):
-            raise TypeError(f"GVRT cannot wrap {type(optimizer).__name__}")
+            raise DTypeError(f"GVRT cannot wrap {type(optimizer).__name__}")
         _check_unit("alpha", alpha)
         _check_unit("lr_beta", lr_beta)
         _check_positive("z_threshold", z_threshold)
@@ -196,8 +242,14 @@ class GVRT(Optimizer):
             raise InvalidValueError(
                 f"warmup_clip_factor must be a finite number >= 1 or None, got {warmup_clip_factor!r}"
             )
-        if not (isinstance(norm_type, (int, float)) and (math.isinf(norm_type) or norm_type > 0)):
-            raise InvalidValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
+        _check_norm_type(norm_type)
+        if not isinstance(adapt_lr, bool):
+            raise InvalidValueError(f"adapt_lr must be a bool, got {adapt_lr!r}")
+        if adapt_lr and any("lr" not in group for group in optimizer.param_groups):
+            raise InvalidValueError(
+                f"adapt_lr scales each parameter group's 'lr', and {type(optimizer).__name__} has a "
+                "group without one: pass adapt_lr=False"
+            )
         # Optimizer.__init__ sets up the step hooks; once the wrapped optimizer is attached,
         # param_groups and state are the wrapped optimizer's own (see the properties below).
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -305,6 +357,8 @@ class GVRT(Optimizer):
         """
         loss = None
         if closure is not None:
+            if not callable(closure):
+                raise DTypeError(f"closure must be callable or None, got {type(closure).__name__}")
             with torch.enable_grad():
                 loss = closure()
         grads = self._grads()
@@ -406,16 +460,17 @@ class GVRT(Optimizer):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore a ``state_dict()``; a plain optimizer state dict restarts the warm-up."""
+        if not isinstance(state_dict, Mapping):
+            raise DTypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         stats = state_dict.pop("gvrt", None)
-        if stats is not None:
-            missing = set(self._initial_stats()) - set(stats)
-            if missing:
-                raise InvalidValueError(f"the 'gvrt' state lacks {sorted(missing)}")
-        self.optimizer.load_state_dict(state_dict)
-        self._stats = (
-            self._initial_stats() if stats is None else {**stats, "warmup_norms": list(stats["warmup_norms"])}
-        )
+        # Checked before anything is loaded, so that a bad state dict changes nothing.
+        stats = self._initial_stats() if stats is None else _checked_stats(stats, list(self._initial_stats()))
+        try:
+            self.optimizer.load_state_dict(state_dict)
+        except (KeyError, TypeError, ValueError) as e:  # torch's own checks of the groups
+            raise InvalidValueError(f"the wrapped optimizer cannot load this state dict: {e}") from e
+        self._stats = stats
 
     def __getstate__(self) -> Dict[str, Any]:
         return self.__dict__.copy()

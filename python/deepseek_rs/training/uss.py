@@ -50,6 +50,33 @@ def _check_int(name: str, value: int, low: int) -> None:
         raise InvalidValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_float_tensor(name: str, x: object) -> None:
+    if not isinstance(x, Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise DTypeError(f"{name} must be floating point, got {x.dtype}")
+
+
+def _check_pair(a: Tensor, b: Tensor) -> None:
+    """``a`` and ``b`` are paired embeddings: float tensors of one shape [B >= 1, dim], one dtype
+    and one device."""
+    _check_float_tensor("a", a)
+    _check_float_tensor("b", b)
+    if a.dim() != 2 or a.shape != b.shape or a.shape[0] < 1:
+        raise ShapeError(
+            "a and b must be paired embeddings of one shape [B >= 1, dim], "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.dtype != b.dtype:
+        raise DTypeError(f"a and b must have one dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise DeviceError(f"a is on {a.device} and b on {b.device}")
+
+
 class UnifiedSemanticSpace(nn.Module):
     """Per-modality projections into one shared, modality-agnostic encoder.
 
@@ -82,7 +109,7 @@ class UnifiedSemanticSpace(nn.Module):
         _check_int("dim", dim, 1)
         _check_int("depth", depth, 0)
         _check_int("mlp_ratio", mlp_ratio, 1)
-        if not (0.0 <= dropout < 1.0):
+        if not (_is_number(dropout) and 0.0 <= dropout < 1.0):
             raise InvalidValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.modality_dims = dict(modality_dims)
         self.dim = dim
@@ -96,28 +123,40 @@ class UnifiedSemanticSpace(nn.Module):
             }
         )
 
-    def _check(self, x: Tensor, modality: str, width: int, what: str) -> None:
-        if modality not in self.modality_dims:
+    def _check(self, x: Tensor, modality: str, what: str, decode: bool) -> None:
+        if not isinstance(modality, str) or modality not in self.modality_dims:
             raise InvalidValueError(
                 f"unknown modality {modality!r}; this space has {sorted(self.modality_dims)}"
             )
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{what} must be a tensor, got {type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            raise DTypeError(f"{what} must be floating point, got {x.dtype}")
+        _check_float_tensor(what, x)
+        width = self.dim if decode else self.modality_dims[modality]
         if x.dim() == 0 or x.shape[-1] != width:
             raise ShapeError(f"{what} for {modality!r} must be [..., {width}], got {tuple(x.shape)}")
+        # The first layer x meets: torch would fail inside it with a message naming neither.
+        weight = getattr(self.decoders[modality][0] if decode else self.projections[modality], "weight", None)
+        if isinstance(weight, Tensor):
+            if x.device != weight.device:
+                raise DeviceError(f"{what} is on {x.device}, the space's parameters on {weight.device}")
+            if (
+                weight.is_floating_point()
+                and x.dtype != weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)
+            ):
+                raise DTypeError(
+                    f"{what} is {x.dtype} but the space's parameters are {weight.dtype}: "
+                    "convert one to the other's dtype (or run under torch.autocast)"
+                )
 
     def forward(self, features: Tensor, modality: str) -> Tensor:
         """Embed ``features`` of ``modality`` into the shared space (unit vectors)."""
-        self._check(features, modality, self.modality_dims.get(modality, -1), "features")
+        self._check(features, modality, "features", decode=False)
         return F.normalize(self.encoder(self.projections[modality](features)), dim=-1)
 
     encode = forward
 
     def decode(self, embedding: Tensor, modality: str) -> Tensor:
         """Map shared-space embeddings to features of ``modality``."""
-        self._check(embedding, modality, self.dim, "embedding")
+        self._check(embedding, modality, "embedding", decode=True)
         return self.decoders[modality](embedding)
 
     def extra_repr(self) -> str:
@@ -136,6 +175,7 @@ def symmetric_info_nce(a: Tensor, b: Tensor, logit_scale: Tensor) -> Tensor:
     """Cross-entropy of ``a`` against ``b`` plus of ``b`` against ``a``, row ``i`` of each being
     the positive pair and every other row of the batch a negative. Rows are L2-normalised;
     ``logit_scale`` is the inverse temperature."""
+    _check_pair(a, b)
     logits = logit_scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
     labels = torch.arange(a.shape[0], device=a.device)
     return F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
@@ -171,28 +211,30 @@ class USSLoss(nn.Module):
         max_logit_scale: float = 100.0,
     ) -> None:
         super().__init__()
+        if space is not None and not isinstance(space, UnifiedSemanticSpace):
+            raise DTypeError(f"space must be a UnifiedSemanticSpace or None, got {type(space).__name__}")
         for name, w in (
             ("contrastive_weight", contrastive_weight),
             ("consistency_weight", consistency_weight),
         ):
-            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            if not (_is_number(w) and math.isfinite(w) and w >= 0):
                 raise InvalidValueError(f"{name} must be a finite number >= 0, got {w!r}")
+        if contrastive_weight == 0 and consistency_weight == 0:
+            raise InvalidValueError("contrastive_weight and consistency_weight are both 0: the loss is 0")
         if consistency_weight > 0 and not isinstance(space, UnifiedSemanticSpace):
             raise InvalidValueError(
                 "the consistency term needs the UnifiedSemanticSpace it runs through: pass space=, "
                 "or consistency_weight=0 for a plain contrastive loss"
             )
-        if not (
-            isinstance(max_logit_scale, (int, float))
-            and math.isfinite(max_logit_scale)
-            and max_logit_scale > 1
-        ):
+        if not (_is_number(max_logit_scale) and math.isfinite(max_logit_scale) and max_logit_scale > 1):
             raise InvalidValueError(f"max_logit_scale must be a finite number > 1, got {max_logit_scale!r}")
-        if not (isinstance(temperature, (int, float)) and 1 / max_logit_scale <= temperature < math.inf):
+        if not (_is_number(temperature) and 1 / max_logit_scale <= temperature < math.inf):
             raise InvalidValueError(
                 f"temperature must be a finite number >= 1/max_logit_scale = {1 / max_logit_scale}, "
                 f"got {temperature!r}"
             )
+        if not isinstance(learnable_temperature, bool):
+            raise InvalidValueError(f"learnable_temperature must be a bool, got {learnable_temperature!r}")
         # Not a submodule: loss_fn.parameters() is the temperature alone, so the space's
         # parameters are not given to an optimizer twice.
         self.__dict__["space"] = space
@@ -219,24 +261,28 @@ class USSLoss(nn.Module):
         modalities: Tuple[str, str] = ("text", "image"),
         return_parts: bool = False,
     ):
-        for name, x in (("a", a), ("b", b)):
-            if not isinstance(x, Tensor):
-                raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-            if not x.dtype.is_floating_point:
-                raise DTypeError(f"{name} must be floating point, got {x.dtype}")
-        if a.dim() != 2 or a.shape != b.shape or a.shape[0] < 1:
-            raise ShapeError(
-                "a and b must be paired embeddings of one shape [B >= 1, dim], "
-                f"got {tuple(a.shape)} and {tuple(b.shape)}"
-            )
-        if a.device != b.device:
-            raise DeviceError(f"a is on {a.device} and b on {b.device}")
-        if not (isinstance(modalities, (tuple, list)) and len(modalities) == 2):
+        _check_pair(a, b)
+        if not (
+            isinstance(modalities, (tuple, list))
+            and len(modalities) == 2
+            and all(isinstance(m, str) for m in modalities)
+        ):
             raise InvalidValueError(f"modalities must be a pair of modality names, got {modalities!r}")
+        scale_device = self.logit_scale.device
+        if scale_device != a.device and scale_device.type != "cpu":  # a CPU scalar goes anywhere
+            raise DeviceError(f"a and b are on {a.device} but the temperature is on {scale_device}")
+        # The consistency term runs through the space (never None then: see __init__).
+        space: Optional[UnifiedSemanticSpace] = self.space if self.consistency_weight > 0 else None
+        if space is not None:
+            if a.shape[1] != space.dim:
+                raise ShapeError(
+                    f"a and b must be embeddings of the space, [B, {space.dim}], got {tuple(a.shape)}"
+                )
+            # b is decoded into the features of a's modality and a into b's.
+            space._check(b, modalities[0], "b", decode=True)
+            space._check(a, modalities[1], "a", decode=True)
         contrastive = symmetric_info_nce(a, b, self._scale())
-        if self.consistency_weight > 0:
-            space = self.space
-            assert space is not None  # checked in __init__
+        if space is not None:
             ma, mb = modalities
             a_unit, b_unit = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
             # b decoded into a's features and encoded again must land on a, and the other way round.

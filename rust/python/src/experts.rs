@@ -5,6 +5,7 @@ use numpy::{
 };
 use pyo3::prelude::*;
 
+use crate::args::extract;
 use crate::errors::{EngineError, shape_error};
 use crate::{slice, slice_mut};
 
@@ -37,14 +38,22 @@ fn dims_of(
 #[allow(clippy::too_many_arguments)]
 pub fn swiglu_experts_forward<'py>(
     py: Python<'py>,
-    buf: PyReadonlyArray2<'py, f32>,
-    gate_up: PyReadonlyArray3<'py, f32>,
-    down: PyReadonlyArray3<'py, f32>,
-    expert_offsets: PyReadonlyArray1<'py, i64>,
+    buf: &Bound<'py, PyAny>,
+    gate_up: &Bound<'py, PyAny>,
+    down: &Bound<'py, PyAny>,
+    expert_offsets: &Bound<'py, PyAny>,
     max_rows: usize,
-    mut out: PyReadwriteArray2<'py, f32>,
-    mut h: Option<PyReadwriteArray2<'py, f32>>,
+    out: &Bound<'py, PyAny>,
+    h: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<usize> {
+    extract!(
+        buf: PyReadonlyArray2<f32>,
+        gate_up: PyReadonlyArray3<f32>,
+        down: PyReadonlyArray3<f32>,
+        expert_offsets: PyReadonlyArray1<i64>,
+        mut out: PyReadwriteArray2<f32>,
+        mut h: Option<PyReadwriteArray2<f32>>,
+    );
     let dims = dims_of(&buf, &gate_up, &down)?;
     let (b, w1, w2, offs) = (
         slice(&buf, "buf")?,
@@ -68,17 +77,28 @@ pub fn swiglu_experts_forward<'py>(
 #[allow(clippy::too_many_arguments)]
 pub fn swiglu_experts_backward<'py>(
     py: Python<'py>,
-    grad_out: PyReadonlyArray2<'py, f32>,
-    buf: PyReadonlyArray2<'py, f32>,
-    gate_up: PyReadonlyArray3<'py, f32>,
-    down: PyReadonlyArray3<'py, f32>,
-    h: PyReadonlyArray2<'py, f32>,
-    expert_offsets: PyReadonlyArray1<'py, i64>,
+    grad_out: &Bound<'py, PyAny>,
+    buf: &Bound<'py, PyAny>,
+    gate_up: &Bound<'py, PyAny>,
+    down: &Bound<'py, PyAny>,
+    h: &Bound<'py, PyAny>,
+    expert_offsets: &Bound<'py, PyAny>,
     max_rows: usize,
-    mut grad_buf: PyReadwriteArray2<'py, f32>,
-    mut grad_gate_up: PyReadwriteArray3<'py, f32>,
-    mut grad_down: PyReadwriteArray3<'py, f32>,
+    grad_buf: &Bound<'py, PyAny>,
+    grad_gate_up: &Bound<'py, PyAny>,
+    grad_down: &Bound<'py, PyAny>,
 ) -> PyResult<usize> {
+    extract!(
+        grad_out: PyReadonlyArray2<f32>,
+        buf: PyReadonlyArray2<f32>,
+        gate_up: PyReadonlyArray3<f32>,
+        down: PyReadonlyArray3<f32>,
+        h: PyReadonlyArray2<f32>,
+        expert_offsets: PyReadonlyArray1<i64>,
+        mut grad_buf: PyReadwriteArray2<f32>,
+        mut grad_gate_up: PyReadwriteArray3<f32>,
+        mut grad_down: PyReadwriteArray3<f32>,
+    );
     let dims = dims_of(&buf, &gate_up, &down)?;
     let (g, b, w1, w2, hs, offs) = (
         slice(&grad_out, "grad_out")?,

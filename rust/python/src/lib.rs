@@ -1,55 +1,21 @@
 //! `deepseek_rs._core`: the Python face of the engine crates.
 //!
-//! Every function extracts numpy arrays, releases the GIL for the real work, and returns
-//! numpy arrays without copying. Large outputs are written into arrays the caller allocated
+//! Every function extracts its numpy arguments in one way ([`args`]: a wrong dtype or number of
+//! dimensions is a `DTypeError` or `ShapeError` naming the argument), releases the GIL for the
+//! real work, and returns numpy arrays without copying. Large outputs are written into arrays the caller allocated
 //! (so they live in torch's allocator); small ones are returned. Engine errors become the
 //! exceptions of `deepseek_rs.errors` in [`errors`].
 
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
+mod args;
 mod errors;
 mod experts;
 mod scheduler;
 mod textfilter;
+use args::{Floats1, Floats2, FloatsMut2, Rows2, RowsMut2, dtype_mismatch, extract};
 use errors::{EngineError, shape_error};
-
-/// A 1-D float array of either supported precision.
-#[derive(FromPyObject)]
-enum Floats1<'py> {
-    F32(PyReadonlyArray1<'py, f32>),
-    F64(PyReadonlyArray1<'py, f64>),
-}
-
-/// A 2-D float array of either supported precision.
-#[derive(FromPyObject)]
-enum Floats2<'py> {
-    F32(PyReadonlyArray2<'py, f32>),
-    F64(PyReadonlyArray2<'py, f64>),
-}
-
-/// A writable 2-D float array of either supported precision.
-#[derive(FromPyObject)]
-enum FloatsMut2<'py> {
-    F32(PyReadwriteArray2<'py, f32>),
-    F64(PyReadwriteArray2<'py, f64>),
-}
-
-/// A 2-D array of rows to copy: float32, float64, or 16-bit floats viewed as int16.
-#[derive(FromPyObject)]
-enum Rows2<'py> {
-    F32(PyReadonlyArray2<'py, f32>),
-    F64(PyReadonlyArray2<'py, f64>),
-    Bits16(PyReadonlyArray2<'py, i16>),
-}
-
-/// A writable counterpart of [`Rows2`].
-#[derive(FromPyObject)]
-enum RowsMut2<'py> {
-    F32(PyReadwriteArray2<'py, f32>),
-    F64(PyReadwriteArray2<'py, f64>),
-    Bits16(PyReadwriteArray2<'py, i16>),
-}
 
 pub(crate) fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a: &'a numpy::PyReadonlyArray<'_, T, D>,
@@ -65,10 +31,6 @@ pub(crate) fn slice_mut<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
 ) -> PyResult<&'a mut [T]> {
     a.as_slice_mut()
         .map_err(|_| shape_error(format!("{what} must be C-contiguous")))
-}
-
-fn dtype_mismatch(what: &str) -> PyErr {
-    errors::dtype_error(format!("{what} must all have the same dtype (float32 or float64)"))
 }
 
 /// Routing outputs as numpy arrays: (token_offsets, expert_ids, weights, expert_counts).
@@ -156,12 +118,14 @@ fn route<'py>(
     rule: Rule,
     renormalize: bool,
 ) -> PyResult<RoutingArrays<'py>> {
+    let mut dtypes = vec![("logits", logits.dtype())];
+    dtypes.extend(bias.as_ref().map(|b| ("bias", b.dtype())));
     match (logits, bias) {
         (Floats2::F32(z), None) => route_typed(py, z, None, rule, renormalize),
         (Floats2::F64(z), None) => route_typed(py, z, None, rule, renormalize),
         (Floats2::F32(z), Some(Floats1::F32(b))) => route_typed(py, z, Some(b), rule, renormalize),
         (Floats2::F64(z), Some(Floats1::F64(b))) => route_typed(py, z, Some(b), rule, renormalize),
-        _ => Err(dtype_mismatch("logits and bias")),
+        _ => Err(dtype_mismatch(&dtypes)),
     }
 }
 
@@ -182,10 +146,11 @@ mod _core {
     #[pyfunction]
     fn route_top_k<'py>(
         py: Python<'py>,
-        logits: Floats2<'py>,
+        logits: &Bound<'py, PyAny>,
         k: usize,
         renormalize: bool,
     ) -> PyResult<RoutingArrays<'py>> {
+        extract!(logits: Floats2);
         route(py, logits, None, Rule::TopK { k }, renormalize)
     }
 
@@ -193,12 +158,13 @@ mod _core {
     #[pyfunction]
     fn route_top_p<'py>(
         py: Python<'py>,
-        logits: Floats2<'py>,
+        logits: &Bound<'py, PyAny>,
         top_p: f64,
         min_k: usize,
         max_k: usize,
         renormalize: bool,
     ) -> PyResult<RoutingArrays<'py>> {
+        extract!(logits: Floats2);
         route(py, logits, None, Rule::TopP { p: top_p, min_k, max_k }, renormalize)
     }
 
@@ -207,13 +173,14 @@ mod _core {
     #[pyo3(signature = (logits, bias, top_k, n_group, topk_group, renormalize))]
     fn route_group_limited<'py>(
         py: Python<'py>,
-        logits: Floats2<'py>,
-        bias: Option<Floats1<'py>>,
+        logits: &Bound<'py, PyAny>,
+        bias: Option<&Bound<'py, PyAny>>,
         top_k: usize,
         n_group: usize,
         topk_group: usize,
         renormalize: bool,
     ) -> PyResult<RoutingArrays<'py>> {
+        extract!(logits: Floats2, bias: Option<Floats1>);
         route(
             py,
             logits,
@@ -232,14 +199,20 @@ mod _core {
     #[allow(clippy::too_many_arguments)]
     fn route_backward<'py>(
         py: Python<'py>,
-        logits: Floats2<'py>,
-        token_offsets: PyReadonlyArray1<'py, i64>,
-        expert_ids: PyReadonlyArray1<'py, i64>,
-        grad_weights: Floats1<'py>,
+        logits: &Bound<'py, PyAny>,
+        token_offsets: &Bound<'py, PyAny>,
+        expert_ids: &Bound<'py, PyAny>,
+        grad_weights: &Bound<'py, PyAny>,
         scoring: &str,
         renormalize: bool,
         scale: f64,
     ) -> PyResult<Bound<'py, PyAny>> {
+        extract!(
+            logits: Floats2,
+            token_offsets: PyReadonlyArray1<i64>,
+            expert_ids: PyReadonlyArray1<i64>,
+            grad_weights: Floats1,
+        );
         use deepseek_router::Scoring;
         let scoring = match scoring {
             "softmax" => Scoring::Softmax,
@@ -262,10 +235,11 @@ mod _core {
                 Ok(grad.into_pyarray(py).into_any())
             }};
         }
+        let dtypes = [("logits", logits.dtype()), ("grad_weights", grad_weights.dtype())];
         match (logits, grad_weights) {
             (Floats2::F32(z), Floats1::F32(g)) => run!(z, g, f32),
             (Floats2::F64(z), Floats1::F64(g)) => run!(z, g, f64),
-            _ => Err(dtype_mismatch("logits and grad_weights")),
+            _ => Err(dtype_mismatch(&dtypes)),
         }
     }
 
@@ -275,8 +249,8 @@ mod _core {
     #[allow(clippy::type_complexity)]
     fn sort_by_expert<'py>(
         py: Python<'py>,
-        token_offsets: PyReadonlyArray1<'py, i64>,
-        expert_ids: PyReadonlyArray1<'py, i64>,
+        token_offsets: &Bound<'py, PyAny>,
+        expert_ids: &Bound<'py, PyAny>,
         num_experts: usize,
     ) -> PyResult<(
         Bound<'py, PyArray1<i64>>,
@@ -284,6 +258,7 @@ mod _core {
         Bound<'py, PyArray1<i64>>,
         Bound<'py, PyArray1<i64>>,
     )> {
+        extract!(token_offsets: PyReadonlyArray1<i64>, expert_ids: PyReadonlyArray1<i64>);
         let (offs, ids) = (
             slice(&token_offsets, "token_offsets")?,
             slice(&expert_ids, "expert_ids")?,
@@ -303,33 +278,33 @@ mod _core {
     #[pyfunction]
     fn gather<'py>(
         py: Python<'py>,
-        src: Rows2<'py>,
-        index: PyReadonlyArray1<'py, i64>,
-        out: RowsMut2<'py>,
+        src: &Bound<'py, PyAny>,
+        index: &Bound<'py, PyAny>,
+        out: &Bound<'py, PyAny>,
     ) -> PyResult<()> {
+        extract!(src: Rows2, index: PyReadonlyArray1<i64>, out: RowsMut2);
         let idx = slice(&index, "index")?;
         macro_rules! run {
             ($s:expr, $o:expr) => {{
                 let (mut o, cols) = ($o, $s.shape()[1]);
                 if o.shape()[1] != cols {
                     return Err(shape_error(format!(
-                        "gather output has {} columns, source has {cols}",
+                        "out has {} columns, src has {cols}",
                         o.shape()[1]
                     )));
                 }
-                let (s, os) = (slice(&$s, "gather source")?, slice_mut(&mut o, "gather output")?);
+                let (s, os) = (slice(&$s, "src")?, slice_mut(&mut o, "out")?);
                 py.detach(|| deepseek_dispatch::gather(s, cols, idx, os))
                     .map_err(EngineError::from)?;
                 Ok(())
             }};
         }
+        let dtypes = [("src", src.dtype()), ("out", out.dtype())];
         match (src, out) {
             (Rows2::F32(s), RowsMut2::F32(o)) => run!(s, o),
             (Rows2::F64(s), RowsMut2::F64(o)) => run!(s, o),
             (Rows2::Bits16(s), RowsMut2::Bits16(o)) => run!(s, o),
-            _ => Err(errors::dtype_error(
-                "gather source and output must have the same dtype".into(),
-            )),
+            _ => Err(dtype_mismatch(&dtypes)),
         }
     }
 
@@ -337,32 +312,39 @@ mod _core {
     #[pyfunction]
     fn gather_scaled<'py>(
         py: Python<'py>,
-        src: Floats2<'py>,
-        index: PyReadonlyArray1<'py, i64>,
-        scale: Floats1<'py>,
-        out: FloatsMut2<'py>,
+        src: &Bound<'py, PyAny>,
+        index: &Bound<'py, PyAny>,
+        scale: &Bound<'py, PyAny>,
+        out: &Bound<'py, PyAny>,
     ) -> PyResult<()> {
+        extract!(
+            src: Floats2,
+            index: PyReadonlyArray1<i64>,
+            scale: Floats1,
+            out: FloatsMut2,
+        );
         let idx = slice(&index, "index")?;
         macro_rules! run {
             ($s:expr, $w:expr, $o:expr) => {{
                 let (mut o, cols) = ($o, $s.shape()[1]);
                 if o.shape()[1] != cols {
                     return Err(shape_error(format!(
-                        "gather output has {} columns, source has {cols}",
+                        "out has {} columns, src has {cols}",
                         o.shape()[1]
                     )));
                 }
-                let (s, w) = (slice(&$s, "gather source")?, slice(&$w, "scale")?);
-                let os = slice_mut(&mut o, "gather output")?;
+                let (s, w) = (slice(&$s, "src")?, slice(&$w, "scale")?);
+                let os = slice_mut(&mut o, "out")?;
                 py.detach(|| deepseek_dispatch::gather_scaled(s, cols, idx, w, os))
                     .map_err(EngineError::from)?;
                 Ok(())
             }};
         }
+        let dtypes = [("src", src.dtype()), ("scale", scale.dtype()), ("out", out.dtype())];
         match (src, scale, out) {
             (Floats2::F32(s), Floats1::F32(w), FloatsMut2::F32(o)) => run!(s, w, o),
             (Floats2::F64(s), Floats1::F64(w), FloatsMut2::F64(o)) => run!(s, w, o),
-            _ => Err(dtype_mismatch("gather source, scale and output")),
+            _ => Err(dtype_mismatch(&dtypes)),
         }
     }
 
@@ -371,12 +353,19 @@ mod _core {
     #[pyo3(signature = (buf, pair_position, token_offsets, weights, out))]
     fn combine<'py>(
         py: Python<'py>,
-        buf: Floats2<'py>,
-        pair_position: PyReadonlyArray1<'py, i64>,
-        token_offsets: PyReadonlyArray1<'py, i64>,
-        weights: Option<Floats1<'py>>,
-        out: FloatsMut2<'py>,
+        buf: &Bound<'py, PyAny>,
+        pair_position: &Bound<'py, PyAny>,
+        token_offsets: &Bound<'py, PyAny>,
+        weights: Option<&Bound<'py, PyAny>>,
+        out: &Bound<'py, PyAny>,
     ) -> PyResult<()> {
+        extract!(
+            buf: Floats2,
+            pair_position: PyReadonlyArray1<i64>,
+            token_offsets: PyReadonlyArray1<i64>,
+            weights: Option<Floats1>,
+            out: FloatsMut2,
+        );
         let (pos, offs) = (
             slice(&pair_position, "pair_position")?,
             slice(&token_offsets, "token_offsets")?,
@@ -386,28 +375,31 @@ mod _core {
                 let (mut o, cols) = ($o, $b.shape()[1]);
                 if o.shape()[1] != cols {
                     return Err(shape_error(format!(
-                        "combine output has {} columns, buffer has {cols}",
+                        "out has {} columns, buf has {cols}",
                         o.shape()[1]
                     )));
                 }
-                let b = slice(&$b, "expert buffer")?;
+                let b = slice(&$b, "buf")?;
                 let w_arr = $w;
                 let w = match &w_arr {
                     Some(w) => Some(slice(w, "weights")?),
                     None => None,
                 };
-                let os = slice_mut(&mut o, "combine output")?;
+                let os = slice_mut(&mut o, "out")?;
                 py.detach(|| deepseek_dispatch::combine(b, cols, pos, offs, w, os))
                     .map_err(EngineError::from)?;
                 Ok(())
             }};
         }
+        let mut dtypes = vec![("buf", buf.dtype())];
+        dtypes.extend(weights.as_ref().map(|w| ("weights", w.dtype())));
+        dtypes.push(("out", out.dtype()));
         match (buf, weights, out) {
             (Floats2::F32(b), None, FloatsMut2::F32(o)) => run!(b, None::<PyReadonlyArray1<f32>>, o),
             (Floats2::F64(b), None, FloatsMut2::F64(o)) => run!(b, None::<PyReadonlyArray1<f64>>, o),
             (Floats2::F32(b), Some(Floats1::F32(w)), FloatsMut2::F32(o)) => run!(b, Some(w), o),
             (Floats2::F64(b), Some(Floats1::F64(w)), FloatsMut2::F64(o)) => run!(b, Some(w), o),
-            _ => Err(dtype_mismatch("combine buffer, weights and output")),
+            _ => Err(dtype_mismatch(&dtypes)),
         }
     }
 
@@ -415,11 +407,17 @@ mod _core {
     #[pyfunction]
     fn combine_weight_grad<'py>(
         py: Python<'py>,
-        grad_out: Floats2<'py>,
-        buf: Floats2<'py>,
-        pair_position: PyReadonlyArray1<'py, i64>,
-        token_offsets: PyReadonlyArray1<'py, i64>,
+        grad_out: &Bound<'py, PyAny>,
+        buf: &Bound<'py, PyAny>,
+        pair_position: &Bound<'py, PyAny>,
+        token_offsets: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        extract!(
+            grad_out: Floats2,
+            buf: Floats2,
+            pair_position: PyReadonlyArray1<i64>,
+            token_offsets: PyReadonlyArray1<i64>,
+        );
         let (pos, offs) = (
             slice(&pair_position, "pair_position")?,
             slice(&token_offsets, "token_offsets")?,
@@ -429,21 +427,22 @@ mod _core {
                 let cols = $b.shape()[1];
                 if $g.shape()[1] != cols {
                     return Err(shape_error(format!(
-                        "grad_out has {} columns, buffer has {cols}",
+                        "grad_out has {} columns, buf has {cols}",
                         $g.shape()[1]
                     )));
                 }
-                let (g, b) = (slice(&$g, "grad_out")?, slice(&$b, "expert buffer")?);
+                let (g, b) = (slice(&$g, "grad_out")?, slice(&$b, "buf")?);
                 let grad = py
                     .detach(|| deepseek_dispatch::combine_weight_grad(g, b, cols, pos, offs))
                     .map_err(EngineError::from)?;
                 Ok(grad.into_pyarray(py).into_any())
             }};
         }
+        let dtypes = [("grad_out", grad_out.dtype()), ("buf", buf.dtype())];
         match (grad_out, buf) {
             (Floats2::F32(g), Floats2::F32(b)) => run!(g, b),
             (Floats2::F64(g), Floats2::F64(b)) => run!(g, b),
-            _ => Err(dtype_mismatch("grad_out and expert buffer")),
+            _ => Err(dtype_mismatch(&dtypes)),
         }
     }
 }

@@ -11,6 +11,7 @@ use numpy::{
 use pyo3::prelude::*;
 use serde_json::{Map, Value};
 
+use crate::args::extract;
 use crate::errors::{EngineError, shape_error, value_error};
 
 /// The names of the signals, in the column order of `compute_signals`.
@@ -58,9 +59,10 @@ pub fn hashed_features<'py>(
 pub fn dsir_log_importance<'py>(
     py: Python<'py>,
     texts: Vec<String>,
-    log_ratio: PyReadonlyArray1<'py, f64>,
+    log_ratio: &Bound<'py, PyAny>,
     per_feature: bool,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    extract!(log_ratio: PyReadonlyArray1<f64>);
     let lr = log_ratio
         .as_slice()
         .map_err(|_| shape_error("log_ratio must be C-contiguous".into()))?;
@@ -216,12 +218,17 @@ impl JsonlWriter {
         &self,
         py: Python<'py>,
         batch: &DocBatch,
-        rows: PyReadonlyArray1<'py, i64>,
-        signals: Option<PyReadonlyArray2<'py, f64>>,
+        rows: &Bound<'py, PyAny>,
+        signals: Option<&Bound<'py, PyAny>>,
         names: Option<Vec<String>>,
-        keep: Option<PyReadonlyArray1<'py, bool>>,
+        keep: Option<&Bound<'py, PyAny>>,
         reasons: Option<Vec<Option<String>>>,
     ) -> PyResult<()> {
+        extract!(
+            rows: PyReadonlyArray1<i64>,
+            signals: Option<PyReadonlyArray2<f64>>,
+            keep: Option<PyReadonlyArray1<bool>>,
+        );
         let rows = rows
             .as_slice()
             .map_err(|_| shape_error("rows must be C-contiguous".into()))?;
