@@ -54,6 +54,7 @@ from ..attention.hf import patch_attention
 from ..attention.layout import block_layout
 from ..attention.module import DynamicAttention, computed_fraction, work_fraction
 from ..attention.training import gate_losses, gate_parameters, gate_warmup
+from ..errors import InvalidValueError
 
 # DAR's selection in both sections: the query block's own block, the one before it, the first
 # (sink) block and 2 more chosen by the gate, in blocks of 64 tokens.
@@ -200,10 +201,12 @@ class CopyTask:
         self.lo, self.hi = max(seq // 4, 2 * block_size), self.start - block_size
         if distance is not None:
             if not self.lo <= distance <= self.hi:
-                raise ValueError(f"the copy distance must be in {self.lo}..{self.hi}, got {distance}")
+                raise InvalidValueError(f"the copy distance must be in {self.lo}..{self.hi}, got {distance}")
             self.lo = self.hi = distance
         if self.hi < self.lo:
-            raise ValueError(f"a copy task needs longer windows than {seq} bytes for blocks of {block_size}")
+            raise InvalidValueError(
+                f"a copy task needs longer windows than {seq} bytes for blocks of {block_size}"
+            )
 
     def apply(self, x: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         """(the windows with the copy, each window's distance)."""

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _core
+from ..errors import InvalidValueError
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -408,7 +409,9 @@ def expert_ffn_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of `expert_ffn` for (buf, gate_up_proj, down_proj), one expert segment at a time."""
     if h.shape[0] != buf.shape[0]:
-        raise RuntimeError("expert_ffn ran with save_h=False, so it has no backward; run it with save_h=True")
+        raise InvalidValueError(
+            "expert_ffn ran with save_h=False, so it has no backward; run it with save_h=True"
+        )
     f = down_proj.shape[2]
     grad_out = grad_out.contiguous()
     grad_buf = torch.empty_like(buf)

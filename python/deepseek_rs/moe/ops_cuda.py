@@ -189,7 +189,9 @@ def _expert_ffn_backward(grad_out, buf, gate_up_proj, down_proj, expert_offsets,
     """The data gradients are grouped GEMMs with the weights untransposed, the weight gradients
     grouped ``x_e^T @ y_e`` GEMMs, the SwiGLU derivative one elementwise kernel."""
     if h.shape[0] != buf.shape[0]:
-        raise RuntimeError("expert_ffn ran with save_h=False, so it has no backward; run it with save_h=True")
+        raise InvalidValueError(
+            "expert_ffn ran with save_h=False, so it has no backward; run it with save_h=True"
+        )
     gate_up_proj, down_proj = gate_up_proj.contiguous(), down_proj.contiguous()
     tiles = kernels.grouped_tiles(expert_offsets)
     grad_out = grad_out.contiguous()
