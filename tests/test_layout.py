@@ -5,7 +5,6 @@ private name taken from another subpackage."""
 import ast
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import deepseek_rs
@@ -107,6 +106,31 @@ def test_no_function_local_import_of_the_package():
     assert not found, found
 
 
+def _private_attribute_uses(module: str):
+    """`alias._name` where `alias` is bound by an import to a deepseek_rs module."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    bound = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in MODULES:
+                    bound[alias.asname or alias.name] = alias.name
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, node, MODULES[module].name == "__init__.py")
+            for alias in node.names:
+                if f"{target}.{alias.name}" in MODULES:
+                    bound[alias.asname or alias.name] = f"{target}.{alias.name}"
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in bound
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            yield bound[node.value.id], node.attr
+
+
 def test_no_private_name_from_another_subpackage():
     found = []
     for m in MODULES:
@@ -119,21 +143,25 @@ def test_no_private_name_from_another_subpackage():
             target_module = target if target in MODULES else target.rsplit(".", 1)[0]
             if private and target_module in MODULES and _subpackage(target_module) != _subpackage(m):
                 found.append(f"{m} imports {target}{'.' + name if name else ''}")
+        for target, attr in _private_attribute_uses(m):
+            if _subpackage(target) != _subpackage(m):
+                found.append(f"{m} uses {target}.{attr}")
     assert not found, found
 
 
 def test_help_is_fast_and_does_not_import_torch():
+    # The issue's bar: under a second, measured from the import of the CLI to the help printed
+    # (the interpreter's own start-up, which no package controls, is left out).
     code = (
         "import sys, time; t = time.perf_counter(); from deepseek_rs.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', time.perf_counter() - t, file=sys.stderr)"
     )
-    start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - start
     assert "usage: deepseek-rs" in out.stdout
-    assert "NO-TORCH" in out.stderr, out.stderr
-    assert wall < 3.0, f"deepseek-rs --help took {wall:.2f} s (interpreter start included)"
+    verdict, seconds = out.stderr.split()[-2:]
+    assert verdict == "NO-TORCH", out.stderr
+    assert float(seconds) < 1.0, f"deepseek-rs --help took {float(seconds):.2f} s"
 
 
 def test_version_flag():
@@ -141,3 +169,17 @@ def test_version_flag():
         [sys.executable, "-m", "deepseek_rs", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == f"deepseek-rs {deepseek_rs.__version__}"
+
+
+def test_import_is_lazy_and_the_moe_subpackage_registers_the_ops():
+    code = (
+        "import sys, deepseek_rs\n"
+        "assert 'torch' not in sys.modules\n"
+        "import torch\n"
+        "assert not hasattr(torch.ops.deepseek_rs, 'route')\n"
+        "deepseek_rs.PEAMoE  # any MoE name imports deepseek_rs.moe\n"
+        "print(torch.ops.deepseek_rs.route.default, torch.ops.deepseek_rs.expert_ffn.default)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "deepseek_rs.route.default" in out.stdout

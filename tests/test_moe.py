@@ -259,6 +259,27 @@ def test_custom_ops_pass_opcheck():
     )
 
 
+@pytest.mark.parametrize("weight_grads", [True, False])
+def test_expert_ffn_backward_passes_opcheck_and_skips_frozen_weights(weight_grads):
+    from deepseek_rs.moe import ops
+
+    g = torch.Generator().manual_seed(0)
+    offs = torch.tensor([0, 3, 3, 7])
+    buf, gu, dn = (torch.randn(*s, generator=g) for s in [(7, 8), (3, 12, 8), (3, 8, 6)])
+    out, h = ops.expert_ffn(buf, gu, dn, offs, True)
+    args = (torch.randn_like(out), buf, gu, dn, offs, h, weight_grads)
+    torch.library.opcheck(torch.ops.deepseek_rs.expert_ffn_backward.default, args)
+    grads = ops.expert_ffn_backward(*args)
+    assert grads[1].numel() == (gu.numel() if weight_grads else 0)
+    # Frozen experts: the layer trains the router and the input without weight gradients.
+    layer = PEAMoE(8, 6, 3, router="top_k", top_k=2)
+    layer.experts.requires_grad_(weight_grads)
+    x = torch.randn(5, 8, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert x.grad is not None and layer.gate.weight.grad is not None
+    assert (layer.experts.gate_up_proj.grad is None) == (not weight_grads)
+
+
 def test_a_trained_layer_can_be_copied_and_pickled():
     import copy
     import io

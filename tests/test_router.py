@@ -2,6 +2,7 @@ import dataclasses
 import math
 
 import deepseek_rs
+import numpy as np
 import pytest
 import reference
 import torch
@@ -176,6 +177,8 @@ def test_bad_input_errors():
         route(torch.zeros(3, 6), "top_q")
     with pytest.raises(ShapeError, match="bias"):
         route(torch.zeros(3, 6), "group_limited", bias=torch.zeros(5))
+    with pytest.raises(DTypeError, match="bias"):
+        route(torch.zeros(3, 6), "group_limited", bias=[0.0] * 6)
     # Every error is also the builtin a torch user expects.
     assert issubclass(ShapeError, ValueError) and issubclass(DTypeError, TypeError)
     assert issubclass(InvalidValueError, deepseek_rs.DeepseekError)
@@ -194,6 +197,7 @@ def test_bad_input_errors():
         (dict(n_group=2, topk_group=3), "topk_group"),
         (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor"),
         (dict(renormalize=1), "renormalize"),
+        (dict(rule="group_limited", n_group=512, topk_group=1), "n_group must be at most 256"),
     ],
 )
 def test_routing_config_refuses_bad_values_at_construction(fields, match):
@@ -204,11 +208,11 @@ def test_routing_config_refuses_bad_values_at_construction(fields, match):
 @pytest.mark.parametrize(
     "fields, experts, match",
     [
-        (dict(rule="top_k", top_k=5), 4, "top_k"),
-        (dict(rule="top_p", max_k=5), 4, "max_k"),
-        (dict(rule="top_p", min_k=5), 4, "min_k"),
-        (dict(rule="group_limited", n_group=4, top_k=1), 6, "n_group"),
-        (dict(rule="group_limited", n_group=4, topk_group=1, top_k=3), 8, "top_k"),
+        (dict(rule="top_k", top_k=5), 4, "^top_k"),
+        (dict(rule="top_p", max_k=5), 4, "^max_k"),
+        (dict(rule="top_p", min_k=5), 4, "^min_k"),
+        (dict(rule="group_limited", n_group=4, top_k=1), 6, "^n_group"),
+        (dict(rule="group_limited", n_group=4, topk_group=1, top_k=3), 8, "^top_k"),
     ],
 )
 def test_layers_refuse_a_config_that_does_not_fit_their_experts_at_construction(fields, experts, match):
@@ -240,9 +244,26 @@ def test_one_config_object_and_one_default():
     # route, Router and PEAMoE share one default rule.
     assert RoutingConfig().rule == "top_p"
     assert deepseek_rs.Router(4, 6).config == RoutingConfig() == deepseek_rs.PEAMoE(4, 2, 6).gate.config
-    assert torch.equal(route(z).token_offsets, route(z, RoutingConfig()).token_offsets)
+    peaked = torch.tensor([[9.0, 0, 0, 0, 0, 0], [0.0, 0, 0, 0, 0, 0]])
+    assert route(peaked).experts_per_token.tolist() == [1, 3]  # top_p=0.5: 1 expert, then 3 of 6
     with pytest.raises(InvalidValueError, match="RoutingConfig"):
         route(z, 3)
+
+
+def test_routing_fields_numpy_scalars_unknown_names_and_the_router_view():
+    config = RoutingConfig("top_k", top_k=np.int64(3), routed_scaling_factor=np.float32(2.0))
+    assert type(config.top_k) is int and type(config.routed_scaling_factor) is float
+    assert config == RoutingConfig("top_k", top_k=3, routed_scaling_factor=2.0)
+    with pytest.raises(InvalidValueError, match="`scale` is now `routed_scaling_factor`"):
+        route(torch.zeros(2, 4), "top_k", scale=2.0)
+    with pytest.raises(InvalidValueError, match="unknown routing fields"):
+        deepseek_rs.PEAMoE(8, 4, 4, top_n=2)
+    router = deepseek_rs.Router(8, 4, config)
+    assert (router.rule, router.top_k, router.routed_scaling_factor) == ("top_k", 3, 2.0)
+    with pytest.raises(InvalidValueError, match="dataclasses.replace"):
+        router.top_k = 1
+    router.config = dataclasses.replace(router.config, top_k=1)
+    assert router(torch.randn(5, 8)).expert_ids.numel() == 5
 
 
 def test_aux_losses():

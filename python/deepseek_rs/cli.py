@@ -4,7 +4,7 @@
 ``deepseek-rs bench {attention,batching,filter,quant,gvrt,uss,gpu} [--quick] ...`` the others
 (``deepseek_rs.bench.<name>.main``, each with its own options: ``deepseek-rs bench NAME --help``).
 ``deepseek-rs serve [--model MODULE:FACTORY] [--port N] ...`` serves a model over HTTP through
-the dynamic batcher (see ``deepseek_rs.serve``).
+the dynamic batcher (see ``deepseek_rs.serving.server``).
 ``deepseek-rs filter INPUT... -o OUTDIR [--config filter.yaml]`` filters JSONL shards.
 """
 

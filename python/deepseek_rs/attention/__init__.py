@@ -14,20 +14,33 @@ The modules, in data-flow order (each imports only those above it):
 * :mod:`.hf`: :func:`patch_attention`, which converts the attention of Hugging Face models.
 """
 
-from .gate import BlockGate
+from .gate import BlockGate, gate_distillation_loss
 from .hf import patch_attention
-from .module import DynamicAttention, dynamic_attention
+from .layout import BlockLayout, SparseAttentionOutput, block_layout
+from .module import DynamicAttention, computed_fraction, dynamic_attention, work_fraction
+from .selection import RULES, Selection, pool_blocks, routable_blocks, select_blocks
 from .sparse import block_sparse_attention
 from .training import dense_warmup, gate_losses, gate_parameters, gate_warmup
 
 __all__ = [
+    "RULES",
     "BlockGate",
+    "BlockLayout",
     "DynamicAttention",
+    "Selection",
+    "SparseAttentionOutput",
+    "block_layout",
     "block_sparse_attention",
+    "computed_fraction",
     "dense_warmup",
     "dynamic_attention",
+    "gate_distillation_loss",
     "gate_losses",
     "gate_parameters",
     "gate_warmup",
     "patch_attention",
+    "pool_blocks",
+    "routable_blocks",
+    "select_blocks",
+    "work_fraction",
 ]

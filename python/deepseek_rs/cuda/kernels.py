@@ -44,7 +44,10 @@ def _dense(t: Tensor, what: str) -> Tensor:
 def _check_half(what: str, *tensors: Tensor) -> torch.dtype:
     dtype = tensors[0].dtype
     if dtype not in HALF:
-        raise DTypeError(f"{what} runs on float16 or bfloat16 tensors, got {dtype}")
+        raise DTypeError(
+            f"{what} runs on float16 or bfloat16 tensors, got {dtype}: on CUDA, convert the module "
+            "(e.g. a PEAMoE) or the tensors with .half() or .bfloat16()"
+        )
     for t in tensors[1:]:
         if t.dtype != dtype:
             raise DTypeError(f"{what} needs operands of one dtype, got {dtype} and {t.dtype}")
@@ -316,7 +319,7 @@ def sort_by_expert(
     """Stable counting sort of the routed pairs by expert (histogram, scan, scatter).
 
     Returns ``(sorted_pair, sorted_token, pair_position, expert_offsets [E+1], bad)``, the
-    same as :func:`deepseek_rs.ops.sort_by_expert`; ``bad`` [1] int32 is 1 if an expert id was
+    same as :func:`deepseek_rs.moe.ops.sort_by_expert`; ``bad`` [1] int32 is 1 if an expert id was
     outside ``0..num_experts`` (those pairs are left out).
     """
     device = expert_ids.device

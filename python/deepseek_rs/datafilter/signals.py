@@ -1,7 +1,7 @@
 """Per-document signals from the Rust engine, and their fixed histogram bins.
 
 ``compute_signals(texts)`` returns float64 ``[len(texts), len(SIGNAL_NAMES)]``; the definitions
-are in ``rust/textfilter/src/signals.rs`` (docs) and ``tests/filter_reference.py`` (plain Python).
+are in ``rust/textfilter/src/signals.rs`` (docs) and ``deepseek_rs/bench/filter_reference.py`` (plain Python).
 """
 
 from __future__ import annotations

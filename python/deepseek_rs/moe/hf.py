@@ -13,7 +13,8 @@ Supported blocks (matched by exact class, from ``transformers.models.<name>.mode
 
 The replacement reuses the block's own parameters and buffers (the same tensor objects, so
 optimisers, tied weights and ``state_dict`` keys are unaffected) and computes the same
-function: only SiLU experts without biases are accepted. PEAMoE runs on CPU tensors.
+function: only SiLU experts without biases are accepted. The patched model runs on the CPU (Rust
+kernels) or on CUDA in float16 / bfloat16 (the CUDA kernels, not yet run on a GPU).
 
 Hugging Face's router outputs are gone after patching, so the load-balancing loss of
 ``output_router_logits`` is replaced by the ``aux_losses`` that each ``PEAMoE`` keeps after a

@@ -185,6 +185,11 @@ class PEAMoE(nn.Module):
     @overload
     def forward(self, hidden_states: Tensor, return_aux: Literal[True]) -> Tuple[Tensor, RouterAuxLosses]: ...
 
+    @overload
+    def forward(
+        self, hidden_states: Tensor, return_aux: bool = ...
+    ) -> Union[Tensor, Tuple[Tensor, RouterAuxLosses]]: ...
+
     def forward(
         self, hidden_states: Tensor, return_aux: bool = False
     ) -> Union[Tensor, Tuple[Tensor, RouterAuxLosses]]:

@@ -405,9 +405,19 @@ def _expert_ffn_setup(ctx, inputs, output):
 
 @torch.library.custom_op("deepseek_rs::expert_ffn_backward", mutates_args=(), device_types="cpu")
 def expert_ffn_backward(
-    grad_out: Tensor, buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor, expert_offsets: Tensor, h: Tensor
+    grad_out: Tensor,
+    buf: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    expert_offsets: Tensor,
+    h: Tensor,
+    weight_grads: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of `expert_ffn` for (buf, gate_up_proj, down_proj), one expert segment at a time."""
+    """Gradients of `expert_ffn` for (buf, gate_up_proj, down_proj), one expert segment at a time.
+
+    Without `weight_grads` (frozen experts) the two weight gradients are empty [0] tensors; the
+    CUDA kernel then skips their GEMMs (the Rust kernel computes all three in one pass anyway).
+    """
     if h.shape[0] != buf.shape[0]:
         raise InvalidValueError(
             "expert_ffn ran with save_h=False, so it has no backward; run it with save_h=True"
@@ -447,19 +457,26 @@ def expert_ffn_backward(
         gate_grad.add_(1).mul_(sig).mul_(up).mul_(grad_act[:n])
         torch.mm(grad_h[:n], gate_up_proj[e], out=grad_buf[s:t])
         torch.mm(grad_h[:n].t(), buf[s:t], out=grad_gate_up[e])
+    if not weight_grads:
+        return grad_buf, gate_up_proj.new_empty(0), down_proj.new_empty(0)
     return grad_buf, grad_gate_up, grad_down
 
 
 @expert_ffn_backward.register_fake
-def _(grad_out, buf, gate_up_proj, down_proj, expert_offsets, h):
+def _(grad_out, buf, gate_up_proj, down_proj, expert_offsets, h, weight_grads):
+    if not weight_grads:
+        return torch.empty_like(buf), gate_up_proj.new_empty(0), down_proj.new_empty(0)
     return torch.empty_like(buf), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
 
 
 def _expert_ffn_backward(ctx, grad_out, _grad_h):
     buf, gate_up_proj, down_proj, expert_offsets, h = ctx.saved_tensors
+    weight_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     grad_buf, grad_gate_up, grad_down = expert_ffn_backward(
-        grad_out, buf, gate_up_proj, down_proj, expert_offsets, h
+        grad_out, buf, gate_up_proj, down_proj, expert_offsets, h, weight_grads
     )
+    if not weight_grads:
+        grad_gate_up = grad_down = None
     return grad_buf, grad_gate_up, grad_down, None, None
 
 

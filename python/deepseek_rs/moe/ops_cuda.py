@@ -22,8 +22,7 @@ from torch import Tensor
 from ..cuda import kernels, require
 from ..errors import DTypeError, InvalidValueError, ShapeError
 from . import ops
-
-MAX_GROUPS = 256  # the group-limited router kernel keeps one score per group in shared memory
+from .routing import RoutingConfig
 
 
 def route_weights_backward(
@@ -83,11 +82,9 @@ def _route(logits, bias, rule, top_k, top_p, min_k, max_k, n_group, topk_group, 
     kernels.check_router_experts(e)
     if t >= 2**31 - 1:
         raise ShapeError(f"the CUDA router takes fewer than 2^31 - 1 tokens, got {t}")
+    # The checks the Rust router makes, for a caller of the op itself (route() made them already).
+    RoutingConfig(rule, top_k, top_p, min_k, max_k, renormalize, n_group, topk_group, scale).check(e)
     if rule == "group_limited":
-        if n_group > MAX_GROUPS:
-            raise InvalidValueError(
-                f"the CUDA router takes at most {MAX_GROUPS} expert groups, got {n_group}"
-            )
         if bias is None:
             bias = torch.zeros(e, dtype=torch.float32, device=logits.device)
         bias = bias.to(dtype=torch.float32).contiguous()
@@ -133,9 +130,11 @@ def _route_backward(logits, token_offsets, expert_ids, grad_weights, scoring, re
 @ops.sort_by_expert.register_kernel("cuda")
 def _sort_by_expert(token_offsets, expert_ids, num_experts):
     pair_token = kernels.pair_tokens(token_offsets, expert_ids.shape[0])
-    sorted_pair, sorted_token, pair_position, expert_offsets, _bad = kernels.sort_by_expert(
+    sorted_pair, sorted_token, pair_position, expert_offsets, bad = kernels.sort_by_expert(
         expert_ids, pair_token, num_experts
     )
+    if int(bad.item()):  # those pairs were left out: the buffers would hold garbage
+        raise InvalidValueError(f"expert_ids must be in 0..{num_experts - 1} (the experts)")
     return sorted_pair, sorted_token, pair_position, expert_offsets
 
 
@@ -185,7 +184,7 @@ def _expert_ffn(buf, gate_up_proj, down_proj, expert_offsets, save_h):
 
 
 @ops.expert_ffn_backward.register_kernel("cuda")
-def _expert_ffn_backward(grad_out, buf, gate_up_proj, down_proj, expert_offsets, h):
+def _expert_ffn_backward(grad_out, buf, gate_up_proj, down_proj, expert_offsets, h, weight_grads):
     """The data gradients are grouped GEMMs with the weights untransposed, the weight gradients
     grouped ``x_e^T @ y_e`` GEMMs, the SwiGLU derivative one elementwise kernel."""
     if h.shape[0] != buf.shape[0]:
@@ -198,6 +197,8 @@ def _expert_ffn_backward(grad_out, buf, gate_up_proj, down_proj, expert_offsets,
     grad_act = kernels.grouped_gemm(grad_out, down_proj, expert_offsets, w_transposed=False, tiles=tiles)
     grad_h, act = kernels.swiglu_backward(h, grad_act)
     grad_buf = kernels.grouped_gemm(grad_h, gate_up_proj, expert_offsets, w_transposed=False, tiles=tiles)
+    if not weight_grads:  # frozen experts: skip the two largest GEMMs
+        return grad_buf, gate_up_proj.new_empty(0), down_proj.new_empty(0)
     grad_gate_up = kernels.grouped_wgrad(grad_h, buf, expert_offsets)
     grad_down = kernels.grouped_wgrad(grad_out, act, expert_offsets)
     return grad_buf, grad_gate_up, grad_down

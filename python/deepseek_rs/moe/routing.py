@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -26,6 +28,7 @@ from ..errors import DeviceError, DTypeError, InvalidValueError, ShapeError
 from . import ops
 
 RULES = ("top_k", "top_p", "group_limited")
+MAX_GROUPS = 256  # expert groups of "group_limited" at most (the Rust and CUDA routers keep one score each)
 
 
 class RouterOutput(NamedTuple):
@@ -87,25 +90,31 @@ class RoutingConfig:
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise InvalidValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        # Integers and reals of any kind (numpy scalars too) are stored as Python int / float.
         counts = ("top_k", "min_k", "n_group", "topk_group") + (("max_k",) if self.max_k is not None else ())
         for name in counts:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise InvalidValueError(f"{name} must be an integer >= 1, got {value!r}")
-        p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+            object.__setattr__(self, name, int(value))
+        for name in ("top_p", "routed_scaling_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise InvalidValueError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not 0.0 < self.top_p <= 1.0:
             raise InvalidValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.max_k is not None and self.min_k > self.max_k:
-            raise InvalidValueError(f"need min_k <= max_k, got min_k={self.min_k}, max_k={self.max_k}")
+            raise InvalidValueError(f"min_k must be <= max_k, got min_k={self.min_k}, max_k={self.max_k}")
+        if self.n_group > MAX_GROUPS:
+            raise InvalidValueError(f"n_group must be at most {MAX_GROUPS}, got {self.n_group}")
         if self.topk_group > self.n_group:
             raise InvalidValueError(
                 f"topk_group must be in 1..={self.n_group} (n_group), got {self.topk_group}"
             )
-        if not isinstance(self.renormalize, bool):
+        if not isinstance(self.renormalize, (bool, np.bool_)):
             raise InvalidValueError(f"renormalize must be a bool, got {self.renormalize!r}")
-        scale = self.routed_scaling_factor
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise InvalidValueError(f"routed_scaling_factor must be a finite number, got {scale!r}")
+        object.__setattr__(self, "renormalize", bool(self.renormalize))
 
     @property
     def scoring(self) -> str:
@@ -117,10 +126,10 @@ class RoutingConfig:
         e = num_experts
         if self.rule == "top_p":
             max_k = e if self.max_k is None else self.max_k
-            if not self.min_k <= max_k <= e:
-                raise InvalidValueError(
-                    f"need 1 <= min_k <= max_k <= {e} (experts), got min_k={self.min_k}, max_k={max_k}"
-                )
+            if max_k > e:
+                raise InvalidValueError(f"max_k must be in 1..={e} (the number of experts), got {max_k}")
+            if self.min_k > max_k:
+                raise InvalidValueError(f"min_k must be in 1..={max_k} (max_k or experts), got {self.min_k}")
             return self
         if self.top_k > e:
             raise InvalidValueError(f"top_k must be in 1..{e} (the number of experts), got {self.top_k}")
@@ -138,6 +147,10 @@ class RoutingConfig:
     @classmethod
     def of(cls, config: Union[RoutingConfig, str, None] = None, **fields: Any) -> RoutingConfig:
         """``config`` (a ``RoutingConfig``, a rule name, or None for the defaults) with ``fields`` set."""
+        unknown = sorted(set(fields) - set(FIELDS))
+        if unknown:
+            hint = "; `scale` is now `routed_scaling_factor`" if "scale" in unknown else ""
+            raise InvalidValueError(f"unknown routing fields {unknown}; the fields are {list(FIELDS)}{hint}")
         if isinstance(config, RoutingConfig):
             return dataclasses.replace(config, **fields) if fields else config
         if config is None:
@@ -158,6 +171,9 @@ class RoutingConfig:
         if self.routed_scaling_factor != 1.0:
             extra += f", routed_scaling_factor={self.routed_scaling_factor}"
         return f"rule={self.rule!r}, {rule}{extra}"
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(RoutingConfig))
 
 
 def check_logits(logits: Tensor) -> Tensor:
@@ -196,6 +212,8 @@ def route(
     e = logits.shape[1]
     cfg.check(e)
     if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise DTypeError(f"selection bias must be a torch.Tensor, got {type(bias).__name__}")
         if cfg.rule != "group_limited":
             raise InvalidValueError(
                 f"a selection bias is only used by the 'group_limited' rule, not {cfg.rule!r}"
@@ -279,10 +297,6 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     @property
-    def rule(self) -> str:
-        return self.config.rule
-
-    @property
     def scoring(self) -> str:
         return self.config.scoring
 
@@ -324,6 +338,24 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, {self.config}"
+
+
+def _config_field(name: str) -> property:
+    def get(router: Router) -> Any:
+        return getattr(router.config, name)
+
+    def set_(router: Router, value: Any) -> None:
+        raise InvalidValueError(
+            f"a Router's routing is its frozen config: set router.config = "
+            f"dataclasses.replace(router.config, {name}=...) instead of router.{name}"
+        )
+
+    return property(get, set_, doc=f"The config's ``{name}`` (read-only).")
+
+
+# `router.top_k` and the other fields read through to the config.
+for _name in FIELDS:
+    setattr(Router, _name, _config_field(_name))
 
 
 __all__ = [

@@ -2,7 +2,7 @@
 //!
 //! The repetition signals follow Gopher (Rae et al. 2021, table A1) and the line signals
 //! FineWeb (Penedo et al. 2024); the entropy signals are the article's "information entropy"
-//! density. Every signal is a plain function of the text that `tests/filter_reference.py`
+//! density. Every signal is a plain function of the text that `python/deepseek_rs/bench/filter_reference.py`
 //! re-implements in plain Python; the definitions here are the contract.
 //!
 //! Conventions: lengths count Unicode scalar values (Python `len`), entropies are in bits,
