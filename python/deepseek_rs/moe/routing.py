@@ -90,18 +90,25 @@ class RoutingConfig:
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise InvalidValueError(f"rule must be one of {RULES}, got {self.rule!r}")
-        # Integers and reals of any kind (numpy scalars too) are stored as Python int / float.
+        # Integers and reals of any kind (numpy scalars too) are stored as Python int / float;
+        # the plain types skip the (slower) abstract checks.
         counts = ("top_k", "min_k", "n_group", "topk_group") + (("max_k",) if self.max_k is not None else ())
         for name in counts:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            if type(value) is not int:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise InvalidValueError(f"{name} must be an integer >= 1, got {value!r}")
+                object.__setattr__(self, name, int(value))
+            if value < 1:
                 raise InvalidValueError(f"{name} must be an integer >= 1, got {value!r}")
-            object.__setattr__(self, name, int(value))
         for name in ("top_p", "routed_scaling_factor"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if type(value) is not float:
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise InvalidValueError(f"{name} must be a finite number, got {value!r}")
+                object.__setattr__(self, name, float(value))
+            if not math.isfinite(value):
                 raise InvalidValueError(f"{name} must be a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.max_k is not None and self.min_k > self.max_k:
