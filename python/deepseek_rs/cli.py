@@ -146,7 +146,11 @@ def _bench_module(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepseek-rs",
-        description="deepseek-rs: DeepSeek-style MoE components for PyTorch (Rust on the CPU).",
+        description=(
+            "deepseek-rs: the techniques of the DeepSeek models as PyTorch components (MoE with "
+            "progressive expert activation, Dynamic Attention Routing, dynamic batching, the data "
+            "filter); Rust on the CPU, CUDA through CuPy on the GPU."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"deepseek-rs {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
