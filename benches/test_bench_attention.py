@@ -1,5 +1,5 @@
-"""Smoke test of ``deepseek-rs bench attention --quick`` (latency at 256 and 512 tokens; the
-quality models trained 2 + 4 steps on 512-byte windows), and unit tests of its pieces."""
+"""Smoke test of ``deepseek-rs bench attention --quick --json PATH`` (latency at 256 and 512
+tokens; the quality models trained 2 + 4 steps on 512-byte windows), and unit tests of its pieces."""
 
 import re
 
@@ -31,7 +31,7 @@ DAR_PAIRS_SKIPPED = 18.7
 
 
 def test_quick_attention_benchmark_keeps_the_dense_accuracy(run_bench):
-    proc, _ = run_bench("attention", "--threads", "1", json_out=False)
+    proc, data = run_bench("attention", "--threads", "1")
     out = proc.stdout
     assert out.startswith("machine: ") and "== latency" in out and "== quality" in out, out
     assert re.search(r"^\| 512 \| 81\.3% \|", out, re.MULTILINE), out  # = 100% - 18.7%: see PAIRS_SKIPPED
@@ -54,6 +54,24 @@ def test_quick_attention_benchmark_keeps_the_dense_accuracy(run_bench):
         assert 85.0 <= float(m["copy"]) <= 115.0, (name, m["copy"])
     for section in ("| dense (SDPA) |", "routed blocks of the second half's query blocks", "DAR / SDPA"):
         assert section in out, out
+
+    # The JSON holds the same figures: the machine, the latency rows, the quality rows per model.
+    assert data["quick"] is True and data["machine"]["cpus"] and data["machine"]["torch_threads"] == 1
+    assert [r["tokens"] for r in data["latency"]["rows"]] == [256, 512]
+    (at_512,) = [r for r in data["latency"]["rows"] if r["tokens"] == 512]
+    assert at_512["pairs_attended"] == pytest.approx(1 - DAR_PAIRS_SKIPPED / 100, abs=5e-4)
+    assert at_512["dar_over_sdpa"] == pytest.approx(at_512["dar_s"] / at_512["sdpa_s"])
+    quality = data["quality"]
+    assert quality["seeds"] == [0] and quality["tokens"] == 512
+    by_name = {r["model"]: r for r in quality["rows"]}
+    assert set(by_name) == set(rows) | {"dense (SDPA)", "pre-trained dense checkpoint"}
+    for name, m in rows.items():
+        r = by_name[name]
+        assert r["seed"] == 0 and r["lm_steps"] == 4
+        assert 100 * r["pairs_skipped"] == pytest.approx(float(m["pairs"]), abs=0.05), name
+        assert 100 * r["accuracy_of_dense"] == pytest.approx(float(m["acc"]), abs=0.005), name
+        assert r["pairs"] == pytest.approx(1 - r["pairs_skipped"]) and len(r["routing"]) == 1, name
+    assert by_name["dense (SDPA)"]["pairs"] == 1.0 and by_name["dense (SDPA)"]["routing"] == []
 
 
 def test_copy_task_sources_lie_beyond_the_local_and_sink_blocks():

@@ -6,6 +6,10 @@ from deepseek_rs.cli import BENCHMARKS, main
 NAMES = ("moe", "attention", "batching", "filter", "quant", "gvrt", "uss", "gpu")
 
 
+def test_every_benchmark_goes_through_the_registry():
+    assert tuple(BENCHMARKS) == NAMES
+
+
 def test_bench_help_lists_every_benchmark(capsys):
     with pytest.raises(SystemExit) as info:
         main(["bench", "--help"])

@@ -1,8 +1,8 @@
 """The ``deepseek-rs`` command line.
 
-``deepseek-rs bench moe [--quick] [--json PATH]`` runs the MoE benchmark and prints its table;
-``deepseek-rs bench {attention,batching,filter,quant,gvrt,uss,gpu} [--quick] ...`` the others
-(``deepseek_rs.bench.<name>.main``, each with its own options: ``deepseek-rs bench NAME --help``).
+``deepseek-rs bench NAME [--quick] ...`` runs one benchmark of :data:`BENCHMARKS` (moe, attention,
+batching, filter, quant, gvrt, uss, gpu): ``deepseek_rs.bench.<name>.main`` parses its own options
+(``deepseek-rs bench NAME --help``), prints its tables and, with ``--json PATH``, writes them.
 ``deepseek-rs serve [--model MODULE:FACTORY] [--port N] ...`` serves a model over HTTP through
 the dynamic batcher (see ``deepseek_rs.serving.server``).
 ``deepseek-rs filter INPUT... -o OUTDIR [--config filter.yaml]`` filters JSONL shards.
@@ -11,16 +11,16 @@ the dynamic batcher (see ``deepseek_rs.serving.server``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import List, Optional
 
 from . import __version__
 from .errors import DeepseekError
 
-# The benchmarks that parse their own options (``deepseek_rs.bench.<name>.main(argv)``), with
-# the line ``deepseek-rs bench --help`` shows for each.
+# Every benchmark: ``deepseek_rs.bench.<name>.main(argv)`` parses its own options; the line
+# ``deepseek-rs bench --help`` shows for each.
 BENCHMARKS = {
+    "moe": "router, dispatch + combine and the MoE layer against plain torch and Hugging Face",
     "attention": "Dynamic Attention Routing: latency against SDPA and dense-vs-DAR language-model quality",
     "batching": "dynamic batching over HTTP: QPS and latency of one server with batching off and on",
     "filter": "the data filter on real text: signals and stage 1 against plain Python and datatrove",
@@ -29,29 +29,6 @@ BENCHMARKS = {
     "uss": "USS against a two-tower model: text-to-image recall on captioned handwritten digits",
     "gpu": "the CUDA kernels against cuBLAS, a per-expert loop and HF on one GPU (needs a CUDA device)",
 }
-
-
-def _bench_moe(args: argparse.Namespace) -> int:
-    from .bench import moe as benchmarks
-
-    machine = benchmarks.machine_info()
-
-    show = not args.quiet and (args.progress or sys.stderr.isatty())
-
-    def progress(msg: str) -> None:
-        if show:
-            print(f"[bench moe] {msg} ...", file=sys.stderr, flush=True)
-
-    rows = benchmarks.run_moe(quick=args.quick, progress=progress)
-    table = benchmarks.format_table(rows, machine)
-    if args.quick:
-        table = "quick run: tiny sizes, a smoke test; the targets apply to the full sizes only\n" + table
-    print(table, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "quick": args.quick, "rows": rows}, f, indent=2)
-            f.write("\n")
-    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -131,11 +108,8 @@ def _bench_module(args: argparse.Namespace) -> int:
 
     from .bench import common
 
-    module = importlib.import_module(f"{__package__}.bench.{args.benchmark}")
-    if args.benchmark == "attention" and not {"-h", "--help"} & set(args.extra):
-        # its own machine line has the load and the threads it runs with, not the CPU model and GPU
-        print(common.format_machine(common.machine_info(), threads=False), flush=True)
     try:
+        module = importlib.import_module(f"{__package__}.bench.{args.benchmark}")
         return int(module.main(args.extra))
     except ModuleNotFoundError as e:  # an optional dependency imported where it is needed
         if (e.name or "").split(".")[0] not in common.EXTRAS:
@@ -157,22 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="run a benchmark", description="Run a benchmark.")
     benches = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
-    moe = benches.add_parser(
-        "moe",
-        help="router, dispatch + combine and the MoE layer against plain torch and Hugging Face",
-        description=(
-            "Time deepseek-rs's router, dispatch + combine and PEAMoE layer against plain torch "
-            "and Hugging Face Qwen3-MoE on this machine (float32, same process, same input), "
-            "and print a table of times, ratios and targets."
-        ),
-    )
-    moe.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of a few seconds")
-    moe.add_argument("--json", metavar="PATH", help="also write the machine and the rows as JSON to PATH")
-    moe.add_argument(
-        "--progress", action="store_true", help="progress messages on stderr even when it is not a terminal"
-    )
-    moe.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
-    moe.set_defaults(run=_bench_moe)
     for name, line in BENCHMARKS.items():
         sub = benches.add_parser(name, add_help=False, help=line)  # --help goes to the module's parser
         sub.set_defaults(run=_bench_module, passes_extra=True)

@@ -1,8 +1,7 @@
 """Dynamic Attention Routing measured: work skipped, latency and language-model quality, in one run.
 
-``deepseek-rs bench attention [--quick] [--section latency|quality|all] [--steps N] [--threads N]``.
-The quality section needs transformers (the
-``hf`` extra).
+``deepseek-rs bench attention [--quick] [--section latency|quality|all] [--steps N] [--threads N]
+[--json PATH] [--progress | -q]``. The quality section needs transformers (the ``hf`` extra).
 
 * Latency: ``DynamicAttention`` (gate + Rust router + block-sparse attention, forward, no
   grad) against ``torch.nn.functional.scaled_dot_product_attention`` (causal) on the same
@@ -43,7 +42,7 @@ import time
 import warnings
 import zlib
 from collections import Counter
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +54,7 @@ from ..attention.layout import block_layout
 from ..attention.module import DynamicAttention, computed_fraction, work_fraction
 from ..attention.training import gate_losses, gate_parameters, gate_warmup
 from ..errors import InvalidValueError
+from . import common
 
 # DAR's selection in both sections: the query block's own block, the one before it, the first
 # (sink) block and 2 more chosen by the gate, in blocks of 64 tokens.
@@ -77,7 +77,10 @@ def median_times(fns, repeat: int):
     return [statistics.median(t) for t in times]
 
 
-def latency(lengths, repeat: int, device: str, backend: str = "gather") -> None:
+def latency(
+    lengths, repeat: int, device: str, backend: str = "gather", say: Callable[[str], None] = lambda _msg: None
+) -> Dict[str, Any]:
+    """Print the latency table; return its rows (seconds, shares of dense causal attention)."""
     print(f"\n== latency: causal attention forward, 1 x 8 heads x 64, float32, {device}, median of {repeat}")
     print(f"DAR: {DAR}, backend={backend!r}")
     flex = backend == "flex"  # then the gather path is timed too, as the baseline of the flex path
@@ -89,7 +92,9 @@ def latency(lengths, repeat: int, device: str, backend: str = "gather") -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if flex else ""))
     gen = torch.Generator().manual_seed(0)
     bs = DAR["block_size"]
+    rows: List[Dict[str, Any]] = []
     for t in lengths:
+        say(f"latency: {t} tokens")
         q, k, v = (torch.randn(1, 8, t, 64, generator=gen).to(device) for _ in range(3))
         dar = DynamicAttention(8, 8, 64, **DAR, backend=backend).to(device).eval()
         fns = [
@@ -117,10 +122,23 @@ def latency(lengths, repeat: int, device: str, backend: str = "gather") -> None:
             f"| {t} | {frac:.1%} | {work:.1%} | {sdpa * 1e3:.1f} | {ours * 1e3:.1f} | {ours / sdpa:.3f} | "
             f"{1 - ours / sdpa:.1%} |"
         )
+        rows.append(
+            {
+                "tokens": t,
+                "pairs_attended": frac,
+                "products_computed": work,
+                "sdpa_s": sdpa,
+                "dar_s": ours,
+                "dar_over_sdpa": ours / sdpa,
+                "latency_reduction": 1 - ours / sdpa,
+            }
+        )
         if flex:
             row += f" {times[2] * 1e3:.1f} | {ours / times[2]:.3f} |"
+            rows[-1].update(gather_s=times[2], flex_over_gather=ours / times[2])
         print(row, flush=True)
     print("   article: 57% lower latency at 16K tokens")
+    return {"device": device, "backend": backend, "repeat": repeat, "dar": DAR, "rows": rows}
 
 
 def docstrings(limit_bytes: int):
@@ -428,7 +446,9 @@ def quality(
     pretrain_steps: int = 0,
     copy_distance: Optional[int] = None,
     vocab: int = 256,
-) -> None:
+    say: Callable[[str], None] = lambda _msg: None,
+) -> Dict[str, Any]:
+    """Train and evaluate the ``models``; print their table; return it (one seed: no spread)."""
     train, val = docstrings(4_000_000)
     size = f"{len(train) / 1e6:.2f} MB train, {len(val) / 1e6:.2f} MB validation"
     if vocab != 256:
@@ -460,6 +480,7 @@ def quality(
     results = {}
     base = language_model(seed, seq, hidden, layers, vocab)
     if pretrain_steps:
+        say("quality: dense pre-training")
         print(f"dense pre-training, {pretrain_steps} steps (other batches):", flush=True)
         start = time.perf_counter()
         train_lm(base, train, pretrain_steps, batch, seq, lr=lr, seed=seed + 1, task=copy_task)
@@ -468,6 +489,7 @@ def quality(
     for key in models:
         name = MODELS[key][0]
         model = build(key, seed, base)
+        say(f"quality: {name}")
         print(f"{name}:", flush=True)
         start = time.perf_counter()
         variant = MODELS[key][2]
@@ -483,8 +505,17 @@ def quality(
         "| products computed | LM steps | gate-only warm-up steps | train s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows: Dict[str, Dict[str, Any]] = {}
     for name, (r, secs, lm, warm) in results.items():
         lm = pretrain_steps if name == "pre-trained dense checkpoint" else lm
+        rows[name] = {
+            "model": name,
+            "seed": seed,
+            **{f: _number(getattr(r, f)) for f in Scores._fields if f != "routing"},
+            "lm_steps": lm,
+            "warmup_steps": warm,
+            "train_s": secs,
+        }
         print(
             f"| {name} | {r.accuracy:.4f} | {r.copy_accuracy:.4f} | {r.rest_accuracy:.4f} | "
             f"{r.perplexity:.3f} | {r.copy_perplexity:.3f} | {r.pairs:.1%} | {r.products:.1%} | "
@@ -495,6 +526,12 @@ def quality(
         if dense is not None and name not in (MODELS["dense"][0], "pre-trained dense checkpoint"):
             d = dense[0]
             copied = f", {r.copy_accuracy / d.copy_accuracy:.2%} on the copied part" if copy_task else ""
+            rows[name].update(
+                work_skipped=1 - r.products,
+                pairs_skipped=1 - r.pairs,
+                accuracy_of_dense=r.accuracy / d.accuracy,
+                copy_accuracy_of_dense=r.copy_accuracy / d.copy_accuracy if copy_task else None,
+            )
             print(
                 f"{name}: {1 - r.products:.1%} of the attention work (score products) and "
                 f"{1 - r.pairs:.1%} of the pairs skipped at {seq} tokens; "
@@ -503,12 +540,40 @@ def quality(
     for name, (r, *_) in results.items():
         for layer, routing in enumerate(r.routing):
             print(f"{name}, layer {layer}, routed blocks of the second half's query blocks n: {routing}")
+        rows[name]["routing"] = list(r.routing)
     print("   article: >= 42% of the attention work skipped at 1024 tokens with >= 98.7% of the accuracy")
+    return {
+        "seeds": [seed],  # every model trained once, from this seed: no spread over seeds
+        "tokens": seq,
+        "steps": steps,
+        "warmup_steps": warmup_steps,
+        "pretrain_steps": pretrain_steps,
+        "batch": batch,
+        "hidden": hidden,
+        "layers": layers,
+        "vocab": vocab,
+        "lr": lr,
+        "task": task,
+        "copy_distance": None if copy_task is None else [copy_task.lo, copy_task.hi],
+        "eval_windows": evals,
+        "dar": DAR,
+        "rows": list(rows.values()),
+    }
+
+
+def _number(x: float) -> Optional[float]:
+    """``x``, or None for NaN (a copy figure without the copy task): JSON has no NaN."""
+    return None if math.isnan(x) else x
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="deepseek-rs bench attention", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke test")
+    p.add_argument(
+        "--progress", action="store_true", help="progress messages on stderr even when it is not a terminal"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    common.add_json(p)
     p.add_argument("--section", choices=("latency", "quality", "all"), default="all")
     p.add_argument("--steps", type=int, default=300, help="training steps of each language model")
     p.add_argument(
@@ -580,23 +645,39 @@ def main(argv=None) -> int:
         )
     if args.threads:
         torch.set_num_threads(args.threads)
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    machine = common.machine_info()
+    # the common line without threads: the next one has the load and the threads the bench runs with
+    print(common.format_machine(machine, threads=False), flush=True)
+    say = common.progress("attention", args)
+    results: Dict[str, Any] = {"load_average": list(os.getloadavg())}
+    load = ", ".join(f"{x:.1f}" for x in results["load_average"])
     print(f"machine: {os.cpu_count()} CPUs (load average {load}), torch {torch.__version__}, ", end="")
     print(f"{torch.get_num_threads()} threads")
     if args.device.startswith("cuda") and torch.cuda.is_available():
         print(f"device: {torch.cuda.get_device_name()}")
     if args.section in ("latency", "all"):
         lengths = (256, 512) if args.quick else (1024, 4096, 16384)
-        latency(lengths, 2 if args.quick else args.repeat, args.device, args.backend)
+        repeat = 2 if args.quick else args.repeat
+        results["latency"] = latency(lengths, repeat, args.device, args.backend, say)
     if args.section in ("quality", "all"):
         steps = 4 if args.quick else args.steps
         warmup = max(1, steps // 5) if args.warmup_steps is None else args.warmup_steps
         if args.quick:
-            quality(
-                steps, 512, 2, 64, 1, 4, models=models, task=args.task, warmup_steps=warmup, pretrain_steps=2
+            results["quality"] = quality(
+                steps,
+                512,
+                2,
+                64,
+                1,
+                4,
+                models=models,
+                task=args.task,
+                warmup_steps=warmup,
+                pretrain_steps=2,
+                say=say,
             )
         else:
-            quality(
+            results["quality"] = quality(
                 steps,
                 1024,
                 args.batch,
@@ -611,5 +692,7 @@ def main(argv=None) -> int:
                 pretrain_steps=args.pretrain_steps,
                 copy_distance=args.copy_distance or None,
                 vocab=args.vocab,
+                say=say,
             )
+    common.write_json(args.json, machine, args.quick, results)
     return 0

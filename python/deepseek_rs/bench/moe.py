@@ -5,11 +5,13 @@ input, in the same run (their repetitions interleaved, so a load change on the m
 both), after checking that the two compute the same thing. A time is the median over several
 repetitions after a warm-up; forward-only rows run under ``torch.no_grad()``.
 
-:func:`run_moe` returns the rows as dicts and :func:`format_table` prints them.
+:func:`run_moe` returns the rows as dicts and :func:`format_table` prints them; :func:`main` is
+``deepseek-rs bench moe [--quick] [--json PATH] [--progress | -q]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 import statistics
@@ -24,6 +26,7 @@ from torch.nn import functional as F
 import deepseek_rs
 
 from ..moe.layer import PEAMoE
+from . import common
 from .common import machine_info
 
 SPEEDUP = "baseline/ours"  # the ratio is baseline time / measured time (higher is better)
@@ -761,6 +764,31 @@ def format_table(rows: Sequence[Dict[str, Any]], machine: Dict[str, Any]) -> str
     return "\n".join(out)
 
 
+def main(argv: Optional[List[str]] = None) -> int:
+    """``deepseek-rs bench moe``: print the table; with ``--json PATH`` also write the machine and rows."""
+    p = argparse.ArgumentParser(
+        prog="deepseek-rs bench moe",
+        description=(
+            "Time deepseek-rs's router, dispatch + combine and PEAMoE layer against plain torch "
+            "and Hugging Face Qwen3-MoE on this machine (float32, same process, same input), "
+            "and print a table of times, ratios and targets."
+        ),
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of a few seconds")
+    p.add_argument("--json", metavar="PATH", help="also write the machine and the rows as JSON to PATH")
+    p.add_argument(
+        "--progress", action="store_true", help="progress messages on stderr even when it is not a terminal"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    args = p.parse_args(argv)
+    machine = machine_info()
+    rows = run_moe(quick=args.quick, progress=common.progress("moe", args))
+    table = format_table(rows, machine)
+    print((common.QUICK_NOTE + "\n" + table) if args.quick else table, flush=True)
+    common.write_json(args.json, machine, args.quick, {"rows": rows})
+    return 0
+
+
 __all__ = [
     "FULL",
     "QUICK",
@@ -769,6 +797,7 @@ __all__ = [
     "TimerConfig",
     "format_table",
     "machine_info",
+    "main",
     "measure",
     "run_moe",
 ]
