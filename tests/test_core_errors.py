@@ -1,7 +1,11 @@
 """The Rust bindings never panic on bad arguments: every mistake is a deepseek_rs exception, and
-every array argument of a wrong dtype, number of dimensions or writability is named."""
+every array argument of a wrong dtype, number of dimensions or writability is named, as is every
+other argument of a wrong Python type or out of range (a negative count, a non-finite float)."""
 
+import inspect
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -98,8 +102,9 @@ def test_swiglu_experts_bad_arguments():
     assert _core.swiglu_experts_forward(buf, gu, dn, np.array([0, 1, 3]), 4, out) == 2
 
 
-# -- every array argument of every binding -------------------------------------------------------
+# -- every argument of every binding ------------------------------------------------------------
 
+# The bindings that take arrays.
 BINDINGS = [
     "route_top_k",
     "route_top_p",
@@ -115,6 +120,20 @@ BINDINGS = [
     "dsir_log_importance",
     "JsonlWriter.write",
 ]
+# The bindings that take other arguments only (a class name is its constructor).
+SCALAR_ONLY = [
+    "compute_signals",
+    "hashed_features",
+    "JsonlReader",
+    "JsonlWriter",
+    "Scheduler",
+    "Scheduler.submit",
+    "Scheduler.cancel",
+    "Scheduler.next_batch",
+    "Scheduler.next_batch_at",
+    "Scheduler.expire_wait",
+    "Scheduler.complete",
+]
 # The arrays each binding writes into.
 OUTPUTS = {
     "gather": ("out",),
@@ -126,7 +145,7 @@ OUTPUTS = {
 WRONG_DTYPES = [np.int8, np.int16, np.int32, np.uint64, np.float16, np.complex64, np.bool_, np.object_]
 
 
-def arguments(name, batch=None):
+def arguments(name, batch=None, shard=None, tmp=None):
     """Keyword arguments of a call of binding `name` that succeeds: fresh arrays, float64 where
     the binding takes both precisions."""
     f32 = np.float32
@@ -182,42 +201,251 @@ def arguments(name, batch=None):
             keep=np.array([True, False]),
             reasons=[None, "short"],
         ),
+        "compute_signals": lambda: dict(texts=["one two", "three"]),
+        "hashed_features": lambda: dict(texts=["one two"], buckets=64),
+        "JsonlReader": lambda: dict(path=shard, batch_docs=2, batch_bytes=1 << 20, max_line_bytes=1 << 20),
+        "JsonlWriter": lambda: dict(path=tmp and tmp / "new.jsonl"),
+        "Scheduler": lambda: dict(
+            max_size=8,
+            min_size=1,
+            max_queue_delay=0.001,
+            max_queue_size=16,
+            max_batch_cost=64,
+            preferred_sizes=[2],
+        ),
+        "Scheduler.submit": lambda: dict(id=1, cost=2, bucket=3, priority=4, timeout=1.5),
+        "Scheduler.cancel": lambda: dict(id=1),
+        "Scheduler.next_batch": lambda: dict(timeout=0.0),
+        "Scheduler.next_batch_at": lambda: dict(timeout=0.0),
+        "Scheduler.expire_wait": lambda: dict(timeout=0.0),
+        "Scheduler.complete": lambda: dict(ids=[1, 2], outcome="failed"),
     }
     return table[name]()
 
 
 def function(name, tmp_path):
-    if name == "JsonlWriter.write":
-        return _core.JsonlWriter(str(tmp_path / "out.jsonl")).write
-    return getattr(_core, name)
+    """The callable of binding `name`: a function, a class (its constructor) or a method of a
+    fresh instance."""
+    cls, _, method = name.partition(".")
+    if not method:
+        return getattr(_core, name)
+    instance = {
+        "JsonlWriter": lambda: _core.JsonlWriter(tmp_path / "out.jsonl"),
+        "Scheduler": _core.Scheduler,
+    }
+    return getattr(instance[cls](), method)
 
 
 ARRAY_ARGS = [(n, a) for n in BINDINGS for a, v in arguments(n).items() if isinstance(v, np.ndarray)]
 
+# The kind of every non-array argument, by name (`scale` is an array in gather_scaled).
+KINDS = {
+    **dict.fromkeys(
+        ["k", "min_k", "max_k", "top_k", "n_group", "topk_group", "num_experts", "max_rows", "buckets"],
+        "count",
+    ),
+    **dict.fromkeys(["max_size", "min_size", "max_queue_size", "max_batch_cost"], "count"),
+    **dict.fromkeys(
+        ["id", "cost", "bucket", "priority", "batch_docs", "batch_bytes", "max_line_bytes"], "count"
+    ),
+    **dict.fromkeys(["top_p", "scale"], "float"),
+    **dict.fromkeys(["max_queue_delay", "timeout"], "seconds"),
+    **dict.fromkeys(["renormalize", "per_feature"], "bool"),
+    **dict.fromkeys(["scoring", "outcome"], "str"),
+    **dict.fromkeys(["texts", "names", "reasons"], "strs"),
+    **dict.fromkeys(["ids", "preferred_sizes"], "counts"),
+    "path": "path",
+    "batch": "DocBatch",
+}
+# Bad values of each kind: (value, exception, the item of a list the message names, what the
+# message says was given); every message reads "<argument> must be ..., got <given>".
+NOT_A_NUMBER = [
+    ("1", DTypeError, "", "str"),
+    (True, DTypeError, "", "bool"),
+    (None, DTypeError, "", "NoneType"),
+]
+NON_FINITE = [(math.nan, InvalidValueError, "", "nan"), (math.inf, InvalidValueError, "", "inf")]
+BAD = {
+    "count": [
+        *NOT_A_NUMBER,
+        (1.0, DTypeError, "", "float"),
+        (np.float64(2), DTypeError, "", "float64"),
+        (-1, InvalidValueError, "", "-1"),
+        (np.int64(-3), InvalidValueError, "", "-3"),
+        (2**64, InvalidValueError, "", str(2**64)),
+    ],
+    "float": [
+        *NOT_A_NUMBER,
+        *NON_FINITE,
+        (-math.inf, InvalidValueError, "", "-inf"),
+        (10**400, InvalidValueError, "", "1000"),
+    ],
+    "seconds": [*NOT_A_NUMBER, *NON_FINITE, (-0.5, InvalidValueError, "", "-0.5")],
+    "bool": [(1, DTypeError, "", "int"), ("yes", DTypeError, "", "str"), (None, DTypeError, "", "NoneType")],
+    "str": [(1, DTypeError, "", "int"), (b"x", DTypeError, "", "bytes"), (None, DTypeError, "", "NoneType")],
+    "strs": [
+        ("one two", DTypeError, "", "str"),
+        (3, DTypeError, "", "int"),
+        (None, DTypeError, "", "NoneType"),
+        (["a", 1], DTypeError, "[1]", "int"),
+    ],
+    "counts": [
+        ("12", DTypeError, "", "str"),
+        (None, DTypeError, "", "NoneType"),
+        ([2, -1], InvalidValueError, "[1]", "-1"),
+        ([1.5], DTypeError, "[0]", "float"),
+    ],
+    "path": [(1, DTypeError, "", "int"), (None, DTypeError, "", "NoneType")],
+    "DocBatch": [(1, DTypeError, "", "int"), (None, DTypeError, "", "NoneType")],
+}
+
+
+def parameters(binding):
+    """The Python parameters of a binding (its runtime signature), and which of them default to
+    None (None is a valid value of these)."""
+    cls, _, method = binding.partition(".")
+    obj = getattr(getattr(_core, cls), method) if method else getattr(_core, cls)
+    params = [p for p in inspect.signature(obj).parameters.values() if p.name != "self"]
+    return [p.name for p in params], {p.name for p in params if p.default is None}
+
+
+def runtime_bindings():
+    """Every binding of `_core` that takes arguments: its functions, the constructors of its
+    classes, and their methods."""
+    names = []
+    for n in _core.__all__:
+        obj = getattr(_core, n)
+        if n[0].islower():
+            names.append(n)
+            continue
+        try:
+            inspect.signature(obj)  # a class without a constructor has none
+            names.append(n)
+        except ValueError:
+            pass
+        names += [f"{n}.{m}" for m, v in vars(obj).items() if not m.startswith("_") and callable(v)]
+    return [n for n in names if parameters(n)[0]]
+
+
+SCALAR_ARGS = [
+    pytest.param(name, arg, value, exc, item, given, id=f"{name}-{arg}-{i}")
+    for name in BINDINGS + SCALAR_ONLY
+    for arg, good in arguments(name).items()
+    if not isinstance(good, np.ndarray)
+    for i, (value, exc, item, given) in enumerate(BAD[KINDS[arg]])
+    if not (value is None and arg in parameters(name)[1])
+]
+
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory):
+def shard(tmp_path_factory):
     path = tmp_path_factory.mktemp("core") / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("one two", "three")))
-    return next(iter(_core.JsonlReader(str(path))))
+    return path
 
 
-def test_every_binding_that_takes_arrays_is_swept():
-    """A new binding must be added to BINDINGS (or here, if it takes no array)."""
-    no_arrays = {"signal_names", "compute_signals", "hashed_features"}
-    functions = {n for n in _core.__all__ if n[0].islower()}
-    assert functions - no_arrays == set(BINDINGS) - {"JsonlWriter.write"}
+@pytest.fixture(scope="module")
+def batch(shard):
+    return next(iter(_core.JsonlReader(str(shard))))
 
 
-@pytest.mark.parametrize("name", BINDINGS)
-def test_the_valid_calls_succeed_in_either_precision(name, tmp_path, batch):
-    function(name, tmp_path)(**arguments(name, batch))
-    if name not in ("dsir_log_importance", "JsonlWriter.write"):  # these take float64 only
+def test_every_binding_is_swept():
+    """A new binding must be added to BINDINGS (if it takes arrays) or SCALAR_ONLY, and each of
+    its non-array arguments to KINDS."""
+    assert sorted(runtime_bindings()) == sorted(BINDINGS + SCALAR_ONLY)
+    for name in BINDINGS + SCALAR_ONLY:
+        arrays = {a for n, a in ARRAY_ARGS if n == name}
+        assert set(arguments(name)) == set(parameters(name)[0]), name
+        assert set(parameters(name)[0]) - arrays <= set(KINDS), name
+
+
+@pytest.mark.parametrize("name", BINDINGS + SCALAR_ONLY)
+def test_the_valid_calls_succeed_in_either_precision(name, tmp_path, batch, shard):
+    function(name, tmp_path)(**arguments(name, batch, shard, tmp_path))
+    if name in BINDINGS and name not in ("dsir_log_importance", "JsonlWriter.write"):  # float64 only
         kwargs = {
             k: v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.float64 else v
             for k, v in arguments(name, batch).items()
         }
         function(name, tmp_path)(**kwargs)
+
+
+@pytest.mark.parametrize("name, arg, value, exc, item, given", SCALAR_ARGS)
+def test_a_bad_scalar_is_named_with_the_value(name, arg, value, exc, item, given, tmp_path, batch, shard):
+    kwargs = arguments(name, batch, shard, tmp_path)
+    kwargs[arg] = value
+    with pytest.raises(exc, match=rf"^{re.escape(arg + item)} must be .*, got {re.escape(given)}") as e:
+        function(name, tmp_path)(**kwargs)
+    assert isinstance(e.value, TypeError if exc is DTypeError else ValueError)
+
+
+def test_numpy_scalars_and_path_likes_are_taken(tmp_path, shard):
+    z = np.zeros((3, 4))
+    _, ids, _, _ = _core.route_top_k(z, np.int64(2), np.bool_(True))
+    assert len(ids) == 6
+    _core.route_top_p(z, np.float32(0.5), np.int32(1), np.uint8(2), False)
+    _core.route_backward(z[:1], np.array([0, 1]), np.array([0]), np.ones(1), "softmax", False, np.float64(2))
+    assert len(next(iter(_core.JsonlReader(shard, np.int64(1))))) == 1  # a pathlib.Path
+    _core.Scheduler(max_size=np.int64(8), max_queue_delay=np.float32(0.25), preferred_sizes=(4, np.int16(6)))
+    _core.Scheduler(max_queue_delay=0)  # an int number of seconds
+    assert _core.compute_signals(("a", "b")).shape[0] == 2  # any sequence of str
+
+
+def test_the_defaults_shown_are_the_defaults_used():
+    """Scheduler's signature is written out by hand (PyO3 cannot show a Duration default)."""
+    shown = {p.name: p.default for p in inspect.signature(_core.Scheduler).parameters.values()}
+    assert _core.Scheduler().config() == {**shown, "preferred_sizes": []}
+    s = _core.Scheduler(min_size=1, max_queue_delay=0.0)
+    s.submit(7)
+    assert s.next_batch(1.0)[:2] == ("batch", [7])
+    assert inspect.signature(_core.Scheduler.complete).parameters["outcome"].default == "completed"
+    s.complete([7])
+    assert s.metrics()["completed"] == 1
+
+
+def test_a_timeout_beyond_the_clock_is_no_deadline():
+    assert _core.Scheduler().submit(1, timeout=1.8e19) is None  # a Duration, but past any Instant
+
+
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), -1),
+    st.integers(0, 64),  # huge counts that fit reach the engines: see test_random_scalars_never_panic
+    st.integers(2**64, 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=4),
+    st.binary(max_size=4),
+    st.lists(st.one_of(st.none(), st.integers(-3, 9), st.text(max_size=3), st.floats()), max_size=3),
+)
+WAITS = ("Scheduler.next_batch", "Scheduler.next_batch_at", "Scheduler.expire_wait")
+
+
+@given(data=st.data(), name=st.sampled_from(BINDINGS + SCALAR_ONLY))
+def test_random_scalars_never_panic(data, name, tmp_path_factory, batch, shard):
+    """Any Python values for the non-array arguments: a result or a DeepseekError. (Counts are
+    kept to 0..64 or outside every integer type: a count that fits but is huge is the engines'
+    to refuse, not the bindings'.)"""
+    tmp = tmp_path_factory.mktemp("s")
+    kwargs = arguments(name, batch, shard, tmp)
+    for arg in kwargs:
+        # (A random path would write into the working directory.)
+        if (
+            not isinstance(kwargs[arg], np.ndarray)
+            and arg != "path"
+            and data.draw(st.booleans(), label=f"change {arg}")
+        ):
+            value = data.draw(SCALARS, label=arg)
+            if name in WAITS and (value is None or isinstance(value, (int, float)) and value > 0.01):
+                value = 0.01  # a short wait, not a hang (None waits for ever)
+            kwargs[arg] = value
+    try:
+        function(name, tmp)(**kwargs)
+    except DeepseekError:
+        pass
+
+
+# -- every array argument of every binding -------------------------------------------------------
 
 
 @pytest.mark.parametrize(

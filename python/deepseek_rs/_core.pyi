@@ -11,6 +11,10 @@ import numpy.typing as npt
 # precision (the constrained type variable _Float), every float argument of one call has the same
 # one, and so has its float result. 16-bit floats (float16, bfloat16; numpy has no bfloat16)
 # cross as int16 views of their bits, in `gather` only (_Row).
+# Every other argument is exactly its annotated type: an `int` is a Python or numpy integer (not
+# a bool, not a float) and is >= 0, a `float` a real number (not a bool) that is finite (a number
+# of seconds also >= 0), a `bool` a Python or numpy bool (not an int). A value of another type
+# raises deepseek_rs.DTypeError, one out of range InvalidValueError, each naming the argument.
 _Float = TypeVar("_Float", np.float32, np.float64)
 _Row = TypeVar("_Row", np.float32, np.float64, np.int16)
 _F32 = npt.NDArray[np.float32]

@@ -5,7 +5,7 @@ use numpy::{
 };
 use pyo3::prelude::*;
 
-use crate::args::extract;
+use crate::args::{arg, extract};
 use crate::errors::{EngineError, shape_error};
 use crate::{slice, slice_mut};
 
@@ -42,7 +42,7 @@ pub fn swiglu_experts_forward<'py>(
     gate_up: &Bound<'py, PyAny>,
     down: &Bound<'py, PyAny>,
     expert_offsets: &Bound<'py, PyAny>,
-    max_rows: usize,
+    #[pyo3(from_py_with = arg::max_rows)] max_rows: usize,
     out: &Bound<'py, PyAny>,
     h: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<usize> {
@@ -83,7 +83,7 @@ pub fn swiglu_experts_backward<'py>(
     down: &Bound<'py, PyAny>,
     h: &Bound<'py, PyAny>,
     expert_offsets: &Bound<'py, PyAny>,
-    max_rows: usize,
+    #[pyo3(from_py_with = arg::max_rows)] max_rows: usize,
     grad_buf: &Bound<'py, PyAny>,
     grad_gate_up: &Bound<'py, PyAny>,
     grad_down: &Bound<'py, PyAny>,

@@ -1,7 +1,8 @@
 //! `deepseek_rs._core`: the Python face of the engine crates.
 //!
-//! Every function extracts its numpy arguments in one way ([`args`]: a wrong dtype or number of
-//! dimensions is a `DTypeError` or `ShapeError` naming the argument), releases the GIL for the
+//! Every function extracts its arguments in one way ([`args`]: a wrong dtype or number of
+//! dimensions is a `DTypeError` or `ShapeError` naming the argument, a scalar of the wrong type
+//! a `DTypeError`, one out of range an `InvalidValueError`), releases the GIL for the
 //! real work, and returns numpy arrays without copying. Large outputs are written into arrays the caller allocated
 //! (so they live in torch's allocator); small ones are returned. Engine errors become the
 //! exceptions of `deepseek_rs.errors` in [`errors`].
@@ -14,7 +15,7 @@ mod errors;
 mod experts;
 mod scheduler;
 mod textfilter;
-use args::{Floats1, Floats2, FloatsMut2, Rows2, RowsMut2, dtype_mismatch, extract};
+use args::{Floats1, Floats2, FloatsMut2, Rows2, RowsMut2, arg, dtype_mismatch, extract};
 use errors::{EngineError, shape_error};
 
 pub(crate) fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
@@ -147,8 +148,8 @@ mod _core {
     fn route_top_k<'py>(
         py: Python<'py>,
         logits: &Bound<'py, PyAny>,
-        k: usize,
-        renormalize: bool,
+        #[pyo3(from_py_with = arg::k)] k: usize,
+        #[pyo3(from_py_with = arg::renormalize)] renormalize: bool,
     ) -> PyResult<RoutingArrays<'py>> {
         extract!(logits: Floats2);
         route(py, logits, None, Rule::TopK { k }, renormalize)
@@ -159,10 +160,10 @@ mod _core {
     fn route_top_p<'py>(
         py: Python<'py>,
         logits: &Bound<'py, PyAny>,
-        top_p: f64,
-        min_k: usize,
-        max_k: usize,
-        renormalize: bool,
+        #[pyo3(from_py_with = arg::top_p)] top_p: f64,
+        #[pyo3(from_py_with = arg::min_k)] min_k: usize,
+        #[pyo3(from_py_with = arg::max_k)] max_k: usize,
+        #[pyo3(from_py_with = arg::renormalize)] renormalize: bool,
     ) -> PyResult<RoutingArrays<'py>> {
         extract!(logits: Floats2);
         route(py, logits, None, Rule::TopP { p: top_p, min_k, max_k }, renormalize)
@@ -175,10 +176,10 @@ mod _core {
         py: Python<'py>,
         logits: &Bound<'py, PyAny>,
         bias: Option<&Bound<'py, PyAny>>,
-        top_k: usize,
-        n_group: usize,
-        topk_group: usize,
-        renormalize: bool,
+        #[pyo3(from_py_with = arg::top_k)] top_k: usize,
+        #[pyo3(from_py_with = arg::n_group)] n_group: usize,
+        #[pyo3(from_py_with = arg::topk_group)] topk_group: usize,
+        #[pyo3(from_py_with = arg::renormalize)] renormalize: bool,
     ) -> PyResult<RoutingArrays<'py>> {
         extract!(logits: Floats2, bias: Option<Floats1>);
         route(
@@ -203,9 +204,9 @@ mod _core {
         token_offsets: &Bound<'py, PyAny>,
         expert_ids: &Bound<'py, PyAny>,
         grad_weights: &Bound<'py, PyAny>,
-        scoring: &str,
-        renormalize: bool,
-        scale: f64,
+        #[pyo3(from_py_with = arg::scoring)] scoring: String,
+        #[pyo3(from_py_with = arg::renormalize)] renormalize: bool,
+        #[pyo3(from_py_with = arg::scale)] scale: f64,
     ) -> PyResult<Bound<'py, PyAny>> {
         extract!(
             logits: Floats2,
@@ -214,7 +215,7 @@ mod _core {
             grad_weights: Floats1,
         );
         use deepseek_router::Scoring;
-        let scoring = match scoring {
+        let scoring = match scoring.as_str() {
             "softmax" => Scoring::Softmax,
             "sigmoid" => Scoring::Sigmoid,
             other => {
@@ -251,7 +252,7 @@ mod _core {
         py: Python<'py>,
         token_offsets: &Bound<'py, PyAny>,
         expert_ids: &Bound<'py, PyAny>,
-        num_experts: usize,
+        #[pyo3(from_py_with = arg::num_experts)] num_experts: usize,
     ) -> PyResult<(
         Bound<'py, PyArray1<i64>>,
         Bound<'py, PyArray1<i64>>,

@@ -9,12 +9,8 @@ use deepseek_scheduler as engine;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::args::arg;
 use crate::errors::{EngineError, value_error};
-
-fn seconds(what: &str, s: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(s)
-        .map_err(|_| value_error(format!("{what} must be a finite number of seconds >= 0, got {s}")))
-}
 
 fn histogram<'py>(py: Python<'py>, h: &engine::LatencyHistogram) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
@@ -63,20 +59,24 @@ impl Scheduler {
 
 #[pymethods]
 impl Scheduler {
+    // `text_signature` shows the defaults that PyO3 cannot render from Rust expressions.
     #[new]
-    #[pyo3(signature = (max_size=32, min_size=4, max_queue_delay=0.005, max_queue_size=1024, max_batch_cost=None, preferred_sizes=None))]
+    #[pyo3(
+        signature = (max_size=32, min_size=4, max_queue_delay=Duration::from_millis(5), max_queue_size=1024, max_batch_cost=None, preferred_sizes=None),
+        text_signature = "(max_size=32, min_size=4, max_queue_delay=0.005, max_queue_size=1024, max_batch_cost=None, preferred_sizes=None)"
+    )]
     fn new(
-        max_size: usize,
-        min_size: usize,
-        max_queue_delay: f64,
-        max_queue_size: usize,
-        max_batch_cost: Option<u64>,
-        preferred_sizes: Option<Vec<usize>>,
+        #[pyo3(from_py_with = arg::max_size)] max_size: usize,
+        #[pyo3(from_py_with = arg::min_size)] min_size: usize,
+        #[pyo3(from_py_with = arg::max_queue_delay)] max_queue_delay: Duration,
+        #[pyo3(from_py_with = arg::max_queue_size)] max_queue_size: usize,
+        #[pyo3(from_py_with = arg::max_batch_cost)] max_batch_cost: Option<u64>,
+        #[pyo3(from_py_with = arg::preferred_sizes)] preferred_sizes: Option<Vec<usize>>,
     ) -> PyResult<Self> {
         let config = engine::Config {
             max_size,
             min_size,
-            max_queue_delay: seconds("max_queue_delay", max_queue_delay)?,
+            max_queue_delay,
             max_queue_size,
             max_batch_cost,
             preferred_sizes: preferred_sizes.unwrap_or_default(),
@@ -92,9 +92,15 @@ impl Scheduler {
     /// Returns its deadline in nanoseconds on the scheduler's clock (see `next_batch_at`), or
     /// None without one.
     #[pyo3(signature = (id, cost=1, bucket=0, priority=0, timeout=None))]
-    fn submit(&self, id: u64, cost: u64, bucket: u64, priority: u32, timeout: Option<f64>) -> PyResult<Option<u64>> {
+    fn submit(
+        &self,
+        #[pyo3(from_py_with = arg::id)] id: u64,
+        #[pyo3(from_py_with = arg::cost)] cost: u64,
+        #[pyo3(from_py_with = arg::bucket)] bucket: u64,
+        #[pyo3(from_py_with = arg::priority)] priority: u32,
+        #[pyo3(from_py_with = arg::timeout)] timeout: Option<Duration>,
+    ) -> PyResult<Option<u64>> {
         // A timeout too long for the clock is no deadline.
-        let timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let req = engine::Request {
             id,
@@ -108,15 +114,18 @@ impl Scheduler {
     }
 
     /// Remove a waiting request; False if it is no longer waiting.
-    fn cancel(&self, id: u64) -> bool {
+    fn cancel(&self, #[pyo3(from_py_with = arg::id)] id: u64) -> bool {
         self.inner.cancel(id)
     }
 
     /// Wait (GIL released) for the next thing to do: ("batch", ids, bucket), ("timed_out", ids, 0),
     /// ("idle", [], 0) when `timeout` passes, or ("closed", [], 0) once closed and drained.
     #[pyo3(signature = (timeout=None))]
-    fn next_batch(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<(&'static str, Vec<u64>, u64)> {
-        let timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
+    fn next_batch(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = arg::timeout)] timeout: Option<Duration>,
+    ) -> PyResult<(&'static str, Vec<u64>, u64)> {
         Ok(kind(py.detach(|| self.inner.next_batch(timeout))))
     }
 
@@ -124,8 +133,11 @@ impl Scheduler {
     /// compared with), in nanoseconds on the clock `submit` reports deadlines on: a batch was
     /// taken strictly before each of its deadlines, a timeout at or after it.
     #[pyo3(signature = (timeout=None))]
-    fn next_batch_at(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<(&'static str, Vec<u64>, u64, u64)> {
-        let timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
+    fn next_batch_at(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = arg::timeout)] timeout: Option<Duration>,
+    ) -> PyResult<(&'static str, Vec<u64>, u64, u64)> {
         let (next, at) = py.detach(|| self.inner.next_batch_at(timeout));
         let (kind, ids, bucket) = kind(next);
         Ok((kind, ids, bucket, self.nanos(at)))
@@ -134,16 +146,23 @@ impl Scheduler {
     /// Wait (GIL released) for waiting requests to pass their deadline and return their ids
     /// (taken out of the queue); [] when `timeout` passes first, None once closed and empty.
     #[pyo3(signature = (timeout=None))]
-    fn expire_wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Vec<u64>>> {
-        let timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
+    fn expire_wait(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = arg::timeout)] timeout: Option<Duration>,
+    ) -> PyResult<Option<Vec<u64>>> {
         Ok(py.detach(|| self.inner.expire_wait(timeout)))
     }
 
     /// Report dispatched requests as "completed", "failed" or "cancelled"; returns how many were
     /// in flight.
-    #[pyo3(signature = (ids, outcome="completed"))]
-    fn complete(&self, ids: Vec<u64>, outcome: &str) -> PyResult<usize> {
-        let outcome = match outcome {
+    #[pyo3(signature = (ids, outcome=String::from("completed")), text_signature = "($self, ids, outcome='completed')")]
+    fn complete(
+        &self,
+        #[pyo3(from_py_with = arg::ids)] ids: Vec<u64>,
+        #[pyo3(from_py_with = arg::outcome)] outcome: String,
+    ) -> PyResult<usize> {
+        let outcome = match outcome.as_str() {
             "completed" => engine::Outcome::Completed,
             "failed" => engine::Outcome::Failed,
             "cancelled" => engine::Outcome::Cancelled,

@@ -11,7 +11,7 @@ use numpy::{
 use pyo3::prelude::*;
 use serde_json::{Map, Value};
 
-use crate::args::extract;
+use crate::args::{arg, extract};
 use crate::errors::{EngineError, shape_error, value_error};
 
 /// The names of the signals, in the column order of `compute_signals`.
@@ -30,7 +30,10 @@ fn signals_array<'py>(py: Python<'py>, texts: &[impl AsRef<str> + Sync]) -> PyRe
 
 /// Every signal of every text: float64 `[len(texts), len(signal_names())]`.
 #[pyfunction]
-pub fn compute_signals<'py>(py: Python<'py>, texts: Vec<String>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+pub fn compute_signals<'py>(
+    py: Python<'py>,
+    #[pyo3(from_py_with = arg::texts)] texts: Vec<String>,
+) -> PyResult<Bound<'py, PyArray2<f64>>> {
     signals_array(py, &texts)
 }
 
@@ -39,8 +42,8 @@ pub fn compute_signals<'py>(py: Python<'py>, texts: Vec<String>) -> PyResult<Bou
 #[allow(clippy::type_complexity)]
 pub fn hashed_features<'py>(
     py: Python<'py>,
-    texts: Vec<String>,
-    buckets: u32,
+    #[pyo3(from_py_with = arg::texts)] texts: Vec<String>,
+    #[pyo3(from_py_with = arg::buckets)] buckets: u32,
 ) -> PyResult<(
     Bound<'py, PyArray1<i64>>,
     Bound<'py, PyArray1<u32>>,
@@ -58,9 +61,9 @@ pub fn hashed_features<'py>(
 #[pyo3(signature = (texts, log_ratio, per_feature = false))]
 pub fn dsir_log_importance<'py>(
     py: Python<'py>,
-    texts: Vec<String>,
+    #[pyo3(from_py_with = arg::texts)] texts: Vec<String>,
     log_ratio: &Bound<'py, PyAny>,
-    per_feature: bool,
+    #[pyo3(from_py_with = arg::per_feature)] per_feature: bool,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
     extract!(log_ratio: PyReadonlyArray1<f64>);
     let lr = log_ratio
@@ -128,10 +131,10 @@ impl JsonlReader {
     #[pyo3(signature = (path, batch_docs = 4096, batch_bytes = 64 << 20, max_line_bytes = 32 << 20))]
     fn new(
         py: Python<'_>,
-        path: PathBuf,
-        batch_docs: usize,
-        batch_bytes: usize,
-        max_line_bytes: usize,
+        #[pyo3(from_py_with = arg::path)] path: PathBuf,
+        #[pyo3(from_py_with = arg::batch_docs)] batch_docs: usize,
+        #[pyo3(from_py_with = arg::batch_bytes)] batch_bytes: usize,
+        #[pyo3(from_py_with = arg::max_line_bytes)] max_line_bytes: usize,
     ) -> PyResult<Self> {
         let limits = tf::jsonl::ReadLimits {
             batch_docs,
@@ -190,7 +193,7 @@ fn number(v: f64) -> Value {
 #[pymethods]
 impl JsonlWriter {
     #[new]
-    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+    fn new(py: Python<'_>, #[pyo3(from_py_with = arg::path)] path: PathBuf) -> PyResult<Self> {
         let w = py
             .detach(|| tf::jsonl::JsonlWriter::create(&path))
             .map_err(EngineError::from)?;
@@ -217,13 +220,14 @@ impl JsonlWriter {
     fn write<'py>(
         &self,
         py: Python<'py>,
-        batch: &DocBatch,
+        #[pyo3(from_py_with = arg::batch)] batch: Bound<'py, DocBatch>,
         rows: &Bound<'py, PyAny>,
         signals: Option<&Bound<'py, PyAny>>,
-        names: Option<Vec<String>>,
+        #[pyo3(from_py_with = arg::names)] names: Option<Vec<String>>,
         keep: Option<&Bound<'py, PyAny>>,
-        reasons: Option<Vec<Option<String>>>,
+        #[pyo3(from_py_with = arg::reasons)] reasons: Option<Vec<Option<String>>>,
     ) -> PyResult<()> {
+        let batch = batch.get();
         extract!(
             rows: PyReadonlyArray1<i64>,
             signals: Option<PyReadonlyArray2<f64>>,
