@@ -31,6 +31,9 @@ pub enum DispatchError {
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, DispatchError>;
 
+/// The most experts [`sort_by_expert`] takes (16M, far above any model's).
+pub const MAX_EXPERTS: usize = 1 << 24;
+
 /// The expert-sorted order of the (token, expert) pairs of a routing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Permutation {
@@ -81,6 +84,12 @@ fn check_matrix(what: &str, len: usize, cols: usize) -> Result<usize> {
 /// Stable counting sort of the pairs of a routing by expert: per-task histograms, a prefix
 /// sum over (expert, task), then each task scatters its own pairs in order.
 pub fn sort_by_expert(token_offsets: &[i64], expert_ids: &[i64], num_experts: usize) -> Result<Permutation> {
+    if num_experts > MAX_EXPERTS {
+        // Each task keeps a histogram of `num_experts` counters: refuse before allocating them.
+        return Err(DispatchError::Index(format!(
+            "num_experts must be at most {MAX_EXPERTS}, got {num_experts}"
+        )));
+    }
     let pairs = expert_ids.len();
     check_offsets(token_offsets, pairs)?;
     check_rows("expert_ids", expert_ids, num_experts)?;

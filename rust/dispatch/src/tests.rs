@@ -122,6 +122,11 @@ fn bad_indices_are_errors() {
         Err(DispatchError::Index(_))
     ));
     assert!(matches!(sort_by_expert(&[], &[], 4), Err(DispatchError::Shape(_))));
+    // A huge expert count is refused before its histograms are allocated.
+    for e in [MAX_EXPERTS + 1, usize::MAX] {
+        assert!(matches!(sort_by_expert(&[0, 1], &[0], e), Err(DispatchError::Index(_))));
+    }
+    assert!(sort_by_expert(&[0, 1], &[0], 1).is_ok());
     let mut out = [0.0f32; 4];
     assert!(matches!(
         gather(&[1.0f32; 4], 2, &[0, 2], &mut out),

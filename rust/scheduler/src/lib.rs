@@ -82,12 +82,19 @@ impl Default for Config {
     }
 }
 
+/// The largest `max_size` accepted: the metrics keep a counter per batch size, and a larger batch
+/// of requests is a misconfiguration, not a workload.
+pub const MAX_BATCH_SIZE: usize = 1 << 20;
+
 impl Config {
     /// Checks every field; sorts and deduplicates `preferred_sizes`.
     pub fn validate(&mut self) -> Result<()> {
         let bad = |msg: String| Err(SchedulerError::Config(msg));
-        if self.max_size == 0 {
-            return bad("max_size must be >= 1, got 0".into());
+        if self.max_size == 0 || self.max_size > MAX_BATCH_SIZE {
+            return bad(format!(
+                "max_size must be in 1..={MAX_BATCH_SIZE}, got {}",
+                self.max_size
+            ));
         }
         if self.min_size == 0 || self.min_size > self.max_size {
             return bad(format!(

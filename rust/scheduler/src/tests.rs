@@ -192,6 +192,8 @@ fn deadlines_cancel_queue_full_and_duplicates() {
 fn bad_configs_are_refused() {
     for (cfg, msg) in [
         (config(1, 0), "max_size"),
+        (config(1, MAX_BATCH_SIZE + 1), "max_size"),
+        (config(1, usize::MAX), "max_size"),
         (config(0, 4), "min_size"),
         (config(5, 4), "min_size"),
         (
