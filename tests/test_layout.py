@@ -183,3 +183,9 @@ def test_import_is_lazy_and_the_moe_subpackage_registers_the_ops():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "deepseek_rs.route.default" in out.stdout
+
+
+def test_every_lazy_name_is_public_and_resolves():
+    # __all__ is a literal list (type checkers read it); the lazy table must agree with it.
+    assert set(deepseek_rs._EXPORTS) <= set(deepseek_rs.__all__)
+    assert all(getattr(deepseek_rs, name) is not None for name in deepseek_rs.__all__)

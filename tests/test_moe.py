@@ -257,6 +257,11 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(
         torch.ops.deepseek_rs.combine.default, (buf, w, perm[0], perm[1], perm[2], r.token_offsets)
     )
+    # gather_rows reads its scale through scale_index (the combine backward's weights by pair).
+    src = torch.randn(6, 4, dtype=torch.float64)
+    got = torch.ops.deepseek_rs.gather_rows(src, perm[1], w.detach(), perm[0])
+    torch.testing.assert_close(got, w.detach()[perm[0], None] * src[perm[1]])
+    torch.library.opcheck(torch.ops.deepseek_rs.gather_rows.default, (src, perm[1], w.detach(), perm[0]))
 
 
 @pytest.mark.parametrize("weight_grads", [True, False])

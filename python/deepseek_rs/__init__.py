@@ -77,8 +77,8 @@ _EXPORTS = {
     "DynamicBatcher": "serving",
     **dict.fromkeys(["GVRT", "GVRTStats", "USSLoss", "UnifiedSemanticSpace"], "training"),
 }
-_SUBPACKAGES = ("attention", "bench", "config", "cuda", "datafilter", "moe", "optimization", "quant")
-_SUBPACKAGES += ("serving", "training")
+_SUBPACKAGES = ("attention", "bench", "config", "cuda", "datafilter", "moe", "optimization")
+_SUBPACKAGES += ("quant", "serving", "training")
 
 
 def __getattr__(name: str) -> Any:

@@ -71,7 +71,9 @@ def cpu_model() -> str:
 
 
 def cpu_isa() -> str:
-    """The widest SIMD tier the CPU reports (what the Rust kernels can dispatch to, before any cap)."""
+    """The widest SIMD tier in the CPU's flags. Each Rust engine picks its own kernel at run time
+    (the router's AVX-512 path also needs avx512bw/dq/vl; the experts have AVX-512 and generic
+    kernels only), so this names the CPU, not the kernel that ran."""
     flags = set((_cpuinfo("flags") or _cpuinfo("Features") or "").split())
     if "avx512f" in flags:
         return "AVX-512"

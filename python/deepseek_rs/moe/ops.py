@@ -185,10 +185,12 @@ def _(buf, pair_position, token_offsets, weights):
 
 
 @torch.library.custom_op("deepseek_rs::gather_rows", mutates_args=(), device_types="cpu")
-def gather_rows(src: Tensor, index: Tensor, scale: Optional[Tensor]) -> Tensor:
-    """out[r] = scale[r] * src[index[r]] (scale 1 when None)."""
+def gather_rows(src: Tensor, index: Tensor, scale: Optional[Tensor], scale_index: Optional[Tensor]) -> Tensor:
+    """out[r] = scale[scale_index[r]] * src[index[r]] (scale_index None: scale[r]; scale None: 1)."""
+    if scale is not None and scale_index is not None:
+        scale = scale[scale_index]
     if scale is not None and src.dtype in _HALF:
-        return gather_rows(src.float(), index, scale).to(src.dtype)
+        return gather_rows(src.float(), index, scale, None).to(src.dtype)
     out = src.new_empty(index.shape[0], src.shape[1])
     if scale is None:
         _core.gather(_np(src), _np(index), _np(out))
@@ -198,7 +200,7 @@ def gather_rows(src: Tensor, index: Tensor, scale: Optional[Tensor]) -> Tensor:
 
 
 @gather_rows.register_fake
-def _(src, index, scale):
+def _(src, index, scale, scale_index):
     return src.new_empty(index.shape[0], src.shape[1])
 
 
@@ -224,7 +226,7 @@ def _(grad_out, buf, pair_position, token_offsets):
 @torch.library.custom_op("deepseek_rs::dispatch", mutates_args=())
 def dispatch(x: Tensor, sorted_token: Tensor, pair_position: Tensor, token_offsets: Tensor) -> Tensor:
     """Gather token rows `x` [T, H] into the expert-sorted buffer [N, H]."""
-    return gather_rows(x, sorted_token, None)
+    return gather_rows(x, sorted_token, None, None)
 
 
 @dispatch.register_fake
@@ -273,7 +275,7 @@ def _combine_backward(ctx, grad_out):
     grad_out = grad_out.contiguous()
     grad_buf = grad_w = None
     if ctx.needs_input_grad[0]:
-        grad_buf = gather_rows(grad_out, sorted_token, weights[sorted_pair])
+        grad_buf = gather_rows(grad_out, sorted_token, weights, sorted_pair)
     if ctx.needs_input_grad[1]:
         grad_w = combine_weight_grad(grad_out, buf, pair_position, token_offsets).to(weights.dtype)
     return grad_buf, grad_w, None, None, None, None

@@ -139,11 +139,10 @@ def _sort_by_expert(token_offsets, expert_ids, num_experts):
 
 
 @ops.gather_rows.register_kernel("cuda")
-def _gather_rows(src, index, scale):
-    if scale is None:
-        return kernels.gather_rows(src, index)
-    # The kernel reads scale[scale_index[r]]: here each output row has its own scale.
-    return kernels.gather_rows(src, index, scale, torch.arange(index.shape[0], device=index.device))
+def _gather_rows(src, index, scale, scale_index):
+    if scale is not None and scale_index is None:  # the kernel always reads scale[scale_index[r]]
+        scale_index = torch.arange(index.shape[0], device=index.device)
+    return kernels.gather_rows(src, index, scale, scale_index)
 
 
 @ops.combine_rows.register_kernel("cuda")

@@ -239,7 +239,7 @@ def route(
         cfg.n_group,
         cfg.topk_group,
         cfg.renormalize,
-        float(cfg.routed_scaling_factor),
+        cfg.routed_scaling_factor,
     )
     return RouterOutput(logits, offsets, ids, weights, counts)
 
