@@ -95,7 +95,7 @@ impl Real for f32 {
 #[inline(always)]
 fn best_keys(keys: &[i64], last: i64, ids: &mut [i64]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if isa_cap() >= IsaCap::Avx512 && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the feature was detected on this CPU just above.
         unsafe { avx512::best_keys(keys, last, ids) };
         return;
@@ -329,6 +329,37 @@ fn sigmoid<F: Real>(z: F) -> F {
     F::one() / (F::one() + (-z).exp())
 }
 
+/// The widest instruction set the kernels may use, capped by the environment variable
+/// `DEEPSEEK_RS_CPU_ISA` (`avx512`, `avx2` or `generic`), as `ONEDNN_MAX_CPU_ISA` caps oneDNN's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IsaCap {
+    /// Portable code only.
+    Generic,
+    /// Up to AVX2.
+    Avx2,
+    /// Up to AVX-512 (no cap).
+    Avx512,
+}
+
+impl IsaCap {
+    /// The cap a value of `DEEPSEEK_RS_CPU_ISA` names: `Avx512` (no cap) when it is unset, empty
+    /// or unknown (the Python side validates the variable and reports a bad value).
+    pub fn from_env_value(value: Option<&str>) -> IsaCap {
+        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            Some("avx2") => IsaCap::Avx2,
+            Some("generic") => IsaCap::Generic,
+            _ => IsaCap::Avx512,
+        }
+    }
+}
+
+/// The cap of this process, read from `DEEPSEEK_RS_CPU_ISA` once (the first time a kernel runs).
+/// Results are bitwise the same under every cap; only the speed differs.
+pub fn isa_cap() -> IsaCap {
+    static CAP: std::sync::OnceLock<IsaCap> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| IsaCap::from_env_value(std::env::var("DEEPSEEK_RS_CPU_ISA").ok().as_deref()))
+}
+
 /// A loop over token rows, run through [`with_best_isa`]. `run` must be `#[inline(always)]`
 /// (and so must everything it calls) so that it is compiled with the detected extension:
 /// closures are not inlined into `#[target_feature]` functions, trait methods are.
@@ -351,7 +382,8 @@ fn with_best_isa<K: Kernel>(kernel: K) -> K::Output {
         fn avx2<K: Kernel>(kernel: K) -> K::Output {
             kernel.run()
         }
-        if std::arch::is_x86_feature_detected!("avx512f")
+        if isa_cap() >= IsaCap::Avx512
+            && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512dq")
             && std::arch::is_x86_feature_detected!("avx512vl")
@@ -359,7 +391,7 @@ fn with_best_isa<K: Kernel>(kernel: K) -> K::Output {
             // SAFETY: the features were detected on this CPU just above.
             return unsafe { avx512(kernel) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if isa_cap() >= IsaCap::Avx2 && std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: as above.
             return unsafe { avx2(kernel) };
         }

@@ -319,3 +319,14 @@ fn f32_exp_is_accurate_to_a_few_ulp() {
     assert!(!<f32 as Real>::all_finite(&[0.0, f32::NAN]) && !<f32 as Real>::all_finite(&[f32::NEG_INFINITY]));
     assert!(<f32 as Real>::all_finite(&[0.0, -1e30, f32::MIN_POSITIVE]));
 }
+
+#[test]
+fn the_isa_cap_reads_known_names_and_ignores_the_rest() {
+    assert_eq!(IsaCap::from_env_value(None), IsaCap::Avx512);
+    assert_eq!(IsaCap::from_env_value(Some("")), IsaCap::Avx512);
+    assert_eq!(IsaCap::from_env_value(Some("avx512")), IsaCap::Avx512);
+    assert_eq!(IsaCap::from_env_value(Some("avx2")), IsaCap::Avx2);
+    assert_eq!(IsaCap::from_env_value(Some(" Generic ")), IsaCap::Generic);
+    assert_eq!(IsaCap::from_env_value(Some("sse9")), IsaCap::Avx512);
+    assert!(IsaCap::Generic < IsaCap::Avx2 && IsaCap::Avx2 < IsaCap::Avx512);
+}
