@@ -7,13 +7,17 @@ Data flows one way through these modules:
   kernels of :mod:`deepseek_rs.cuda` on the same ops;
 * :mod:`.routing`: :class:`RoutingConfig`, :func:`route`, :class:`Router` and the auxiliary losses;
 * :mod:`.layer`: :class:`SwiGLUExperts`, :class:`SwiGLU` and the :class:`PEAMoE` layer;
+* :mod:`.hf_experts`: ``"deepseek_rs"`` in transformers' ``ExpertsInterface`` (registered on
+  import), so ``experts_implementation="deepseek_rs"`` runs a model's experts on these ops;
 * :mod:`.hf`: :func:`patch`, which swaps the MoE blocks of Hugging Face models for ``PEAMoE``.
 """
 
-from . import ops_cuda  # noqa: F401  (registers the CUDA kernels on the ops)
+from . import hf_experts, ops_cuda  # noqa: F401  (ops_cuda registers the CUDA kernels on the ops)
 from .hf import patch
 from .layer import PEAMoE, SwiGLU, SwiGLUExperts
 from .routing import Router, RouterAuxLosses, RouterOutput, RoutingConfig, aux_losses, route
+
+hf_experts.register()  # experts_implementation="deepseek_rs" (when transformers is installed)
 
 __all__ = [
     "PEAMoE",
