@@ -1,4 +1,5 @@
-"""deepseek_rs.patch on tiny randomly initialised Hugging Face MoE models (no download)."""
+"""deepseek_rs.patch on tiny randomly initialised Hugging Face MoE models (no download): four
+families in detail, then every family of tests/hf_families.py patched or refused."""
 
 import copy
 import dataclasses
@@ -8,6 +9,8 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 import deepseek_rs  # noqa: E402
+import deepseek_rs.moe.hf  # noqa: E402
+import hf_families  # noqa: E402
 import torch  # noqa: E402
 from deepseek_rs import InvalidValueError, PEAMoE  # noqa: E402
 from torch import nn  # noqa: E402
@@ -259,3 +262,124 @@ def test_expert_bias_raises():
     block.experts.gate_up_proj_bias = nn.Parameter(torch.zeros(e, two_f))
     with pytest.raises(InvalidValueError, match="gate_up_proj_bias"):
         deepseek_rs.patch(block)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every family found through transformers' experts interface
+# ---------------------------------------------------------------------------------------------
+
+# softmax or sigmoid top-k routers with SwiGLU experts: patched, same logits
+PATCHED = [
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_next",
+    "deepseek_v2",
+    "deepseek_v3",
+    "olmoe",
+    "granitemoe",
+    "granitemoeshared",
+    "jamba",
+    "glm4_moe",
+    "dots1",
+    "minimax",
+    "solar_open",
+    "exaone_moe",
+]
+# what PEAMoE does not compute, and the message that says so
+REFUSED = {
+    "ernie4_5_moe": "moe_statics.e_score_correction_bias",  # softmax plus a correction bias
+    "phimoe": "router_jitter_noise",  # sparsemixer routing with jitter
+    "hunyuan_v1_moe": "no linear router",  # the router's weight sits one module deeper
+    "aria_text": "stored transposed",
+    "gpt_oss": "expert biases",
+    "mixtral_gelu": "GELUActivation",
+}
+
+
+def test_the_family_lists_cover_every_family_built():
+    assert sorted(PATCHED + list(REFUSED)) == sorted({**hf_families.FAMILIES, **hf_families.FALLBACK})
+
+
+@pytest.mark.parametrize("name", PATCHED)
+def test_family_is_patched_with_its_own_tensors_and_same_logits(name):
+    model = hf_families.build(name)
+    ids = hf_families.input_ids()
+    want = logits(model, ids)
+    blocks = {p: m for p, m in model.named_modules() if deepseek_rs.moe.hf.is_moe_block(m)}
+    assert blocks
+    old_state = {p: b.state_dict(keep_vars=True) for p, b in blocks.items()}
+    keys = sorted(model.state_dict())
+
+    deepseek_rs.patch(model)
+
+    for path, state in old_state.items():
+        new = model.get_submodule(path)
+        assert isinstance(new, PEAMoE)
+        new_state = new.state_dict(keep_vars=True)
+        assert new_state.keys() == state.keys() and all(new_state[k] is t for k, t in state.items())
+    assert sorted(model.state_dict()) == keys
+    torch.testing.assert_close(logits(model, ids), want, rtol=1e-4, atol=1e-4)
+    # the blocks matter: with their outputs zeroed the logits move
+    for path in blocks:
+        model.get_submodule(path).register_forward_hook(lambda m, i, out: torch.zeros_like(out))
+    assert (logits(model, ids) - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_family_patch_cannot_reproduce_is_refused_untouched(name):
+    model = hf_families.build(name)
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(InvalidValueError, match=REFUSED[name]):
+        deepseek_rs.patch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_a_router_named_router_keeps_its_name():
+    model = hf_families.build("granitemoe")
+    weight = model.model.layers[0].block_sparse_moe.router.weight
+    deepseek_rs.patch(model)
+    block = model.model.layers[0].block_sparse_moe
+    assert isinstance(block, PEAMoE) and block.router is block.gate and block.gate.weight is weight
+    assert "model.layers.0.block_sparse_moe.router.weight" in model.state_dict()
+    assert not any(".block_sparse_moe.gate." in k for k in model.state_dict())
+
+
+def test_second_patch_is_a_no_op_that_says_so():
+    model = deepseek_rs.patch(build("qwen3_moe"))
+    modules = dict(model.named_modules())
+    with pytest.warns(UserWarning, match="already patched"):
+        assert deepseek_rs.patch(model) is model
+    assert dict(model.named_modules()) == modules
+    block = model.model.layers[0].mlp
+    with pytest.warns(UserWarning, match="already patched"):
+        assert deepseek_rs.patch(block) is block
+
+
+def test_patch_with_progressive_top_p_routing():
+    model = build("qwen3_moe")
+    ids = input_ids()
+    deepseek_rs.patch(model, router="top_p", top_p=0.6, max_k=4)
+    blocks = [m for m in model.modules() if isinstance(m, PEAMoE)]
+    assert len(blocks) == 2
+    for b in blocks:
+        assert b.gate.config.rule == "top_p" and b.gate.config.top_p == 0.6 and b.gate.config.max_k == 4
+        assert b.gate.config.renormalize  # kept from the block (norm_topk_prob=True)
+    assert torch.isfinite(logits(model, ids)).all()
+    used = torch.cat([b.last_routing.experts_per_token for b in blocks])
+    assert used.min() >= 1 and used.max() <= 4 and used.unique().numel() > 1  # input-dependent
+
+
+@pytest.mark.parametrize(
+    "name, routing, match",
+    [
+        ("mixtral", dict(top_q=0.5), "unknown routing fields"),
+        ("mixtral", dict(top_p=1.5), "top_p"),
+        ("deepseek_v3", dict(router="top_p"), "selection bias"),
+    ],
+)
+def test_patch_refuses_a_bad_routing_before_touching_the_model(name, routing, match):
+    model = build(name)
+    with pytest.raises(InvalidValueError, match=match):
+        deepseek_rs.patch(model, **routing)
+    assert not any(isinstance(m, PEAMoE) for m in model.modules())
