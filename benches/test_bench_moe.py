@@ -128,8 +128,9 @@ def test_layer_forward_backward_ours(benchmark, layer):
 # The benchmark itself
 # ---------------------------------------------------------------------------------------------
 
-# Row count of a quick run: router 2, dispatch 2, forward 4, forward + backward 3, 2 small T x 3.
-QUICK_ROWS = 2 + 2 + 4 + 3 + 3 * len(S.t_small)
+# Row count of a quick run: router 2, dispatch 2, forward 4, forward + backward 3, 2 small T x 3,
+# the experts interface 4.
+QUICK_ROWS = 2 + 2 + 4 + 3 + 3 * len(S.t_small) + 4
 
 
 def _finite_positive(v):
@@ -194,3 +195,24 @@ def test_a_failing_hf_implementation_is_reported_not_raised(monkeypatch):
     assert grouped["ratio"] is None and grouped["met"] is None
     assert grouped["note"] == "fails on CPU: RuntimeError"
     assert "fails on CPU: RuntimeError" in benchmarks.format_table(rows, benchmarks.machine_info())
+
+
+def test_experts_interface_rows_time_deepseek_rs_against_grouped_mm():
+    """The model-level rows: experts_implementation='deepseek_rs' against 'grouped_mm' and
+    'eager' through transformers' ExpertsInterface, forward and forward + backward, after
+    checking that they agree (a BenchmarkMismatch would raise)."""
+    pytest.importorskip("transformers")
+    rows = benchmarks.bench_experts_interface(S, benchmarks.QUICK_TIMER)
+    assert [(r["workload"].split(",")[0], r["baseline"]) for r in rows] == [
+        ("model forward", "experts_implementation='grouped_mm'"),
+        ("model forward", "experts_implementation='eager'"),
+        ("model forward + backward", "experts_implementation='grouped_mm'"),
+        ("model forward + backward", "experts_implementation='eager'"),
+    ]
+    for r in rows:
+        assert r["subject"] == "experts_implementation='deepseek_rs'" and _finite_positive(r["time_s"]), r
+        if (r["note"] or "").startswith("fails on CPU"):  # grouped_mm where torch has no CPU kernel
+            assert r["baseline_s"] is None and r["ratio"] is None, r
+        else:
+            assert _finite_positive(r["baseline_s"]) and _finite_positive(r["ratio"]), r
+    assert not (rows[0]["note"] or rows[1]["note"])  # every implementation runs a forward

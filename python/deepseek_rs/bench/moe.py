@@ -660,6 +660,119 @@ def bench_layer_small(ours, hf, hf_error, t: int, s: Sizes, timer: TimerConfig) 
 
 
 # --------------------------------------------------------------------------------------------
+# 4. A whole model through transformers' experts interface
+# --------------------------------------------------------------------------------------------
+
+INTERFACE_BASELINES = ("grouped_mm", "eager")
+INTERFACE_OURS = "experts_implementation='deepseek_rs'"
+
+
+def bench_experts_interface(s: Sizes, timer: TimerConfig) -> List[Dict[str, Any]]:
+    """A 2-layer Qwen3-MoE causal LM (H, F halved from the layer rows at full size; E, k as
+    they are) with ``experts_implementation="deepseek_rs"`` against ``"grouped_mm"`` and
+    ``"eager"``: the same model (implementation switched between calls), the same input, logits
+    (and, for forward + backward, every parameter's gradient) checked equal first. A baseline
+    that fails on this machine gets its error as the note instead of a time."""
+    quick = s == QUICK
+    h, f = (s.h, s.f) if quick else (s.h // 2, s.f // 2)
+    batch, t = 4, max(s.t_train // 4, 1)
+    section = (
+        f"transformers experts interface: Qwen3-MoE causal LM, 2 layers, H={h}, F={f}, E={s.e}, "
+        f"k={s.k}, renormalised top-k; experts_implementation='deepseek_rs' against the others"
+    )
+    workloads = (f"model forward, {batch}x{t} tokens", f"model forward + backward, {batch}x{t} tokens")
+    try:
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    except ImportError as exc:
+        note = f"needs transformers ({type(exc).__name__})"
+        return [
+            _row(section, w, INTERFACE_OURS, f"experts_implementation={impl!r}", None, None, note=note)
+            for w in workloads
+            for impl in INTERFACE_BASELINES
+        ]
+    config = Qwen3MoeConfig(
+        vocab_size=1024,
+        hidden_size=h,
+        intermediate_size=2 * f,
+        moe_intermediate_size=f,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=h // 4,
+        num_experts=s.e,
+        num_experts_per_tok=s.k,
+        norm_topk_prob=True,
+    )
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config).float().eval()
+    with torch.no_grad():  # routers and experts that matter next to the residual stream
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.05)
+    ids = torch.randint(0, config.vocab_size, (batch, t), generator=torch.Generator().manual_seed(5))
+    params = list(model.parameters())
+
+    def forward(impl: str) -> Tensor:
+        model.set_experts_implementation(impl)
+        return model(ids).logits
+
+    def train_step(impl: str) -> None:
+        for p in params:
+            p.grad = None
+        forward(impl).square().mean().backward()
+
+    rows: List[Dict[str, Any]] = []
+    for train, workload in zip((False, True), workloads):
+        with torch.set_grad_enabled(train):
+            want = forward("deepseek_rs")
+            if train:
+                train_step("deepseek_rs")
+                want_grads = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+            fns: Dict[str, Callable[[], Any]] = {
+                "ours": (lambda: train_step("deepseek_rs")) if train else (lambda: forward("deepseek_rs"))
+            }
+            errors: Dict[str, Optional[BaseException]] = {}
+            for impl in INTERFACE_BASELINES:
+                try:
+                    got = forward(impl)
+                    if train:
+                        train_step(impl)
+                except Exception as exc:  # an implementation that does not run on this machine
+                    errors[impl] = exc
+                    continue
+                same = _close(got, want) and (
+                    not train
+                    or all(
+                        a is not None and _close(a, b) for a, b in zip([p.grad for p in params], want_grads)
+                    )
+                )
+                if not same:
+                    raise BenchmarkMismatch(
+                        f"Qwen3-MoE with experts_implementation 'deepseek_rs' and {impl!r} differ"
+                    )
+                errors[impl] = None
+                fns[impl] = (
+                    (lambda impl=impl: train_step(impl)) if train else (lambda impl=impl: forward(impl))
+                )
+            m = measure(fns, timer)
+        for impl in INTERFACE_BASELINES:
+            err = errors[impl]
+            rows.append(
+                _row(
+                    section,
+                    workload,
+                    INTERFACE_OURS,
+                    f"experts_implementation={impl!r}",
+                    m["ours"],
+                    None if err else m[impl],
+                    note=None if err is None else _fails(err),
+                )
+            )
+    model.set_experts_implementation("deepseek_rs")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
 # The whole benchmark
 # --------------------------------------------------------------------------------------------
 
@@ -681,6 +794,7 @@ def run_moe(quick: bool = False, progress: Optional[Callable[[str], None]] = Non
     for t in s.t_small:
         say(f"layer forward, T={t}")
         rows += bench_layer_small(ours, hf, hf_error, t, s, timer)
+    rows += bench_experts_interface(s, timer)
     return rows
 
 
