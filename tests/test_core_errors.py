@@ -117,6 +117,7 @@ BINDINGS = [
     "combine_weight_grad",
     "swiglu_experts_forward",
     "swiglu_experts_backward",
+    "linear_rows",
     "dsir_log_importance",
     "JsonlWriter.write",
 ]
@@ -141,6 +142,7 @@ OUTPUTS = {
     "combine": ("out",),
     "swiglu_experts_forward": ("out", "h"),
     "swiglu_experts_backward": ("grad_buf", "grad_gate_up", "grad_down"),
+    "linear_rows": ("out",),
 }
 WRONG_DTYPES = [np.int8, np.int16, np.int32, np.uint64, np.float16, np.complex64, np.bool_, np.object_]
 
@@ -156,6 +158,7 @@ def arguments(name, batch=None, shard=None, tmp=None):
         down=np.ones((2, 4, 3), f32),
         expert_offsets=np.array([0, 1, 3]),
         max_rows=4,
+        isa="generic",
     )
     table = {
         "route_top_k": lambda: dict(logits=np.zeros((3, 4)), k=1, renormalize=False),
@@ -191,6 +194,9 @@ def arguments(name, batch=None, shard=None, tmp=None):
             grad_buf=np.zeros((3, 4), f32),
             grad_gate_up=np.zeros((2, 6, 4), f32),
             grad_down=np.zeros((2, 4, 3), f32),
+        ),
+        "linear_rows": lambda: dict(
+            x=np.ones((3, 4), f32), w=np.ones((2, 4), f32), out=np.zeros((3, 2), f32), isa="generic"
         ),
         "dsir_log_importance": lambda: dict(texts=["one two"], log_ratio=np.zeros(64), per_feature=False),
         "JsonlWriter.write": lambda: dict(
@@ -252,6 +258,7 @@ KINDS = {
     **dict.fromkeys(["max_queue_delay", "timeout"], "seconds"),
     **dict.fromkeys(["renormalize", "per_feature"], "bool"),
     **dict.fromkeys(["scoring", "outcome"], "str"),
+    "isa": "isa",
     **dict.fromkeys(["texts", "names", "reasons"], "strs"),
     **dict.fromkeys(["ids", "preferred_sizes"], "counts"),
     "path": "path",
@@ -283,6 +290,13 @@ BAD = {
     "seconds": [*NOT_A_NUMBER, *NON_FINITE, (-0.5, InvalidValueError, "", "-0.5")],
     "bool": [(1, DTypeError, "", "int"), ("yes", DTypeError, "", "str"), (None, DTypeError, "", "NoneType")],
     "str": [(1, DTypeError, "", "int"), (b"x", DTypeError, "", "bytes"), (None, DTypeError, "", "NoneType")],
+    "isa": [
+        (1, DTypeError, "", "int"),
+        (b"x", DTypeError, "", "bytes"),
+        ("sse9", InvalidValueError, "", '"sse9" (an unknown tier)'),
+        ("AVX2", InvalidValueError, "", '"AVX2" (an unknown tier)'),
+        ("neon" if "neon" not in _core.cpu_isas() else "avx2", InvalidValueError, "", ""),
+    ],
     "strs": [
         ("one two", DTypeError, "", "str"),
         (3, DTypeError, "", "int"),

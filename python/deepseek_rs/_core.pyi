@@ -33,10 +33,12 @@ __all__ = [
     "combine",
     "combine_weight_grad",
     "compute_signals",
+    "cpu_isas",
     "dsir_log_importance",
     "gather",
     "gather_scaled",
     "hashed_features",
+    "linear_rows",
     "route_backward",
     "route_group_limited",
     "route_top_k",
@@ -89,7 +91,11 @@ def combine_weight_grad(
     grad_out: npt.NDArray[_Float], buf: npt.NDArray[_Float], pair_position: _I64, token_offsets: _I64
 ) -> npt.NDArray[_Float]: ...
 
-# experts (rust/python/src/experts.rs): float32 only
+# experts (rust/python/src/experts.rs): float32 only. `isa` names the instruction-set tier
+# ("avx512", "avx2", "neon", "generic"; None: the best of this CPU); an unknown name or one this
+# CPU cannot run raises InvalidValueError naming the available tiers (cpu_isas(), best first).
+def cpu_isas() -> List[str]: ...
+def linear_rows(x: _F32, w: _F32, out: _F32, *, isa: Optional[str] = None) -> None: ...
 def swiglu_experts_forward(
     buf: _F32,
     gate_up: _F32,
@@ -98,6 +104,8 @@ def swiglu_experts_forward(
     max_rows: int,
     out: _F32,
     h: Optional[_F32] = None,
+    *,
+    isa: Optional[str] = None,
 ) -> int: ...
 def swiglu_experts_backward(
     grad_out: _F32,
@@ -110,6 +118,8 @@ def swiglu_experts_backward(
     grad_buf: _F32,
     grad_gate_up: _F32,
     grad_down: _F32,
+    *,
+    isa: Optional[str] = None,
 ) -> int: ...
 
 @final

@@ -1,20 +1,31 @@
-//! SwiGLU experts over an expert-sorted token buffer, forward and backward, in float32.
+//! SwiGLU experts over an expert-sorted token buffer, forward and backward, and a bias-free
+//! linear layer over rows, in float32, for one instruction-set tier chosen by the caller
+//! ([`Isa`]: AVX-512, AVX2+FMA, NEON or generic; [`Isa::available`] lists this CPU's).
 //!
-//! [`swiglu_forward`] splits each expert's rows into blocks of 64 and runs every block
-//! as one task that streams the expert's weight rows past it: each pass computes a tile of up to
-//! 4 tokens by 4 weight rows as dot products along the contiguous `hidden` (or `intermediate`)
-//! axis, keeps those 4 weight rows in L1 for every tile of tokens, and applies SwiGLU between the
-//! two products without leaving the task. With a handful of tokens per expert (serving batches)
-//! this reads the weights once, where BLAS libraries tuned for large blocks run well below that
-//! floor; with many, the block's rows stay in L2 while the weights stream. [`swiglu_backward`]
-//! runs one task per expert with a broadcast-A GEMM kernel. Each output element is computed in a
-//! fixed order, so results are bitwise the same whatever the thread count.
+//! Every product runs through one GEMM kernel per tier (broadcast-A micro-kernel over packed
+//! panels of the weights, see `mm.rs`), grouped over the experts and split over the threads by
+//! blocks of rows and columns. [`swiglu_forward`] runs `x @ gate_up^T`, SwiGLU, `@ down^T`;
+//! [`swiglu_backward`] the four products of the gradients.
+//!
+//! # Batch invariance
+//! Within one tier, every output element is a sum over the reduced axis in index order, one
+//! multiply-add at a time, starting from zero (fused on the vector tiers, product then sum on
+//! the generic one). It depends on its own row and the weights only: never on the other rows
+//! of the call, the row count, the thread count, or the tile or block it falls in. So a row
+//! of [`swiglu_forward`]'s `out` and `h`, of [`swiglu_backward`]'s `grad_buf`, and of
+//! [`linear_rows`]'s `out` is bitwise the same whichever rows share its call (and its expert),
+//! for every tier and every row count. The weight gradients sum over an expert's rows in row
+//! order: deterministic, but by nature a function of the whole batch. Tiers differ from each
+//! other in rounding only.
 #![deny(missing_docs)]
 
 use rayon::prelude::*;
 
-mod dot;
-mod gemm;
+mod isa;
+mod mm;
+
+pub use isa::Isa;
+use mm::{Out, View};
 
 /// Why the experts could not run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -25,6 +36,9 @@ pub enum ExpertsError {
     /// The expert offsets do not rise from 0 to the number of rows.
     #[error("{0}")]
     Offsets(String),
+    /// An unknown instruction-set tier, or one this CPU does not run.
+    #[error("{0}")]
+    Isa(String),
 }
 
 /// Result alias of this crate.
@@ -57,18 +71,15 @@ fn check_offsets(expert_offsets: &[i64], experts: usize) -> Result<usize> {
 }
 
 /// The experts whose segment holds 1 to `max_rows` rows, with their row ranges.
-fn experts_within(expert_offsets: &[i64], max_rows: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
-    expert_offsets.windows(2).enumerate().filter_map(move |(e, w)| {
-        let (s, t) = (w[0] as usize, w[1] as usize);
-        (t > s && t - s <= max_rows).then_some((e, s, t))
-    })
-}
-
-/// Zeroes the rows of the experts with 1 to `max_rows` rows; returns how many experts that was.
-fn zero_rows(m: &mut [f32], width: usize, expert_offsets: &[i64], max_rows: usize) -> usize {
-    experts_within(expert_offsets, max_rows)
-        .map(|(_, s, t)| m[s * width..t * width].fill(0.0))
-        .count()
+fn experts_within(expert_offsets: &[i64], max_rows: usize) -> Vec<(usize, usize, usize)> {
+    expert_offsets
+        .windows(2)
+        .enumerate()
+        .filter_map(move |(e, w)| {
+            let (s, t) = (w[0] as usize, w[1] as usize);
+            (t > s && t - s <= max_rows).then_some((e, s, t))
+        })
+        .collect()
 }
 
 fn check_len(what: &str, len: usize, want: usize) -> Result<()> {
@@ -80,14 +91,84 @@ fn check_len(what: &str, len: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
+/// One product of a grouped matmul: `out = a @ b`, `a` being `out.rows` by `k`.
+struct Product<'a> {
+    a: View<'a>,
+    b: View<'a>,
+    k: usize,
+    out: Out<'a>,
+}
+
+/// Multiply-adds below which a call runs on the calling thread: tens of microseconds, about
+/// what handing tasks to the thread pool (and waking it) costs.
+const SERIAL_MACS: usize = 1 << 21;
+
+/// Rows per task at most: the weights are packed once per task, so a task's rows share them.
+const ROW_CHUNK: usize = 256;
+
+/// Runs every product: on the calling thread when they hold fewer than [`SERIAL_MACS`]
+/// multiply-adds in all, else split into blocks of rows and columns (about 4 per thread) on
+/// the thread pool. The split changes no result (see the crate documentation).
+fn run_products(isa: Isa, products: Vec<Product<'_>>) {
+    let macs = |p: &Product| p.out.rows * p.out.cols * p.k;
+    let total: usize = products.iter().map(macs).sum();
+    if total < SERIAL_MACS {
+        let mut packed = Vec::new();
+        for p in products {
+            mm::matmul(isa, p.a, p.b, p.k, p.out, &mut packed);
+        }
+        return;
+    }
+    let want = 4 * rayon::current_num_threads();
+    let nr = mm::panel_width(isa);
+    let mut tasks = Vec::new();
+    for p in products {
+        let (rows, cols) = (p.out.rows, p.out.cols);
+        if rows == 0 || cols == 0 {
+            continue;
+        }
+        let parts = ((want as f64 * macs(&p) as f64 / total as f64).ceil() as usize).max(1);
+        let row_parts = rows.div_ceil(ROW_CHUNK);
+        let col_parts = parts.div_ceil(row_parts).clamp(1, cols.div_ceil(nr));
+        let width = cols.div_ceil(col_parts).div_ceil(nr) * nr;
+        for r0 in (0..rows).step_by(ROW_CHUNK) {
+            let r1 = (r0 + ROW_CHUNK).min(rows);
+            for c0 in (0..cols).step_by(width) {
+                let c1 = (c0 + width).min(cols);
+                tasks.push(Product {
+                    a: View {
+                        data: &p.a.data[r0 * p.a.rs..],
+                        ..p.a
+                    },
+                    b: View {
+                        data: &p.b.data[c0 * p.b.cs..],
+                        ..p.b
+                    },
+                    k: p.k,
+                    out: p.out.block(r0, r1, c0, c1),
+                });
+            }
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each_init(Vec::new, |packed, p| mm::matmul(isa, p.a, p.b, p.k, p.out, packed));
+}
+
+fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
 /// Runs the SwiGLU experts whose segment holds between 1 and `max_rows` rows, and leaves the
-/// rows of every other expert untouched (a caller runs large segments with a blocked GEMM).
+/// rows of every other expert untouched (a caller runs large segments another way), in the
+/// tier `isa` (an [`ExpertsError::Isa`] when this CPU does not run it).
 ///
 /// Row-major layouts: `buf` `[N, H]` expert-sorted token rows, expert `e` owning rows
 /// `expert_offsets[e]..expert_offsets[e + 1]`; `gate_up` `[E, 2F, H]` (gate rows first, then
 /// up rows); `down` `[E, H, F]`; `out` `[N, H]`; `h`, when given, `[N, 2F]` receives the gate
 /// and up pre-activations the backward pass needs. For a row `x` of expert `e`:
 /// `out = down[e] @ (silu(gate[e] @ x) * (up[e] @ x))`. Returns how many experts ran.
+/// Batch-invariant (see the crate documentation).
 #[allow(clippy::too_many_arguments)]
 pub fn swiglu_forward(
     buf: &[f32],
@@ -98,74 +179,125 @@ pub fn swiglu_forward(
     max_rows: usize,
     out: &mut [f32],
     h: Option<&mut [f32]>,
+    isa: Isa,
 ) -> Result<usize> {
     let Dims {
-        hidden,
-        intermediate,
+        hidden: hd,
+        intermediate: f,
         experts,
     } = dims;
+    isa.check()?;
     let rows = check_offsets(expert_offsets, experts)?;
-    check_len("buf", buf.len(), rows * hidden)?;
-    check_len("out", out.len(), rows * hidden)?;
-    check_len("gate_up", gate_up.len(), experts * 2 * intermediate * hidden)?;
-    check_len("down", down.len(), experts * hidden * intermediate)?;
+    check_len("buf", buf.len(), rows * hd)?;
+    check_len("out", out.len(), rows * hd)?;
+    check_len("gate_up", gate_up.len(), experts * 2 * f * hd)?;
+    check_len("down", down.len(), experts * hd * f)?;
     if let Some(h) = &h {
-        check_len("h", h.len(), rows * 2 * intermediate)?;
+        check_len("h", h.len(), rows * 2 * f)?;
     }
-    if hidden == 0 || intermediate == 0 {
-        // Empty products: the output rows are sums of nothing.
-        return Ok(zero_rows(out, hidden, expert_offsets, max_rows));
+    let run = experts_within(expert_offsets, max_rows);
+    // Row offsets of the experts that run, packed one after the other (for scratch).
+    let packed_rows: Vec<usize> = run
+        .iter()
+        .scan(0, |at, &(_, s, t)| {
+            *at += t - s;
+            Some(*at - (t - s))
+        })
+        .collect();
+    let run_rows: usize = run.iter().map(|&(_, s, t)| t - s).sum();
+    // The pre-activations go to `h`, or to scratch holding only the rows that run.
+    let mut own_h = Vec::new();
+    let (h, h_rows, h_first): (&mut [f32], usize, Vec<usize>) = match h {
+        Some(h) => (h, rows, run.iter().map(|&(_, s, _)| s).collect()),
+        None => {
+            own_h.resize(run_rows * 2 * f, 0.0);
+            (&mut own_h, run_rows, packed_rows.clone())
+        }
+    };
+    let (gu_size, d_size) = (2 * f * hd, hd * f);
+
+    // h = x @ gate_up^T, expert by expert.
+    let h_all = Out::new(h, 2 * f, h_rows, 2 * f);
+    let products = run
+        .iter()
+        .zip(&h_first)
+        .map(|(&(e, s, t), &hr)| Product {
+            a: View {
+                data: &buf[s * hd..t * hd],
+                rs: hd,
+                cs: 1,
+            },
+            b: View {
+                data: &gate_up[e * gu_size..(e + 1) * gu_size],
+                rs: 1,
+                cs: hd,
+            },
+            k: hd,
+            out: h_all.block(hr, hr + t - s, 0, 2 * f),
+        })
+        .collect();
+    run_products(isa, products);
+
+    // act = silu(gate) * up, row by row.
+    let mut act = vec![0f32; run_rows * f];
+    if f > 0 {
+        let h: &[f32] = h;
+        let mut pairs = Vec::with_capacity(run.len());
+        let mut rest = act.as_mut_slice();
+        for (&(_, s, t), &hr) in run.iter().zip(&h_first) {
+            let (mine, r) = rest.split_at_mut((t - s) * f);
+            rest = r;
+            pairs.push((&h[hr * 2 * f..(hr + t - s) * 2 * f], mine));
+        }
+        let swiglu = |(h, act): (&[f32], &mut [f32])| {
+            for (hr, ar) in h.chunks_exact(2 * f).zip(act.chunks_exact_mut(f)) {
+                let (g, u) = hr.split_at(f);
+                for ((a, &g), &u) in ar.iter_mut().zip(g).zip(u) {
+                    *a = silu(g) * u;
+                }
+            }
+        };
+        if run_rows * f >= ELEMENTWISE_SERIAL {
+            pairs.into_par_iter().for_each(swiglu);
+        } else {
+            pairs.into_iter().for_each(swiglu);
+        }
     }
 
-    // Tasks over blocks of the experts' rows, each owning its rows of `out` and `h`.
-    let mut tasks = Vec::new();
-    let mut out_rest = out;
-    let mut h_rest = h;
-    let mut done = 0;
-    for e in 0..experts {
-        let (s, t) = (expert_offsets[e] as usize, expert_offsets[e + 1] as usize);
-        let n = t - s;
-        let (seg_out, rest) = out_rest.split_at_mut(n * hidden);
-        out_rest = rest;
-        let seg_h = match h_rest.take() {
-            Some(hr) => {
-                let (seg, rest) = hr.split_at_mut(n * 2 * intermediate);
-                h_rest = Some(rest);
-                Some(seg)
-            }
-            None => None,
-        };
-        if n == 0 || n > max_rows {
-            continue;
-        }
-        let wgu = &gate_up[e * 2 * intermediate * hidden..(e + 1) * 2 * intermediate * hidden];
-        let wd = &down[e * hidden * intermediate..(e + 1) * hidden * intermediate];
-        let x = &buf[s * hidden..t * hidden];
-        // One task per block of rows: the block's rows stay in L2 while the expert's weights
-        // stream past them, and a large segment still spreads over the threads.
-        let out_blocks = seg_out.chunks_mut(ROW_BLOCK * hidden);
-        let mut h_blocks = seg_h.map(|h| h.chunks_mut(ROW_BLOCK * 2 * intermediate));
-        for (x, out) in x.chunks(ROW_BLOCK * hidden).zip(out_blocks) {
-            let h = h_blocks.as_mut().and_then(|b| b.next());
-            tasks.push(Expert { x, wgu, wd, out, h });
-        }
-        done += 1;
-    }
-    let dot = dot::best();
-    let rows_run: usize = tasks.iter().map(|t| t.x.len() / hidden).sum();
-    run_tasks(
-        tasks,
-        rows_run * 3 * hidden * intermediate,
-        |task, act: &mut Vec<f32>| task.run(dims, dot, act),
-    );
-    Ok(done)
+    // out = act @ down^T, expert by expert.
+    let out_all = Out::new(out, hd, rows, hd);
+    let products = run
+        .iter()
+        .zip(&packed_rows)
+        .map(|(&(e, s, t), &ar)| Product {
+            a: View {
+                data: &act[ar * f..(ar + t - s) * f],
+                rs: f,
+                cs: 1,
+            },
+            b: View {
+                data: &down[e * d_size..(e + 1) * d_size],
+                rs: 1,
+                cs: f,
+            },
+            k: f,
+            out: out_all.block(s, t, 0, hd),
+        })
+        .collect();
+    run_products(isa, products);
+    Ok(run.len())
 }
+
+/// Elements below which an elementwise pass runs on the calling thread.
+const ELEMENTWISE_SERIAL: usize = 1 << 16;
 
 /// Gradients of [`swiglu_forward`] for the experts whose segment holds 1 to `max_rows` rows,
 /// from `h`, the pre-activations the forward saved: writes those experts' rows of `grad_buf`
 /// and their whole slices of `grad_gate_up` and `grad_down`, and leaves everything else
 /// untouched. Shapes as in [`swiglu_forward`], with `grad_out` like `out`, `grad_buf` like
-/// `buf`, and the weight gradients like the weights. Returns how many experts ran.
+/// `buf`, and the weight gradients like the weights. Returns how many experts ran. A row of
+/// `grad_buf` is batch-invariant (see the crate documentation); the weight gradients sum
+/// over the expert's rows in row order.
 #[allow(clippy::too_many_arguments)]
 pub fn swiglu_backward(
     grad_out: &[f32],
@@ -179,256 +311,184 @@ pub fn swiglu_backward(
     grad_buf: &mut [f32],
     grad_gate_up: &mut [f32],
     grad_down: &mut [f32],
+    isa: Isa,
 ) -> Result<usize> {
     let Dims {
-        hidden,
-        intermediate,
+        hidden: hd,
+        intermediate: f,
         experts,
     } = dims;
+    isa.check()?;
     let rows = check_offsets(expert_offsets, experts)?;
     for (what, len, want) in [
-        ("grad_out", grad_out.len(), rows * hidden),
-        ("buf", buf.len(), rows * hidden),
-        ("grad_buf", grad_buf.len(), rows * hidden),
-        ("h", h.len(), rows * 2 * intermediate),
-        ("gate_up", gate_up.len(), experts * 2 * intermediate * hidden),
-        ("grad_gate_up", grad_gate_up.len(), experts * 2 * intermediate * hidden),
-        ("down", down.len(), experts * hidden * intermediate),
-        ("grad_down", grad_down.len(), experts * hidden * intermediate),
+        ("grad_out", grad_out.len(), rows * hd),
+        ("buf", buf.len(), rows * hd),
+        ("grad_buf", grad_buf.len(), rows * hd),
+        ("h", h.len(), rows * 2 * f),
+        ("gate_up", gate_up.len(), experts * 2 * f * hd),
+        ("grad_gate_up", grad_gate_up.len(), experts * 2 * f * hd),
+        ("down", down.len(), experts * hd * f),
+        ("grad_down", grad_down.len(), experts * hd * f),
     ] {
         check_len(what, len, want)?;
     }
-    if hidden == 0 || intermediate == 0 {
-        // The output is identically zero, so is the input's gradient; the weights are empty.
-        return Ok(zero_rows(grad_buf, hidden, expert_offsets, max_rows));
-    }
-    let (gu_size, d_size) = (2 * intermediate * hidden, hidden * intermediate);
-    let mut tasks = Vec::new();
-    let mut grad_buf_rest = grad_buf;
-    let weight_grads = grad_gate_up.chunks_mut(gu_size).zip(grad_down.chunks_mut(d_size));
-    for (e, (grad_gu, grad_d)) in weight_grads.enumerate() {
-        let (s, t) = (expert_offsets[e] as usize, expert_offsets[e + 1] as usize);
-        let (seg, rest) = grad_buf_rest.split_at_mut((t - s) * hidden);
-        grad_buf_rest = rest;
-        if t == s || t - s > max_rows {
-            continue;
+    let run = experts_within(expert_offsets, max_rows);
+    let packed_rows: Vec<usize> = run
+        .iter()
+        .scan(0, |at, &(_, s, t)| {
+            *at += t - s;
+            Some(*at - (t - s))
+        })
+        .collect();
+    let run_rows: usize = run.iter().map(|&(_, s, t)| t - s).sum();
+    let (gu_size, d_size) = (2 * f * hd, hd * f);
+
+    // grad_act = grad_out @ down, expert by expert (rows packed).
+    let mut grad_act = vec![0f32; run_rows * f];
+    let ga_all = Out::new(&mut grad_act, f, run_rows, f);
+    let products = run
+        .iter()
+        .zip(&packed_rows)
+        .map(|(&(e, s, t), &pr)| Product {
+            a: View {
+                data: &grad_out[s * hd..t * hd],
+                rs: hd,
+                cs: 1,
+            },
+            b: View {
+                data: &down[e * d_size..(e + 1) * d_size],
+                rs: f,
+                cs: 1,
+            },
+            k: hd,
+            out: ga_all.block(pr, pr + t - s, 0, f),
+        })
+        .collect();
+    run_products(isa, products);
+
+    // act and grad_h = d(act)/d(gate, up) * grad_act, row by row (rows packed).
+    let mut act = vec![0f32; run_rows * f];
+    let mut grad_h = vec![0f32; run_rows * 2 * f];
+    if f > 0 {
+        let mut work = Vec::with_capacity(run.len());
+        let (mut act_rest, mut gh_rest) = (act.as_mut_slice(), grad_h.as_mut_slice());
+        for (&(_, s, t), &pr) in run.iter().zip(&packed_rows) {
+            let n = t - s;
+            let (a, ar) = act_rest.split_at_mut(n * f);
+            let (g, gr) = gh_rest.split_at_mut(n * 2 * f);
+            (act_rest, gh_rest) = (ar, gr);
+            work.push((&h[s * 2 * f..t * 2 * f], &grad_act[pr * f..(pr + n) * f], a, g));
         }
-        tasks.push(ExpertGrad {
-            grad_out: &grad_out[s * hidden..t * hidden],
-            x: &buf[s * hidden..t * hidden],
-            h: &h[s * 2 * intermediate..t * 2 * intermediate],
-            wgu: &gate_up[e * gu_size..(e + 1) * gu_size],
-            wd: &down[e * d_size..(e + 1) * d_size],
-            grad_x: seg,
-            grad_wgu: grad_gu,
-            grad_wd: grad_d,
+        let step = |(h, ga, act, gh): (&[f32], &[f32], &mut [f32], &mut [f32])| {
+            let rows = h.chunks_exact(2 * f).zip(ga.chunks_exact(f));
+            for ((hr, gar), (ar, ghr)) in rows.zip(act.chunks_exact_mut(f).zip(gh.chunks_exact_mut(2 * f))) {
+                let (gg, gu) = ghr.split_at_mut(f);
+                for j in 0..f {
+                    let (g, u) = (hr[j], hr[f + j]);
+                    let sig = 1.0 / (1.0 + (-g).exp());
+                    let silu = g * sig;
+                    ar[j] = silu * u;
+                    gg[j] = gar[j] * u * sig * (1.0 + g * (1.0 - sig));
+                    gu[j] = gar[j] * silu;
+                }
+            }
+        };
+        if run_rows * f >= ELEMENTWISE_SERIAL {
+            work.into_par_iter().for_each(step);
+        } else {
+            work.into_iter().for_each(step);
+        }
+    }
+
+    // grad_down = grad_out^T @ act, grad_buf = grad_h @ gate_up, grad_gate_up = grad_h^T @ x.
+    let gx_all = Out::new(grad_buf, hd, rows, hd);
+    let ggu_all = Out::new(grad_gate_up, hd, experts * 2 * f, hd);
+    let gd_all = Out::new(grad_down, f, experts * hd, f);
+    let mut products = Vec::with_capacity(3 * run.len());
+    for (&(e, s, t), &pr) in run.iter().zip(&packed_rows) {
+        let n = t - s;
+        let act_e = &act[pr * f..(pr + n) * f];
+        let gh_e = &grad_h[pr * 2 * f..(pr + n) * 2 * f];
+        products.push(Product {
+            a: View {
+                data: &grad_out[s * hd..t * hd],
+                rs: 1,
+                cs: hd,
+            },
+            b: View {
+                data: act_e,
+                rs: f,
+                cs: 1,
+            },
+            k: n,
+            out: gd_all.block(e * hd, (e + 1) * hd, 0, f),
+        });
+        products.push(Product {
+            a: View {
+                data: gh_e,
+                rs: 2 * f,
+                cs: 1,
+            },
+            b: View {
+                data: &gate_up[e * gu_size..(e + 1) * gu_size],
+                rs: hd,
+                cs: 1,
+            },
+            k: 2 * f,
+            out: gx_all.block(s, t, 0, hd),
+        });
+        products.push(Product {
+            a: View {
+                data: gh_e,
+                rs: 1,
+                cs: 2 * f,
+            },
+            b: View {
+                data: &buf[s * hd..t * hd],
+                rs: hd,
+                cs: 1,
+            },
+            k: n,
+            out: ggu_all.block(e * 2 * f, (e + 1) * 2 * f, 0, hd),
         });
     }
-    let done = tasks.len();
-    let gemm = gemm::best();
-    let rows_run: usize = tasks.iter().map(|t| t.x.len() / hidden).sum();
-    run_tasks(
-        tasks,
-        rows_run * 6 * hidden * intermediate,
-        |task, scratch: &mut GradScratch| task.run(dims, gemm, scratch),
-    );
-    Ok(done)
+    run_products(isa, products);
+    Ok(run.len())
 }
 
-/// One expert's rows, saved pre-activations, weights and the gradients it owns.
-struct ExpertGrad<'a> {
-    grad_out: &'a [f32],
-    x: &'a [f32],
-    h: &'a [f32],
-    wgu: &'a [f32],
-    wd: &'a [f32],
-    grad_x: &'a mut [f32],
-    grad_wgu: &'a mut [f32],
-    grad_wd: &'a mut [f32],
-}
-
-#[derive(Default)]
-struct GradScratch {
-    act: Vec<f32>,
-    grad_act: Vec<f32>,
-    grad_h: Vec<f32>,
-}
-
-impl ExpertGrad<'_> {
-    fn run(self, dims: Dims, gemm: gemm::Gemm, scratch: &mut GradScratch) {
-        use gemm::Strided;
-        let (hd, f) = (dims.hidden, dims.intermediate);
-        let n = self.x.len() / hd;
-        let GradScratch { act, grad_act, grad_h } = scratch;
-        for v in [&mut *act, &mut *grad_act] {
-            v.clear();
-            v.resize(n * f, 0.0);
-        }
-        grad_h.clear();
-        grad_h.resize(n * 2 * f, 0.0);
-        // grad_act = grad_out @ down
-        gemm(
-            Strided {
-                data: self.grad_out,
-                rs: hd,
-                ks: 1,
-            },
-            self.wd,
-            f,
-            hd,
-            grad_act,
-            f,
-            n,
-            f,
-        );
-        for m in 0..n {
-            for j in 0..f {
-                let (g, u) = (self.h[m * 2 * f + j], self.h[m * 2 * f + f + j]);
-                let sig = 1.0 / (1.0 + (-g).exp());
-                let silu = g * sig;
-                let ga = grad_act[m * f + j];
-                act[m * f + j] = silu * u;
-                grad_h[m * 2 * f + j] = ga * u * sig * (1.0 + g * (1.0 - sig));
-                grad_h[m * 2 * f + f + j] = ga * silu;
-            }
-        }
-        // grad_down = grad_out^T @ act
-        gemm(
-            Strided {
-                data: self.grad_out,
-                rs: 1,
-                ks: hd,
-            },
-            act,
-            f,
-            n,
-            self.grad_wd,
-            f,
-            hd,
-            f,
-        );
-        // grad_x = grad_h @ gate_up
-        gemm(
-            Strided {
-                data: grad_h,
-                rs: 2 * f,
-                ks: 1,
-            },
-            self.wgu,
-            hd,
-            2 * f,
-            self.grad_x,
-            hd,
-            n,
-            hd,
-        );
-        // grad_gate_up = grad_h^T @ x
-        gemm(
-            Strided {
-                data: grad_h,
-                rs: 1,
-                ks: 2 * f,
-            },
-            self.x,
-            hd,
-            n,
-            self.grad_wgu,
-            hd,
-            2 * f,
-            hd,
-        );
-    }
-}
-
-/// Multiply-adds below which a call runs on the calling thread: tens of microseconds, about
-/// what handing tasks to the thread pool (and waking it) costs.
-const SERIAL_MACS: usize = 1 << 21;
-
-/// Runs every task with a reused scratch `S`: on the calling thread when they hold fewer than
-/// [`SERIAL_MACS`] multiply-adds in all, else on the thread pool.
-fn run_tasks<T: Send, S: Default>(tasks: Vec<T>, macs: usize, run: impl Fn(T, &mut S) + Sync + Send) {
-    if macs < SERIAL_MACS {
-        let mut scratch = S::default();
-        tasks.into_iter().for_each(|task| run(task, &mut scratch));
-    } else {
-        tasks
-            .into_par_iter()
-            .for_each_init(S::default, |scratch, task| run(task, scratch));
-    }
-}
-
-/// Rows per task: 64 rows of a 1024-wide hidden state are 256 KiB, which stay in L2.
-const ROW_BLOCK: usize = 64;
-
-/// A block of one expert's rows, and the expert's weights.
-struct Expert<'a> {
-    x: &'a [f32],
-    wgu: &'a [f32],
-    wd: &'a [f32],
-    out: &'a mut [f32],
-    h: Option<&'a mut [f32]>,
-}
-
-/// Up to 4 consecutive rows `first..first + count` of a row-major matrix; missing rows repeat
-/// the last one (their results are computed and dropped: simpler than edge kernels).
-fn rows4(m: &[f32], width: usize, first: usize, count: usize) -> [&[f32]; 4] {
-    std::array::from_fn(|i| {
-        let r = first + i.min(count - 1);
-        &m[r * width..(r + 1) * width]
-    })
-}
-
-fn silu(g: f32) -> f32 {
-    g / (1.0 + (-g).exp())
-}
-
-impl Expert<'_> {
-    fn run(self, dims: Dims, dot: dot::Dot, act: &mut Vec<f32>) {
-        let (hd, f) = (dims.hidden, dims.intermediate);
-        let n = self.x.len() / hd;
-        act.clear();
-        act.resize(n * f, 0.0);
-        let mut h = self.h;
-        // Gate/up: 2 gate rows and their 2 up rows per pass, so SwiGLU completes in the tile.
-        for j in (0..f).step_by(2) {
-            let pair = (f - j).min(2);
-            let g1 = j + pair - 1;
-            let w = [
-                &self.wgu[j * hd..(j + 1) * hd],
-                &self.wgu[g1 * hd..(g1 + 1) * hd],
-                &self.wgu[(f + j) * hd..(f + j + 1) * hd],
-                &self.wgu[(f + g1) * hd..(f + g1 + 1) * hd],
-            ];
-            for m0 in (0..n).step_by(4) {
-                let count = (n - m0).min(4);
-                let tile = dot(&rows4(self.x, hd, m0, count), &w);
-                for (i, r) in tile.iter().enumerate().take(count) {
-                    let m = m0 + i;
-                    for c in 0..pair {
-                        let (g, u) = (r[c], r[2 + c]);
-                        act[m * f + j + c] = silu(g) * u;
-                        if let Some(h) = h.as_deref_mut() {
-                            h[m * 2 * f + j + c] = g;
-                            h[m * 2 * f + f + j + c] = u;
-                        }
-                    }
-                }
-            }
-        }
-        // Down: 4 output columns per pass.
-        for c0 in (0..hd).step_by(4) {
-            let cols = (hd - c0).min(4);
-            let w = rows4(self.wd, f, c0, cols);
-            for m0 in (0..n).step_by(4) {
-                let count = (n - m0).min(4);
-                let tile = dot(&rows4(act, f, m0, count), &w);
-                for (i, r) in tile.iter().enumerate().take(count) {
-                    let row = &mut self.out[(m0 + i) * hd + c0..(m0 + i) * hd + c0 + cols];
-                    row.copy_from_slice(&r[..cols]);
-                }
-            }
-        }
-    }
+/// A linear layer without bias over rows: `out[r, j] = x[r] . w[j]` for `x` `[rows, inputs]`,
+/// `w` `[outputs, inputs]` and `out` `[rows, outputs]`, row-major, in the tier `isa`.
+/// Batch-invariant (see the crate documentation): a row of `out` is bitwise the same
+/// whichever other rows share the call. Threaded over blocks of rows and columns when large.
+pub fn linear_rows(
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+    out: &mut [f32],
+    isa: Isa,
+) -> Result<()> {
+    isa.check()?;
+    check_len("x", x.len(), rows * inputs)?;
+    check_len("w", w.len(), outputs * inputs)?;
+    check_len("out", out.len(), rows * outputs)?;
+    let product = Product {
+        a: View {
+            data: x,
+            rs: inputs,
+            cs: 1,
+        },
+        b: View {
+            data: w,
+            rs: 1,
+            cs: inputs,
+        },
+        k: inputs,
+        out: Out::new(out, outputs, rows, outputs),
+    };
+    run_products(isa, vec![product]);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -64,11 +64,12 @@ fn case() -> impl Strategy<Value = (Dims, Vec<i64>, Vec<f32>, Vec<f32>, Vec<f32>
 proptest! {
     #[test]
     fn small_experts_match_the_definition((dims, offsets, buf, gate_up, down, max_rows) in case()) {
+      for isa in Isa::available() {
         let rows = buf.len() / dims.hidden;
         let sentinel = 7.5f32;
         let mut out = vec![sentinel; rows * dims.hidden];
         let mut h = vec![sentinel; rows * 2 * dims.intermediate];
-        let ran = swiglu_forward(&buf, &gate_up, &down, dims, &offsets, max_rows, &mut out, Some(&mut h)).unwrap();
+        let ran = swiglu_forward(&buf, &gate_up, &down, dims, &offsets, max_rows, &mut out, Some(&mut h), isa).unwrap();
         let (want_out, want_h) = reference(&buf, &gate_up, &down, dims, &offsets);
         let mut expected_ran = 0;
         for e in 0..dims.experts {
@@ -80,7 +81,7 @@ proptest! {
                     let got = out[m * dims.hidden + c];
                     if small {
                         let want = want_out[m * dims.hidden + c];
-                        prop_assert!((got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "out {got} vs {want}");
+                        prop_assert!((got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "{isa}: out {got} vs {want}");
                     } else {
                         prop_assert_eq!(got, sentinel, "a large segment's rows were touched");
                     }
@@ -97,23 +98,7 @@ proptest! {
             }
         }
         prop_assert_eq!(ran, expected_ran);
-    }
-
-    #[test]
-    fn tile_kernels_agree(k in 0usize..70, seed in any::<u64>()) {
-        let mut state = seed | 1;
-        let mut next = || { state ^= state << 13; state ^= state >> 7; state ^= state << 17; (state % 2001) as f32 / 1000.0 - 1.0 };
-        let rows: Vec<Vec<f32>> = (0..8).map(|_| (0..k).map(|_| next()).collect()).collect();
-        let a: [&[f32]; 4] = std::array::from_fn(|i| rows[i].as_slice());
-        let b: [&[f32]; 4] = std::array::from_fn(|i| rows[4 + i].as_slice());
-        let (fast, slow) = (dot::best()(&a, &b), dot::portable(&a, &b));
-        for i in 0..4 {
-            for j in 0..4 {
-                let exact: f64 = a[i].iter().zip(b[j]).map(|(&x, &y)| x as f64 * y as f64).sum();
-                prop_assert!((fast[i][j] as f64 - exact).abs() <= 1e-4 * (1.0 + k as f64));
-                prop_assert!((slow[i][j] as f64 - exact).abs() <= 1e-4 * (1.0 + k as f64));
-            }
-        }
+      }
     }
 }
 
@@ -131,9 +116,11 @@ fn without_h_the_output_is_the_same() {
         .collect();
     let down: Vec<f32> = (0..2 * 33 * 17).map(|i| ((i * 29) % 89) as f32 / 89.0 - 0.5).collect();
     let (mut a, mut b, mut h) = (vec![0f32; 8 * 33], vec![0f32; 8 * 33], vec![0f32; 8 * 34]);
-    swiglu_forward(&buf, &gate_up, &down, dims, &offsets, 8, &mut a, Some(&mut h)).unwrap();
-    swiglu_forward(&buf, &gate_up, &down, dims, &offsets, 8, &mut b, None).unwrap();
-    assert_eq!(a, b);
+    for isa in Isa::available() {
+        swiglu_forward(&buf, &gate_up, &down, dims, &offsets, 8, &mut a, Some(&mut h), isa).unwrap();
+        swiglu_forward(&buf, &gate_up, &down, dims, &offsets, 8, &mut b, None, isa).unwrap();
+        assert_eq!(a, b, "{isa}");
+    }
 }
 
 #[test]
@@ -145,7 +132,7 @@ fn bad_shapes_are_errors() {
     };
     let (buf, gu, dn) = (vec![0f32; 12], vec![0f32; 32], vec![0f32; 16]);
     let mut out = vec![0f32; 12];
-    let run = |offs: &[i64], out: &mut [f32]| swiglu_forward(&buf, &gu, &dn, dims, offs, 4, out, None);
+    let run = |offs: &[i64], out: &mut [f32]| swiglu_forward(&buf, &gu, &dn, dims, offs, 4, out, None, Isa::Generic);
     assert!(matches!(run(&[0, 3], &mut out), Err(ExpertsError::Shape(_))));
     assert!(matches!(run(&[1, 2, 3], &mut out), Err(ExpertsError::Offsets(_))));
     assert!(matches!(run(&[0, 2, 1], &mut out), Err(ExpertsError::Offsets(_))));
@@ -160,16 +147,17 @@ fn segments_longer_than_a_row_block_match_the_definition() {
         intermediate: 9,
         experts: 2,
     };
-    let offsets = [0i64, 2 * ROW_BLOCK as i64 + 22, 2 * ROW_BLOCK as i64 + 23];
+    let offsets = [0i64, 2 * ROW_CHUNK as i64 + 22, 2 * ROW_CHUNK as i64 + 23];
     let rows = offsets[2] as usize;
     let wave =
         |n: usize, a: usize, m: usize| -> Vec<f32> { (0..n).map(|i| ((i * a) % m) as f32 / m as f32 - 0.5).collect() };
     let buf = wave(rows * 20, 37, 101);
     let gate_up = wave(2 * 18 * 20, 53, 97);
     let down = wave(2 * 20 * 9, 29, 89);
-    let (mut out, mut h) = (vec![0f32; rows * 20], vec![0f32; rows * 18]);
-    assert_eq!(
-        swiglu_forward(
+    let (want_out, want_h) = reference(&buf, &gate_up, &down, dims, &offsets);
+    for isa in Isa::available() {
+        let (mut out, mut h) = (vec![0f32; rows * 20], vec![0f32; rows * 18]);
+        let ran = swiglu_forward(
             &buf,
             &gate_up,
             &down,
@@ -177,16 +165,16 @@ fn segments_longer_than_a_row_block_match_the_definition() {
             &offsets,
             usize::MAX,
             &mut out,
-            Some(&mut h)
-        ),
-        Ok(2)
-    );
-    let (want_out, want_h) = reference(&buf, &gate_up, &down, dims, &offsets);
-    for (got, want) in out.iter().zip(&want_out).chain(h.iter().zip(&want_h)) {
-        assert!(
-            (*got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
-            "{got} vs {want}"
+            Some(&mut h),
+            isa,
         );
+        assert_eq!(ran, Ok(2));
+        for (got, want) in out.iter().zip(&want_out).chain(h.iter().zip(&want_h)) {
+            assert!(
+                (*got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "{isa}: {got} vs {want}"
+            );
+        }
     }
 }
 
@@ -242,14 +230,15 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let Dims { hidden: hd, intermediate: f, experts } = dims;
+      for isa in Isa::available() {
         let rows = buf.len() / hd;
         let grad_out: Vec<f32> = (0..rows * hd).map(|i| (((i as u64 * 2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
         let mut h = vec![0f32; rows * 2 * f];
         let mut out = vec![0f32; rows * hd];
-        swiglu_forward(&buf, &gate_up, &down, dims, &offsets, usize::MAX, &mut out, Some(&mut h)).unwrap();
+        swiglu_forward(&buf, &gate_up, &down, dims, &offsets, usize::MAX, &mut out, Some(&mut h), isa).unwrap();
         let sentinel = -3.25f32;
         let (mut gx, mut ggu, mut gd) = (vec![sentinel; rows * hd], vec![sentinel; gate_up.len()], vec![sentinel; down.len()]);
-        let ran = swiglu_backward(&grad_out, &buf, &gate_up, &down, &h, dims, &offsets, max_rows, &mut gx, &mut ggu, &mut gd).unwrap();
+        let ran = swiglu_backward(&grad_out, &buf, &gate_up, &down, &h, dims, &offsets, max_rows, &mut gx, &mut ggu, &mut gd, isa).unwrap();
         let (want_x, want_gu, want_d) = reference_grads(&grad_out, &buf, &gate_up, &down, dims, &offsets);
         let close = |got: f32, want: f64| (got as f64 - want).abs() <= 1e-3 * (1.0 + want.abs());
         let mut expected_ran = 0;
@@ -261,30 +250,240 @@ proptest! {
                 .chain((e * hd * f..(e + 1) * hd * f).map(|i| (gd[i], want_d[i])));
             for (got, want) in (s * hd..t * hd).map(|i| (gx[i], want_x[i])).chain(weights) {
                 if small {
-                    prop_assert!(close(got, want), "{got} vs {want}");
+                    prop_assert!(close(got, want), "{isa}: {got} vs {want}");
                 } else {
                     prop_assert_eq!(got, sentinel, "an expert outside the small ones was touched");
                 }
             }
         }
         prop_assert_eq!(ran, expected_ran);
+      }
+    }
+}
+
+/// A deterministic stream of values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % 2048) as f32 / 1024.0 - 1.0
+        })
+        .collect()
+}
+
+/// One expert's row computed alone (forward `out`, `h`, and backward `grad_buf`).
+fn alone(
+    x: &[f32],
+    dy: &[f32],
+    gate_up: &[f32],
+    down: &[f32],
+    hd: usize,
+    f: usize,
+    isa: Isa,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let dims = Dims {
+        hidden: hd,
+        intermediate: f,
+        experts: 1,
+    };
+    let (mut out, mut h, mut gx) = (vec![0f32; hd], vec![0f32; 2 * f], vec![0f32; hd]);
+    let (mut ggu, mut gd) = (vec![0f32; gate_up.len()], vec![0f32; down.len()]);
+    swiglu_forward(x, gate_up, down, dims, &[0, 1], 1, &mut out, Some(&mut h), isa).unwrap();
+    swiglu_backward(
+        dy,
+        x,
+        gate_up,
+        down,
+        &h,
+        dims,
+        &[0, 1],
+        1,
+        &mut gx,
+        &mut ggu,
+        &mut gd,
+        isa,
+    )
+    .unwrap();
+    (out, h, gx)
+}
+
+/// Checks, bitwise, that every row listed in `probe` of a batch of experts equals the row
+/// computed alone, in every tier this CPU runs.
+fn check_batch_invariance(hd: usize, f: usize, sizes: &[usize], probe: &[usize], seed: u64) {
+    let experts = sizes.len();
+    let dims = Dims {
+        hidden: hd,
+        intermediate: f,
+        experts,
+    };
+    let mut offsets = vec![0i64];
+    for &n in sizes {
+        offsets.push(offsets.last().unwrap() + n as i64);
+    }
+    let rows = *offsets.last().unwrap() as usize;
+    let buf = values(rows * hd, seed);
+    let dy = values(rows * hd, seed ^ 1);
+    let gate_up = values(experts * 2 * f * hd, seed ^ 2);
+    let down = values(experts * hd * f, seed ^ 3);
+    for isa in Isa::available() {
+        let (mut out, mut h, mut gx) = (vec![0f32; rows * hd], vec![0f32; rows * 2 * f], vec![0f32; rows * hd]);
+        let (mut ggu, mut gd) = (vec![0f32; gate_up.len()], vec![0f32; down.len()]);
+        swiglu_forward(
+            &buf,
+            &gate_up,
+            &down,
+            dims,
+            &offsets,
+            usize::MAX,
+            &mut out,
+            Some(&mut h),
+            isa,
+        )
+        .unwrap();
+        swiglu_backward(
+            &dy,
+            &buf,
+            &gate_up,
+            &down,
+            &h,
+            dims,
+            &offsets,
+            usize::MAX,
+            &mut gx,
+            &mut ggu,
+            &mut gd,
+            isa,
+        )
+        .unwrap();
+        for &m in probe {
+            let e = offsets.windows(2).position(|w| w[1] as usize > m).unwrap();
+            let (gu_e, d_e) = (2 * f * hd, hd * f);
+            let (o, hh, g) = alone(
+                &buf[m * hd..(m + 1) * hd],
+                &dy[m * hd..(m + 1) * hd],
+                &gate_up[e * gu_e..(e + 1) * gu_e],
+                &down[e * d_e..(e + 1) * d_e],
+                hd,
+                f,
+                isa,
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out[m * hd..(m + 1) * hd]), bits(&o), "{isa}: out of row {m}");
+            assert_eq!(bits(&h[m * 2 * f..(m + 1) * 2 * f]), bits(&hh), "{isa}: h of row {m}");
+            assert_eq!(bits(&gx[m * hd..(m + 1) * hd]), bits(&g), "{isa}: grad_buf of row {m}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// A row computed alone is bitwise the same row inside a larger random batch, at a random
+    /// position, in every tier.
+    #[test]
+    fn rows_are_batch_invariant(
+        hd in 1usize..90,
+        f in 1usize..40,
+        sizes in proptest::collection::vec(0usize..40, 1..4),
+        picks in proptest::collection::vec(any::<prop::sample::Index>(), 1..4),
+        seed in any::<u64>(),
+    ) {
+        let rows: usize = sizes.iter().sum();
+        prop_assume!(rows > 0);
+        let probe: Vec<usize> = picks.iter().map(|i| i.index(rows)).collect();
+        check_batch_invariance(hd, f, &sizes, &probe, seed);
     }
 
+    /// `linear_rows`: the definition in f64 (every tier), and a row alone equals it in a batch.
     #[test]
-    fn gemm_kernels_agree(rows in 0usize..9, cols in 0usize..80, k in 0usize..20, transposed in any::<bool>()) {
-        let a_data: Vec<f32> = (0..rows.max(1) * k.max(1)).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
-        let (rs, ks) = if transposed { (1, rows.max(1)) } else { (k.max(1), 1) };
-        let a = gemm::Strided { data: &a_data, rs, ks };
-        let b: Vec<f32> = (0..k * cols).map(|i| ((i * 7) % 13) as f32 / 6.0 - 1.0).collect();
-        let (mut fast, mut slow) = (vec![9f32; rows * cols], vec![9f32; rows * cols]);
-        gemm::best()(a, &b, cols, k, &mut fast, cols, rows, cols);
-        gemm::portable(a, &b, cols, k, &mut slow, cols, rows, cols);
-        for r in 0..rows {
-            for c in 0..cols {
-                let exact: f64 = (0..k).map(|kk| a_data[r * rs + kk * ks] as f64 * b[kk * cols + c] as f64).sum();
-                prop_assert!((fast[r * cols + c] as f64 - exact).abs() <= 1e-4 * (1.0 + k as f64));
-                prop_assert!((slow[r * cols + c] as f64 - exact).abs() <= 1e-4 * (1.0 + k as f64));
+    fn linear_rows_match_the_definition_and_are_batch_invariant(
+        rows in 0usize..30,
+        inputs in 0usize..70,
+        outputs in 0usize..90,
+        pick in any::<prop::sample::Index>(),
+        seed in any::<u64>(),
+    ) {
+        let x = values(rows * inputs, seed);
+        let w = values(outputs * inputs, seed ^ 5);
+        for isa in Isa::available() {
+            let mut out = vec![f32::NAN; rows * outputs];
+            linear_rows(&x, &w, rows, inputs, outputs, &mut out, isa).unwrap();
+            for r in 0..rows {
+                for j in 0..outputs {
+                    let want: f64 = (0..inputs).map(|c| x[r * inputs + c] as f64 * w[j * inputs + c] as f64).sum();
+                    let got = out[r * outputs + j];
+                    prop_assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + inputs as f64), "{isa}: {got} vs {want}");
+                }
+            }
+            if rows > 0 {
+                let r = pick.index(rows);
+                let mut one = vec![0f32; outputs];
+                linear_rows(&x[r * inputs..(r + 1) * inputs], &w, 1, inputs, outputs, &mut one, isa).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                prop_assert_eq!(bits(&one), bits(&out[r * outputs..(r + 1) * outputs]), "{}", isa);
             }
         }
+    }
+}
+
+/// Large enough to run on the thread pool, split into row and column blocks, with `k` over
+/// several packed panels.
+#[test]
+fn threaded_and_blocked_calls_stay_batch_invariant() {
+    check_batch_invariance(
+        300,
+        70,
+        &[3, 2 * ROW_CHUNK + 41, 1],
+        &[0, 5, 200, 300, 2 * ROW_CHUNK + 43],
+        7,
+    );
+    let (rows, inputs, outputs) = (2 * ROW_CHUNK + 5, 600, 130);
+    let x = values(rows * inputs, 11);
+    let w = values(outputs * inputs, 12);
+    for isa in Isa::available() {
+        let mut out = vec![0f32; rows * outputs];
+        linear_rows(&x, &w, rows, inputs, outputs, &mut out, isa).unwrap();
+        for r in [0, 1, ROW_CHUNK, rows - 1] {
+            let mut one = vec![0f32; outputs];
+            linear_rows(&x[r * inputs..(r + 1) * inputs], &w, 1, inputs, outputs, &mut one, isa).unwrap();
+            assert_eq!(one, out[r * outputs..(r + 1) * outputs], "{isa}: row {r}");
+            for (j, &got) in one.iter().enumerate() {
+                let want: f64 = (0..inputs)
+                    .map(|c| x[r * inputs + c] as f64 * w[j * inputs + c] as f64)
+                    .sum();
+                assert!(
+                    (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{isa}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn tiers_parse_by_name_and_this_cpu_lists_what_it_runs() {
+    for isa in Isa::ALL {
+        assert_eq!(isa.name().parse::<Isa>(), Ok(isa));
+    }
+    assert!(matches!("sse9".parse::<Isa>(), Err(ExpertsError::Isa(m)) if m.contains("sse9") && m.contains("generic")));
+    let available = Isa::available();
+    assert_eq!(available.last(), Some(&Isa::Generic));
+    assert_eq!(Isa::best(), available[0]);
+    for isa in Isa::ALL {
+        assert_eq!(isa.supported(), available.contains(&isa));
+        assert_eq!(isa.check().is_ok(), isa.supported());
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(!Isa::Neon.supported());
+        let (x, w, mut out) = ([1f32], [2f32], [0f32]);
+        let err = linear_rows(&x, &w, 1, 1, 1, &mut out, Isa::Neon).unwrap_err();
+        assert!(
+            matches!(&err, ExpertsError::Isa(m) if m.contains("neon") && m.contains("available: ")),
+            "{err}"
+        );
     }
 }

@@ -308,7 +308,7 @@ pub(crate) mod arg {
         // router and dispatch
         k, top_p, min_k, max_k, top_k, n_group, topk_group, renormalize, scoring, scale, num_experts,
         // experts
-        max_rows,
+        max_rows, isa,
         // scheduler
         max_size, min_size, max_queue_delay, max_queue_size, max_batch_cost, preferred_sizes,
         id, ids, cost, bucket, priority, timeout, outcome,

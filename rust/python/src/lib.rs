@@ -135,7 +135,7 @@ mod _core {
     use super::*;
 
     #[pymodule_export]
-    use crate::experts::{swiglu_experts_backward, swiglu_experts_forward};
+    use crate::experts::{cpu_isas, linear_rows, swiglu_experts_backward, swiglu_experts_forward};
     #[pymodule_export]
     use crate::scheduler::Scheduler;
     #[pymodule_export]

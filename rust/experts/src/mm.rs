@@ -1,0 +1,555 @@
+//! `C = A @ B` in float32 with one reduction order for every shape, tile and tier.
+//!
+//! Every element is `c[i, j] = (((0 + a[i,0] b[0,j]) + a[i,1] b[1,j]) + ...) + a[i,k-1] b[k-1,j]`,
+//! summed in `k` order one term at a time; the vector tiers fuse each multiply-add (one
+//! rounding), the generic tier rounds the product and the sum. Nothing else enters: not the
+//! row count, not the tile an element falls in (edge tiles run the same kernel on a copy),
+//! not the `k` blocks (a block's partial sums are stored as float32 and reloaded, which is
+//! exactly the chain continuing). So a row of `C` is bitwise the same whoever shares the call.
+//!
+//! The kernels are the broadcast-A, load-B form of a GEMM micro-kernel (as in BLIS): `B` is
+//! packed into panels of `NR` columns by `KC` values of `k` that stay in L1, and an `MR` by
+//! `NR` tile of `C` lives in registers while `k` runs. `A` and `B` are read through strides,
+//! so either may be a transposed view (`x @ w^T` packs `w`'s rows as panel columns).
+
+use std::marker::PhantomData;
+
+use crate::Isa;
+
+/// A matrix read through strides: element `(r, c)` is `data[r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View<'_> {
+    /// Panics (a bug in this crate) unless every element of a `rows` by `cols` matrix is in `data`.
+    fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows > 0 && cols > 0 {
+            assert!(
+                self.data.len() > (rows - 1) * self.rs + (cols - 1) * self.cs,
+                "mm: {what} too short"
+            );
+        }
+    }
+}
+
+/// A `rows` by `cols` block of a row-major matrix with row stride `ld`, written through a raw
+/// pointer so that tasks can own disjoint column ranges of the same rows.
+#[derive(Clone, Copy)]
+pub(crate) struct Out<'a> {
+    ptr: *mut f32,
+    ld: usize,
+    pub rows: usize,
+    pub cols: usize,
+    _borrow: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: an `Out` is a mutable borrow of its elements; tasks handed `Out`s of one matrix get
+// disjoint blocks of it (`rows`/`cols` split it), so no element is written by two threads.
+unsafe impl Send for Out<'_> {}
+// SAFETY: as above; a shared `Out` is only copied, never written through, by the task system.
+unsafe impl Sync for Out<'_> {}
+
+impl<'a> Out<'a> {
+    /// The whole of `c` as a `rows` by `cols` matrix with row stride `ld`.
+    pub fn new(c: &'a mut [f32], ld: usize, rows: usize, cols: usize) -> Out<'a> {
+        if rows > 0 && cols > 0 {
+            assert!(cols <= ld && c.len() >= (rows - 1) * ld + cols, "mm: C too short");
+        }
+        Out {
+            ptr: c.as_mut_ptr(),
+            ld,
+            rows,
+            cols,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Rows `r0..r1` and columns `c0..c1` of this block.
+    pub fn block(self, r0: usize, r1: usize, c0: usize, c1: usize) -> Out<'a> {
+        assert!(
+            r0 <= r1 && r1 <= self.rows && c0 <= c1 && c1 <= self.cols,
+            "mm: block out of range"
+        );
+        Out {
+            // SAFETY: the offset stays inside the block (checked just above), which `new` checked
+            // to lie inside its slice.
+            ptr: unsafe { self.ptr.add(r0 * self.ld + c0) },
+            ld: self.ld,
+            rows: r1 - r0,
+            cols: c1 - c0,
+            _borrow: PhantomData,
+        }
+    }
+
+    fn fill(self, v: f32) {
+        for r in 0..self.rows {
+            // SAFETY: row `r` of the block, inside the borrowed slice (see `new` and `block`).
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r * self.ld), self.cols) }.fill(v);
+        }
+    }
+}
+
+/// Largest `MR * NR` of any tier, for the copy of an edge tile.
+const MAX_TILE: usize = 6 * 64;
+
+/// A tier's micro-kernel and its blocking.
+trait Micro {
+    /// Rows of a register tile.
+    const MR: usize;
+    /// Columns of a register tile (and of a packed panel).
+    const NR: usize;
+    /// Values of `k` per packed panel.
+    const KC: usize;
+
+    /// `rows` (1 to `MR`) rows by `NR` columns of `c` (row stride `ldc`) = (when `first`, 0;
+    /// else themselves) + the sum over `kk < kc` of `a[r * ars + kk * acs] * b[kk * NR + j]`,
+    /// in the order of the module documentation.
+    ///
+    /// # Safety
+    /// The tier is supported by this CPU; `a`, `b` and `c` point to that many readable
+    /// (writable for `c`) elements.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        kc: usize,
+        a: *const f32,
+        ars: usize,
+        acs: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        first: bool,
+    );
+
+    /// Packs `b` rows `k0..k0 + kc`, columns `j0..j0 + nr` into `dst[kk * NR + j]`, zeroing
+    /// columns `nr..NR`.
+    fn pack(b: View, k0: usize, kc: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+        pack_portable(b, k0, kc, j0, nr, Self::NR, dst)
+    }
+}
+
+fn pack_portable(b: View, k0: usize, kc: usize, j0: usize, nr: usize, width: usize, dst: &mut [f32]) {
+    let dst = &mut dst[..kc * width];
+    if nr < width {
+        dst.fill(0.0);
+    }
+    if b.cs == 1 {
+        // Row-major B: each k is a contiguous run of columns.
+        for (kk, d) in dst.chunks_exact_mut(width).enumerate() {
+            let s = (k0 + kk) * b.rs + j0;
+            d[..nr].copy_from_slice(&b.data[s..s + nr]);
+        }
+    } else if b.rs == 1 {
+        // Transposed B (`w^T` of a row-major `w`): each column is a contiguous run of k.
+        for j in 0..nr {
+            let s = (j0 + j) * b.cs + k0;
+            for (kk, &v) in b.data[s..s + kc].iter().enumerate() {
+                dst[kk * width + j] = v;
+            }
+        }
+    } else {
+        for kk in 0..kc {
+            for j in 0..nr {
+                dst[kk * width + j] = b.data[(k0 + kk) * b.rs + (j0 + j) * b.cs];
+            }
+        }
+    }
+}
+
+/// `out = A @ B` with `A` an `out.rows` by `k` view and `B` a `k` by `out.cols` view, in the
+/// tier `isa` (which this CPU must run: checked, a panic otherwise); `packed` is scratch.
+pub(crate) fn matmul(isa: Isa, a: View, b: View, k: usize, out: Out, packed: &mut Vec<f32>) {
+    assert!(isa.supported(), "mm: the {isa} tier is not supported by this CPU");
+    a.check(out.rows, k, "A");
+    b.check(k, out.cols, "B");
+    match isa {
+        Isa::Generic => drive::<generic::Kernel>(a, b, k, out, packed),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => drive::<avx2::Kernel>(a, b, k, out, packed),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => drive::<avx512::Kernel>(a, b, k, out, packed),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => drive::<neon::Kernel>(a, b, k, out, packed),
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("supported() is false for tiers of another architecture"),
+    }
+}
+
+/// The columns a task of tier `isa` should take at a time (its panel width).
+pub(crate) fn panel_width(isa: Isa) -> usize {
+    match isa {
+        Isa::Generic => generic::Kernel::NR,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::Kernel::NR,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::Kernel::NR,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::Kernel::NR,
+        #[allow(unreachable_patterns)]
+        _ => 16,
+    }
+}
+
+fn drive<K: Micro>(a: View, b: View, k: usize, out: Out, packed: &mut Vec<f32>) {
+    let (m, n) = (out.rows, out.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    debug_assert!(K::MR * K::NR <= MAX_TILE);
+    packed.resize(K::KC * K::NR, 0.0);
+    for k0 in (0..k).step_by(K::KC) {
+        let kc = K::KC.min(k - k0);
+        for j0 in (0..n).step_by(K::NR) {
+            let nr = K::NR.min(n - j0);
+            K::pack(b, k0, kc, j0, nr, packed);
+            for i0 in (0..m).step_by(K::MR) {
+                let rows = K::MR.min(m - i0);
+                let a_ptr = a.data[i0 * a.rs + k0 * a.cs..].as_ptr();
+                let c = out.block(i0, i0 + rows, j0, j0 + nr);
+                if nr == K::NR {
+                    // SAFETY: the tier is supported (asserted in `matmul`); A's rows i0.. and
+                    // columns k0..k0 + kc are in `a.data` (checked in `matmul`), the panel holds
+                    // kc * NR values, and `c` is a rows by NR block of `out`.
+                    unsafe { K::tile(kc, a_ptr, a.rs, a.cs, packed.as_ptr(), c.ptr, c.ld, rows, k0 == 0) };
+                } else {
+                    // An edge tile: the same kernel on a full-width copy, so its elements see
+                    // the same operations as any other tile's.
+                    let mut tmp = [0f32; MAX_TILE];
+                    for r in 0..rows {
+                        // SAFETY: row r of the block `c`, nr elements.
+                        let row = unsafe { std::slice::from_raw_parts(c.ptr.add(r * c.ld), nr) };
+                        tmp[r * K::NR..r * K::NR + nr].copy_from_slice(row);
+                    }
+                    // SAFETY: as above, with `tmp` as a rows by NR matrix of row stride NR.
+                    unsafe {
+                        K::tile(
+                            kc,
+                            a_ptr,
+                            a.rs,
+                            a.cs,
+                            packed.as_ptr(),
+                            tmp.as_mut_ptr(),
+                            K::NR,
+                            rows,
+                            k0 == 0,
+                        )
+                    };
+                    for r in 0..rows {
+                        // SAFETY: as above.
+                        let row = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(r * c.ld), nr) };
+                        row.copy_from_slice(&tmp[r * K::NR..r * K::NR + nr]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Calls `$f::<R>(args)` for the run-time row count `$rows` in `1..=$mr`.
+macro_rules! by_rows {
+    ($rows:expr, $f:ident, [$($r:literal),+], $args:tt) => {
+        match $rows {
+            $($r => $f::<$r> $args,)+
+            _ => unreachable!("a tile has 1 to MR rows"),
+        }
+    };
+}
+
+mod generic {
+    use super::Micro;
+
+    pub(crate) struct Kernel;
+
+    const NR: usize = 8;
+
+    impl Micro for Kernel {
+        const MR: usize = 4;
+        const NR: usize = NR;
+        const KC: usize = 256;
+
+        unsafe fn tile(
+            kc: usize,
+            a: *const f32,
+            ars: usize,
+            acs: usize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            rows: usize,
+            first: bool,
+        ) {
+            // SAFETY: forwarded from the caller's contract.
+            unsafe { by_rows!(rows, tile, [1, 2, 3, 4], (kc, a, ars, acs, b, c, ldc, first)) }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tile<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        ars: usize,
+        acs: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        first: bool,
+    ) {
+        let mut acc = [[0f32; NR]; R];
+        if !first {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                // SAFETY: row r of the tile, NR elements (the caller's contract).
+                acc_r.copy_from_slice(unsafe { std::slice::from_raw_parts(c.add(r * ldc), NR) });
+            }
+        }
+        for kk in 0..kc {
+            // SAFETY: row kk of the packed panel, NR elements.
+            let bv: &[f32; NR] = unsafe { &*(b.add(kk * NR) as *const [f32; NR]) };
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                // SAFETY: element (r, kk) of A (the caller's contract).
+                let av = unsafe { *a.add(r * ars + kk * acs) };
+                for j in 0..NR {
+                    acc_r[j] += av * bv[j];
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            // SAFETY: row r of the tile.
+            unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), NR) }.copy_from_slice(acc_r);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::Micro;
+    use std::arch::x86_64::*;
+
+    pub(crate) struct Kernel;
+
+    const NR: usize = 16;
+
+    impl Micro for Kernel {
+        const MR: usize = 6;
+        const NR: usize = NR;
+        const KC: usize = 256;
+
+        unsafe fn tile(
+            kc: usize,
+            a: *const f32,
+            ars: usize,
+            acs: usize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            rows: usize,
+            first: bool,
+        ) {
+            // SAFETY: forwarded from the caller's contract (which includes AVX2 and FMA).
+            unsafe { by_rows!(rows, tile, [1, 2, 3, 4, 5, 6], (kc, a, ars, acs, b, c, ldc, first)) }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        ars: usize,
+        acs: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        first: bool,
+    ) {
+        // SAFETY (all pointer accesses): inside the tile, the panel and A, by the caller's contract.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            if !first {
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    for (v, acc_rv) in acc_r.iter_mut().enumerate() {
+                        *acc_rv = _mm256_loadu_ps(c.add(r * ldc + 8 * v));
+                    }
+                }
+            }
+            for kk in 0..kc {
+                let bp = b.add(kk * NR);
+                let bv = [_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8))];
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*a.add(r * ars + kk * acs));
+                    for v in 0..2 {
+                        acc_r[v] = _mm256_fmadd_ps(av, bv[v], acc_r[v]);
+                    }
+                }
+            }
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (v, acc_rv) in acc_r.iter().enumerate() {
+                    _mm256_storeu_ps(c.add(r * ldc + 8 * v), *acc_rv);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Micro;
+    use std::arch::x86_64::*;
+
+    pub(crate) struct Kernel;
+
+    const NR: usize = 64;
+
+    impl Micro for Kernel {
+        const MR: usize = 6;
+        const NR: usize = NR;
+        const KC: usize = 128;
+
+        unsafe fn tile(
+            kc: usize,
+            a: *const f32,
+            ars: usize,
+            acs: usize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            rows: usize,
+            first: bool,
+        ) {
+            // SAFETY: forwarded from the caller's contract (which includes AVX-512F).
+            unsafe { by_rows!(rows, tile, [1, 2, 3, 4, 5, 6], (kc, a, ars, acs, b, c, ldc, first)) }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        ars: usize,
+        acs: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        first: bool,
+    ) {
+        // SAFETY (all pointer accesses): inside the tile, the panel and A, by the caller's contract.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            if !first {
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    for (v, acc_rv) in acc_r.iter_mut().enumerate() {
+                        *acc_rv = _mm512_loadu_ps(c.add(r * ldc + 16 * v));
+                    }
+                }
+            }
+            for kk in 0..kc {
+                let bp = b.add(kk * NR);
+                let bv = [
+                    _mm512_loadu_ps(bp),
+                    _mm512_loadu_ps(bp.add(16)),
+                    _mm512_loadu_ps(bp.add(32)),
+                    _mm512_loadu_ps(bp.add(48)),
+                ];
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(r * ars + kk * acs));
+                    for v in 0..4 {
+                        acc_r[v] = _mm512_fmadd_ps(av, bv[v], acc_r[v]);
+                    }
+                }
+            }
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (v, acc_rv) in acc_r.iter().enumerate() {
+                    _mm512_storeu_ps(c.add(r * ldc + 16 * v), *acc_rv);
+                }
+            }
+        }
+    }
+}
+
+/// NEON (aarch64). Not compiled on the x86_64 machines this crate is developed on; kept to
+/// the same shape as the AVX2 kernel.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::Micro;
+    use std::arch::aarch64::*;
+
+    pub(crate) struct Kernel;
+
+    const NR: usize = 16;
+
+    impl Micro for Kernel {
+        const MR: usize = 6;
+        const NR: usize = NR;
+        const KC: usize = 256;
+
+        unsafe fn tile(
+            kc: usize,
+            a: *const f32,
+            ars: usize,
+            acs: usize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            rows: usize,
+            first: bool,
+        ) {
+            // SAFETY: forwarded from the caller's contract (which includes NEON).
+            unsafe { by_rows!(rows, tile, [1, 2, 3, 4, 5, 6], (kc, a, ars, acs, b, c, ldc, first)) }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "neon")]
+    unsafe fn tile<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        ars: usize,
+        acs: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        first: bool,
+    ) {
+        // SAFETY (all pointer accesses): inside the tile, the panel and A, by the caller's contract.
+        unsafe {
+            let mut acc = [[vdupq_n_f32(0.0); 4]; R];
+            if !first {
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    for (v, acc_rv) in acc_r.iter_mut().enumerate() {
+                        *acc_rv = vld1q_f32(c.add(r * ldc + 4 * v));
+                    }
+                }
+            }
+            for kk in 0..kc {
+                let bp = b.add(kk * NR);
+                let bv = [
+                    vld1q_f32(bp),
+                    vld1q_f32(bp.add(4)),
+                    vld1q_f32(bp.add(8)),
+                    vld1q_f32(bp.add(12)),
+                ];
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let av = vdupq_n_f32(*a.add(r * ars + kk * acs));
+                    for v in 0..4 {
+                        // Fused: acc + av * b, one rounding.
+                        acc_r[v] = vfmaq_f32(acc_r[v], av, bv[v]);
+                    }
+                }
+            }
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (v, acc_rv) in acc_r.iter().enumerate() {
+                    vst1q_f32(c.add(r * ldc + 4 * v), *acc_rv);
+                }
+            }
+        }
+    }
+}
