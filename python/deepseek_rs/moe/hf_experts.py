@@ -25,8 +25,9 @@ is run on a probe of values from 1e-3 to 1e4 in magnitude and must equal
 ``silu(gate) * up``, so a non-SiLU activation, a clamp (gpt-oss, DeepSeek-V4 and other
 "swiglu_limit" families), a ``+ 1`` or a softcap is detected without a list of families.
 Any other experts module runs transformers' own implementation instead (its eager forward on
-the CPU, where transformers' ``grouped_mm`` has no backward with torch 2.15; ``grouped_mm`` on
-other devices), and a log message says so once per class and reason. On CUDA, our kernels run
+the CPU, where torch's grouped GEMM needs 16-byte aligned strides and its backward fails for
+some weight layouts with torch 2.15; ``grouped_mm`` on other devices), and a log message says
+so once per class and reason. On CUDA, our kernels run
 float16 / bfloat16 experts with H and F multiples of 8; anything else falls back the same way.
 """
 
