@@ -127,7 +127,10 @@ trait Micro {
 
     /// Packs `b` rows `k0..k0 + kc`, columns `j0..j0 + nr` into `dst[kk * NR + j]`, zeroing
     /// columns `nr..NR`.
-    fn pack(b: View, k0: usize, kc: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+    ///
+    /// # Safety
+    /// The tier is supported by this CPU; `b` holds every element packed (checked by `matmul`).
+    unsafe fn pack(b: View, k0: usize, kc: usize, j0: usize, nr: usize, dst: &mut [f32]) {
         pack_portable(b, k0, kc, j0, nr, Self::NR, dst)
     }
 }
@@ -209,7 +212,8 @@ fn drive<K: Micro>(a: View, b: View, k: usize, out: Out, packed: &mut Vec<f32>) 
         let kc = K::KC.min(k - k0);
         for j0 in (0..n).step_by(K::NR) {
             let nr = K::NR.min(n - j0);
-            K::pack(b, k0, kc, j0, nr, packed);
+            // SAFETY: the tier is supported (asserted in `matmul`), which also checked `b`.
+            unsafe { K::pack(b, k0, kc, j0, nr, packed) };
             for i0 in (0..m).step_by(K::MR) {
                 let rows = K::MR.min(m - i0);
                 let a_ptr = a.data[i0 * a.rs + k0 * a.cs..].as_ptr();
@@ -328,6 +332,103 @@ mod generic {
     }
 }
 
+/// Packing of a transposed `B` (`w^T` of a row-major `w`) with 8 by 8 AVX transposes, for the
+/// AVX2 and AVX-512 tiers.
+#[cfg(target_arch = "x86_64")]
+mod avx_pack {
+    use super::View;
+    use std::arch::x86_64::*;
+
+    /// [`super::Micro::pack`] into panels `width` wide.
+    ///
+    /// # Safety
+    /// AVX2 is supported by this CPU; `b` holds every element packed.
+    pub(super) unsafe fn pack(b: View, k0: usize, kc: usize, j0: usize, nr: usize, width: usize, dst: &mut [f32]) {
+        if b.rs != 1 || b.cs == 1 {
+            return super::pack_portable(b, k0, kc, j0, nr, width, dst);
+        }
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { pack_transposed(b.data, b.cs, k0, kc, j0, nr, width, dst) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    fn pack_transposed(
+        data: &[f32],
+        cs: usize,
+        k0: usize,
+        kc: usize,
+        j0: usize,
+        nr: usize,
+        width: usize,
+        dst: &mut [f32],
+    ) {
+        let dst = &mut dst[..kc * width];
+        let (kfull, jfull) = (kc / 8 * 8, nr / 8 * 8);
+        for jb in (0..jfull).step_by(8) {
+            for kb in (0..kfull).step_by(8) {
+                let src = &data[(j0 + jb) * cs + k0 + kb..];
+                // SAFETY: element (k0 + kb + 7, j0 + jb + 7) of B is in `data` (the caller's
+                // contract), and every load reads 8 values of k at or below it.
+                let r: [__m256; 8] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.as_ptr().add(i * cs)) });
+                let t = transpose8(r);
+                for (i, ti) in t.iter().enumerate() {
+                    let at = &mut dst[(kb + i) * width + jb..(kb + i) * width + jb + 8];
+                    // SAFETY: `at` holds 8 values.
+                    unsafe { _mm256_storeu_ps(at.as_mut_ptr(), *ti) };
+                }
+            }
+            for kk in kfull..kc {
+                for j in jb..jb + 8 {
+                    dst[kk * width + j] = data[(j0 + j) * cs + k0 + kk];
+                }
+            }
+        }
+        for j in jfull..nr {
+            for kk in 0..kc {
+                dst[kk * width + j] = data[(j0 + j) * cs + k0 + kk];
+            }
+        }
+        for kk in 0..kc {
+            dst[kk * width + nr..(kk + 1) * width].fill(0.0);
+        }
+    }
+
+    /// Columns of the 8 by 8 matrix whose rows are `r`.
+    #[inline(always)]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // SAFETY: register shuffles only; AVX is enabled in every caller (`pack_transposed`).
+        unsafe {
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            [
+                _mm256_permute2f128_ps::<0x20>(s0, s4),
+                _mm256_permute2f128_ps::<0x20>(s1, s5),
+                _mm256_permute2f128_ps::<0x20>(s2, s6),
+                _mm256_permute2f128_ps::<0x20>(s3, s7),
+                _mm256_permute2f128_ps::<0x31>(s0, s4),
+                _mm256_permute2f128_ps::<0x31>(s1, s5),
+                _mm256_permute2f128_ps::<0x31>(s2, s6),
+                _mm256_permute2f128_ps::<0x31>(s3, s7),
+            ]
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Micro;
@@ -341,6 +442,11 @@ mod avx2 {
         const MR: usize = 6;
         const NR: usize = NR;
         const KC: usize = 256;
+
+        unsafe fn pack(b: super::View, k0: usize, kc: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+            // SAFETY: forwarded from the caller's contract (this tier implies AVX2).
+            unsafe { super::avx_pack::pack(b, k0, kc, j0, nr, NR, dst) }
+        }
 
         unsafe fn tile(
             kc: usize,
@@ -412,6 +518,11 @@ mod avx512 {
         const MR: usize = 6;
         const NR: usize = NR;
         const KC: usize = 128;
+
+        unsafe fn pack(b: super::View, k0: usize, kc: usize, j0: usize, nr: usize, dst: &mut [f32]) {
+            // SAFETY: forwarded from the caller's contract (this tier implies AVX2).
+            unsafe { super::avx_pack::pack(b, k0, kc, j0, nr, NR, dst) }
+        }
 
         unsafe fn tile(
             kc: usize,
