@@ -165,7 +165,10 @@ def _ours(module: Any, hidden_states: Tensor, top_k_index: Tensor, top_k_weights
     gate_up, down = module.gate_up_proj, module.down_proj
     if module.is_transposed:  # [E, H, 2F], [E, F, H]: views in our layout, no copy here
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    t, k = top_k_index.shape[0], top_k_index.shape[-1]
+    shape = hidden_states.shape  # [T, H] in every family seen; other leading shapes flattened
+    k = top_k_index.shape[-1]
+    hidden_states = hidden_states.reshape(-1, shape[-1])
+    t = hidden_states.shape[0]
     device = hidden_states.device
     # Every token has exactly k pairs: CSR offsets 0, k, 2k, ...
     token_offsets = torch.arange(0, t * k + 1, k, dtype=torch.int64, device=device)
@@ -181,7 +184,7 @@ def _ours(module: Any, hidden_states: Tensor, top_k_index: Tensor, top_k_weights
     )
     out, _ = ops.expert_ffn(buf, gate_up, down, expert_offsets, save_h)
     y = ops.combine(out, weights, sorted_pair, sorted_token, pair_position, token_offsets)
-    return y.to(hidden_states.dtype)
+    return y.to(hidden_states.dtype).view(shape)
 
 
 _LOGGED: Set[Tuple[str, str]] = set()
