@@ -147,8 +147,19 @@ fn pack_portable(b: View, k0: usize, kc: usize, j0: usize, nr: usize, width: usi
             d[..nr].copy_from_slice(&b.data[s..s + nr]);
         }
     } else if b.rs == 1 {
-        // Transposed B (`w^T` of a row-major `w`): each column is a contiguous run of k.
-        for j in 0..nr {
+        // Transposed B (`w^T` of a row-major `w`): each column is a contiguous run of k,
+        // moved 4 columns at a time (4 streams read, one 4-wide store per k).
+        let jfull = nr / 4 * 4;
+        for jb in (0..jfull).step_by(4) {
+            let cols: [&[f32]; 4] = std::array::from_fn(|i| {
+                let s = (j0 + jb + i) * b.cs + k0;
+                &b.data[s..s + kc]
+            });
+            for (kk, d) in dst.chunks_exact_mut(width).enumerate() {
+                d[jb..jb + 4].copy_from_slice(&[cols[0][kk], cols[1][kk], cols[2][kk], cols[3][kk]]);
+            }
+        }
+        for j in jfull..nr {
             let s = (j0 + j) * b.cs + k0;
             for (kk, &v) in b.data[s..s + kc].iter().enumerate() {
                 dst[kk * width + j] = v;
@@ -275,7 +286,7 @@ mod generic {
     const NR: usize = 8;
 
     impl Micro for Kernel {
-        const MR: usize = 4;
+        const MR: usize = 6;
         const NR: usize = NR;
         const KC: usize = 256;
 
@@ -291,7 +302,7 @@ mod generic {
             first: bool,
         ) {
             // SAFETY: forwarded from the caller's contract.
-            unsafe { by_rows!(rows, tile, [1, 2, 3, 4], (kc, a, ars, acs, b, c, ldc, first)) }
+            unsafe { by_rows!(rows, tile, [1, 2, 3, 4, 5, 6], (kc, a, ars, acs, b, c, ldc, first)) }
         }
     }
 
