@@ -99,7 +99,7 @@ def _routings(block: nn.Module, router: nn.Module) -> List[Dict[str, Any]]:
     return [dict(router="top_k", renormalize=r, **fields) for r in renorm]
 
 
-def _shared(block: nn.Module) -> Tuple[Optional[str], Optional[nn.Module]]:
+def _shared(block: nn.Module) -> Tuple[Optional[str], Any]:
     for name in _SHARED_NAMES:
         m = block._modules.get(name)
         if m is not None:

@@ -192,7 +192,7 @@ _WRAPPER_CODE: Dict[str, Any] = {}  # "code": the code object of the interface's
 _GROUPED_MM: Dict[str, Callable] = {}  # "fn": transformers' grouped_mm experts forward
 
 
-def _eager_forward(cls: type) -> Callable:
+def _eager_forward(cls: Any) -> Callable:
     """The class's own forward, under the interface's dispatching wrapper(s)."""
     fn = cls.forward
     while getattr(fn, "__code__", None) is _WRAPPER_CODE.get("code") and hasattr(fn, "__wrapped__"):
@@ -202,8 +202,7 @@ def _eager_forward(cls: type) -> Callable:
 
 def _fallback(module: Any, reason: str, *args: Any, **kwargs: Any) -> Tensor:
     cpu = module.gate_up_proj.device.type == "cpu" if hasattr(module, "gate_up_proj") else True
-    grouped = _GROUPED_MM.get("fn")
-    use_grouped = grouped is not None and not cpu
+    grouped = None if cpu else _GROUPED_MM.get("fn")
     key = (type(module).__qualname__, reason)
     if key not in _LOGGED:
         _LOGGED.add(key)
@@ -212,12 +211,11 @@ def _fallback(module: Any, reason: str, *args: Any, **kwargs: Any) -> Tensor:
             "kernels: %s",
             NAME,
             type(module).__name__,
-            "grouped_mm" if use_grouped else "eager",
+            "eager" if grouped is None else "grouped_mm",
             reason,
         )
-    if use_grouped:
-        return grouped(module, *args, **kwargs)
-    return _eager_forward(type(module))(module, *args, **kwargs)
+    forward = _eager_forward(type(module)) if grouped is None else grouped
+    return forward(module, *args, **kwargs)
 
 
 def experts_forward(
