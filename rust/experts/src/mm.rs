@@ -218,53 +218,106 @@ fn drive<K: Micro>(a: View, b: View, k: usize, out: Out, packed: &mut Vec<f32>) 
         return;
     }
     debug_assert!(K::MR * K::NR <= MAX_TILE);
-    packed.resize(K::KC * K::NR, 0.0);
-    for k0 in (0..k).step_by(K::KC) {
-        let kc = K::KC.min(k - k0);
-        for j0 in (0..n).step_by(K::NR) {
-            let nr = K::NR.min(n - j0);
-            // SAFETY: the tier is supported (asserted in `matmul`), which also checked `b`.
-            unsafe { K::pack(b, k0, kc, j0, nr, packed) };
-            for i0 in (0..m).step_by(K::MR) {
-                let rows = K::MR.min(m - i0);
-                let a_ptr = a.data[i0 * a.rs + k0 * a.cs..].as_ptr();
-                let c = out.block(i0, i0 + rows, j0, j0 + nr);
-                if nr == K::NR {
-                    // SAFETY: the tier is supported (asserted in `matmul`); A's rows i0.. and
-                    // columns k0..k0 + kc are in `a.data` (checked in `matmul`), the panel holds
-                    // kc * NR values, and `c` is a rows by NR block of `out`.
-                    unsafe { K::tile(kc, a_ptr, a.rs, a.cs, packed.as_ptr(), c.ptr, c.ld, rows, k0 == 0) };
-                } else {
-                    // An edge tile: the same kernel on a full-width copy, so its elements see
-                    // the same operations as any other tile's.
-                    let mut tmp = [0f32; MAX_TILE];
-                    for r in 0..rows {
-                        // SAFETY: row r of the block `c`, nr elements.
-                        let row = unsafe { std::slice::from_raw_parts(c.ptr.add(r * c.ld), nr) };
-                        tmp[r * K::NR..r * K::NR + nr].copy_from_slice(row);
-                    }
-                    // SAFETY: as above, with `tmp` as a rows by NR matrix of row stride NR.
-                    unsafe {
-                        K::tile(
-                            kc,
-                            a_ptr,
-                            a.rs,
-                            a.cs,
-                            packed.as_ptr(),
-                            tmp.as_mut_ptr(),
-                            K::NR,
-                            rows,
-                            k0 == 0,
-                        )
-                    };
-                    for r in 0..rows {
-                        // SAFETY: as above.
-                        let row = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(r * c.ld), nr) };
-                        row.copy_from_slice(&tmp[r * K::NR..r * K::NR + nr]);
-                    }
+    // BLIS order: per block of k, pack every panel of B (KC by n, in L2), then run blocks of
+    // MC rows (KC by MC of A in L1/L2, MC by n of C in L2) panel by panel. Both orders below
+    // give every element the same operations (see the module documentation).
+    let panels = n.div_ceil(K::NR);
+    let panel_len = K::KC * K::NR;
+    if m <= MC {
+        // Few rows: each panel is packed and used at once, while it is in L1.
+        packed.resize(panel_len, 0.0);
+        for k0 in (0..k).step_by(K::KC) {
+            let kc = K::KC.min(k - k0);
+            for j0 in (0..n).step_by(K::NR) {
+                let nr = K::NR.min(n - j0);
+                // SAFETY: the tier is supported (asserted in `matmul`), which also checked `b`.
+                unsafe { K::pack(b, k0, kc, j0, nr, packed) };
+                for r0 in (0..m).step_by(K::MR) {
+                    let rows = K::MR.min(m - r0);
+                    // SAFETY: every tile's elements are in `a`, `packed` and `out` (see `tile_at`).
+                    unsafe { tile_at::<K>(a, k0, kc, packed, out, r0, rows, j0, nr) };
                 }
             }
         }
+        return;
+    }
+    packed.resize(panels * panel_len, 0.0);
+    for k0 in (0..k).step_by(K::KC) {
+        let kc = K::KC.min(k - k0);
+        for (p, dst) in packed.chunks_exact_mut(panel_len).enumerate() {
+            let j0 = p * K::NR;
+            // SAFETY: the tier is supported (asserted in `matmul`), which also checked `b`.
+            unsafe { K::pack(b, k0, kc, j0, K::NR.min(n - j0), dst) };
+        }
+        for i0 in (0..m).step_by(MC) {
+            let i1 = (i0 + MC).min(m);
+            for (p, panel) in packed.chunks_exact(panel_len).enumerate() {
+                let j0 = p * K::NR;
+                let nr = K::NR.min(n - j0);
+                for r0 in (i0..i1).step_by(K::MR) {
+                    let rows = K::MR.min(i1 - r0);
+                    // SAFETY: every tile's elements are in `a`, `panel` and `out` (see `tile_at`).
+                    unsafe { tile_at::<K>(a, k0, kc, panel, out, r0, rows, j0, nr) };
+                }
+            }
+        }
+    }
+}
+
+/// Rows of a block of A and C, so that it stays in L2 (about 100 KB of C per 256 columns).
+const MC: usize = 96;
+
+/// Runs the tier's tile for rows `r0..r0 + rows` and columns `j0..j0 + nr` of `out` over
+/// `k0..k0 + kc`, on a full-width copy when `nr < NR` (so that an edge tile's elements see the
+/// same operations as any other tile's).
+///
+/// # Safety
+/// The tier is supported by this CPU; `a` holds rows `r0..r0 + rows` by `k0..k0 + kc` (checked
+/// by `matmul`), `panel` `kc * NR` values, and the block lies in `out`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_at<K: Micro>(
+    a: View,
+    k0: usize,
+    kc: usize,
+    panel: &[f32],
+    out: Out,
+    r0: usize,
+    rows: usize,
+    j0: usize,
+    nr: usize,
+) {
+    let a_ptr = a.data[r0 * a.rs + k0 * a.cs..].as_ptr();
+    let c = out.block(r0, r0 + rows, j0, j0 + nr);
+    let first = k0 == 0;
+    if nr == K::NR {
+        // SAFETY: the caller's contract; `c` is a rows by NR block of `out`.
+        unsafe { K::tile(kc, a_ptr, a.rs, a.cs, panel.as_ptr(), c.ptr, c.ld, rows, first) };
+        return;
+    }
+    let mut tmp = [0f32; MAX_TILE];
+    for r in 0..rows {
+        // SAFETY: row r of the block `c`, nr elements.
+        let row = unsafe { std::slice::from_raw_parts(c.ptr.add(r * c.ld), nr) };
+        tmp[r * K::NR..r * K::NR + nr].copy_from_slice(row);
+    }
+    // SAFETY: the caller's contract, with `tmp` as a rows by NR matrix of row stride NR.
+    unsafe {
+        K::tile(
+            kc,
+            a_ptr,
+            a.rs,
+            a.cs,
+            panel.as_ptr(),
+            tmp.as_mut_ptr(),
+            K::NR,
+            rows,
+            first,
+        )
+    };
+    for r in 0..rows {
+        // SAFETY: as above.
+        let row = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(r * c.ld), nr) };
+        row.copy_from_slice(&tmp[r * K::NR..r * K::NR + nr]);
     }
 }
 
