@@ -2,10 +2,15 @@
 installed package, in a process of its own, and reading back the JSON it writes."""
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+# Benchmarks tune the expert FFN afresh in each run; choices from other runs stay out of the way.
+os.environ.setdefault("DEEPSEEK_RS_CACHE_DIR", tempfile.mkdtemp(prefix="deepseek-rs-tuning-"))
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 from hypothesis import HealthCheck, settings
 
@@ -9,3 +10,7 @@ settings.register_profile(
     "dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# The expert FFN's tuner caches choices under the user's cache directory: tests (and the
+# processes they start) tune into a directory of their own instead.
+os.environ.setdefault("DEEPSEEK_RS_CACHE_DIR", tempfile.mkdtemp(prefix="deepseek-rs-tuning-"))

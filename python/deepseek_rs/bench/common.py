@@ -16,6 +16,8 @@ import torch
 import deepseek_rs
 
 from ..errors import DeepseekError
+from ..moe import backends
+from ..moe.tuning import cpu_model
 
 # The extra of pyproject.toml that installs each optional module a benchmark may need.
 EXTRAS = {
@@ -66,14 +68,9 @@ def _cpuinfo(key: str) -> Optional[str]:
     return None
 
 
-def cpu_model() -> str:
-    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
-
-
 def cpu_isa() -> str:
-    """The widest SIMD tier in the CPU's flags. Each Rust engine picks its own kernel at run time
-    (the router's AVX-512 path also needs avx512bw/dq/vl; the experts have AVX-512 and generic
-    kernels only), so this names the CPU, not the kernel that ran."""
+    """The widest SIMD tier in the CPU's flags: it names the CPU, not the kernel that ran (the
+    experts' tier is ``backends.cpu_isa()``, the router picks its own)."""
     flags = set((_cpuinfo("flags") or _cpuinfo("Features") or "").split())
     if "avx512f" in flags:
         return "AVX-512"
@@ -89,12 +86,19 @@ def gpu_name() -> Optional[str]:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
+TORCH_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
 def machine_info() -> Dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_model": cpu_model(),
         "isa": cpu_isa(),
+        "experts_isa": backends.cpu_isa(),
+        "experts_isas": list(backends.cpu_isas()),
+        # Set by `bench moe --isa` to run torch as on a CPU of a lower tier.
+        "torch_caps": {k: os.environ[k] for k in TORCH_CAPS if os.environ.get(k)},
         "gpu": gpu_name(),
         "torch": torch.__version__,
         "deepseek_rs": deepseek_rs.__version__,

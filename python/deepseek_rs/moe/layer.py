@@ -38,6 +38,9 @@ class SwiGLUExperts(nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        # The CPU backend of the expert FFN: "auto" (tuned per machine), "rust", "torch" or
+        # "grouped_mm" (see deepseek_rs.moe.backends); "rust" is the batch-invariant one.
+        self.backend = "auto"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -63,7 +66,7 @@ class SwiGLUExperts(nn.Module):
         save_h = torch.is_grad_enabled() and any(
             p.requires_grad for p in (hidden_states, self.gate_up_proj, self.down_proj, routing.weights)
         )
-        out, _ = ops.expert_ffn(buf, self.gate_up_proj, self.down_proj, expert_offsets, save_h)
+        out, _ = ops.expert_ffn(buf, self.gate_up_proj, self.down_proj, expert_offsets, save_h, self.backend)
         y = ops.combine(out, routing.weights, sorted_pair, sorted_token, pair_position, routing.token_offsets)
         return y.view(t, self.hidden_size)
 
@@ -81,9 +84,28 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+        self.batch_invariant = False  # run as one expert of the rust backend (see PEAMoE)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        if not self.batch_invariant:
+            return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        # torch's SiLU takes a vectorised path for most elements and a scalar one for the tail,
+        # which round differently: the expert kernel computes the whole FFN per row instead.
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])[None]
+        down = self.down_proj.weight[None]
+        save_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x2, gate_up, down))
+        offsets = torch.tensor([0, x2.shape[0]])
+        y, _ = ops.expert_ffn(x2, gate_up, down, offsets, save_h, "rust")
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _sigmoid(v: float) -> float:
+    """The logistic function in Python floats, without overflow."""
+    if v >= 0:
+        return 1.0 / (1.0 + math.exp(-v))
+    z = math.exp(v)
+    return z / (1.0 + z)
 
 
 class PEAMoE(nn.Module):
@@ -104,6 +126,10 @@ class PEAMoE(nn.Module):
         shared_expert_gate: scale the shared expert by ``sigmoid(linear(x))`` (Qwen2-MoE).
         shared_experts_name: attribute name of the shared expert (``"shared_experts"`` as in
             DeepSeek-V3, ``"shared_expert"`` as in Qwen2-MoE), so state dicts keep their keys.
+        batch_invariant: a token's output has the same bits whatever other tokens share its
+            batch (CPU, float32): the router's logits and the shared expert run on
+            :func:`~deepseek_rs.moe.ops.linear_rows` and the experts on the ``rust`` backend,
+            where BLAS and the tuner pick kernels by batch size. Settable on a built layer.
 
     ``forward(x)`` takes ``[..., H]`` and returns the same shape. In training (with grad
     enabled) the router's auxiliary losses of the last call are in ``self.aux_losses``;
@@ -123,6 +149,7 @@ class PEAMoE(nn.Module):
         shared_intermediate_size: int = 0,
         shared_expert_gate: bool = False,
         shared_experts_name: str = "shared_experts",
+        batch_invariant: bool = False,
         device=None,
         dtype=None,
         **routing: Any,
@@ -157,6 +184,19 @@ class PEAMoE(nn.Module):
             self.shared_expert_gate = None
         self.aux_losses: Optional[RouterAuxLosses] = None
         self.last_routing: Optional[RouterOutput] = None
+        self.batch_invariant = batch_invariant
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self.gate.batch_invariant
+
+    @batch_invariant.setter
+    def batch_invariant(self, on: bool) -> None:
+        self.gate.batch_invariant = bool(on)
+        self.experts.backend = "rust" if on else "auto"
+        shared = self._modules.get(self.shared_experts_name)
+        if isinstance(shared, SwiGLU):
+            shared.batch_invariant = bool(on)
 
     def __getstate__(self):
         # The aux losses of the last forward carry its autograd graph, which cannot be
@@ -178,6 +218,24 @@ class PEAMoE(nn.Module):
         weights = self.gate.weight.device
         if hidden_states.device != weights:
             raise DeviceError(f"PEAMoE input is on {hidden_states.device} but its weights are on {weights}")
+        if self.batch_invariant:
+            if weights.type != "cpu":
+                raise DeviceError(f"batch_invariant=True is a CPU guarantee; the layer is on {weights}")
+            dtypes = {p.dtype for p in self.parameters() if p.is_floating_point()}
+            if dtypes != {torch.float32}:
+                got = sorted(map(str, dtypes))
+                raise DTypeError(f"batch_invariant=True needs float32 weights, got {got}")
+
+    def _shared_gate(self, x: Tensor) -> Tensor:
+        """``sigmoid(shared_expert_gate(x))`` [T, 1]."""
+        if not self.batch_invariant:
+            return torch.sigmoid(self.shared_expert_gate(x))
+        g = ops.linear_rows(x, self.shared_expert_gate.weight)
+        if g.requires_grad:  # training: invariance is a serving guarantee
+            return torch.sigmoid(g)
+        # torch's vectorised and scalar sigmoids round differently; one value per token, so
+        # Python's math is cheap and gives every token the same bits in any batch.
+        return torch.tensor([_sigmoid(v) for (v,) in g.tolist()], dtype=g.dtype).view_as(g)
 
     @overload
     def forward(self, hidden_states: Tensor, return_aux: Literal[False] = ...) -> Tensor: ...
@@ -203,7 +261,7 @@ class PEAMoE(nn.Module):
             xs = x.to(y.dtype)
             s = shared(xs)
             if self.shared_expert_gate is not None:
-                s = torch.sigmoid(self.shared_expert_gate(xs)) * s
+                s = self._shared_gate(xs) * s
             y = y + s
         y = y.to(hidden_states.dtype).view(shape)
         self.last_routing = RouterOutput(*(t.detach() for t in routing))

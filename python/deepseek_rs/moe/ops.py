@@ -11,8 +11,7 @@ Data crosses into Rust as zero-copy numpy views of contiguous CPU tensors; large
 allocated here by torch and filled in place.
 """
 
-import ctypes
-import sys
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from .. import _core
 from ..errors import InvalidValueError
+from . import backends, tuning
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -285,115 +285,87 @@ combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 
 # --------------------------------------------------------------------------------------------
-# Expert FFN over the expert-sorted buffer
+# Batch-invariant linear
 # --------------------------------------------------------------------------------------------
-# Each expert's rows are one contiguous segment, so every expert is dense products over its
-# segment, never a loop over tokens. In float32 they run in Rust (`deepseek-experts`): tasks
-# over blocks of an expert's rows stream its weights past the rows, with SwiGLU applied between
-# the two products, and the backward's four products in a broadcast-A GEMM kernel. In
-# development timings on a 2-core AMD EPYC it beat torch's GEMMs at every segment size tried
-# (1 to 384 rows), most at serving sizes, where BLAS runs far below the weight-read floor;
-# `ops.RUST_SEGMENT_ROWS = 0` forces torch's GEMMs to compare. Other dtypes (and segments
-# longer than RUST_SEGMENT_ROWS) use torch's GEMMs, with the
-# SwiGLU elementwise work done per segment in small reused scratch buffers that stay in cache.
-# torch._grouped_mm was measured slower than either on the CPU with torch 2.15, and its weight
-# gradient fails there.
-
-# Segments of up to this many rows take the Rust path (0: never).
-RUST_SEGMENT_ROWS = 1 << 62
 
 
-# Fresh gradients of stacked expert weights are hundreds of MiB, and writing them first costs
-# a page fault per 4 KiB page: a third of the layer's backward on the development machine.
-# Asking the kernel for 2 MiB pages on such buffers (as torch's THP_MEM_ALLOC_ENABLE does for
-# every allocation) removes most of that; elsewhere it is a no-op.
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-def _madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
-
-
-_MADVISE = _madvise()
-
-
-def _empty_large_like(t: Tensor) -> Tensor:
-    """``torch.empty_like(t)``, backed by huge pages where the OS offers them."""
-    out = torch.empty_like(t)
-    if _MADVISE is not None and out.device.type == "cpu":
-        start = out.data_ptr()
-        first = -(-start // _HUGE_PAGE) * _HUGE_PAGE
-        last = (start + out.numel() * out.element_size()) // _HUGE_PAGE * _HUGE_PAGE
-        if last > first:
-            _MADVISE(first, last - first, _MADV_HUGEPAGE)  # advice only: a failure changes nothing
+@torch.library.custom_op("deepseek_rs::linear_rows", mutates_args=(), device_types="cpu")
+def linear_rows(x: Tensor, weight: Tensor) -> Tensor:
+    """`x` [R, K] @ `weight` [N, K]^T in float32, each element a dot product of its own row and
+    weight row summed in a fixed order: a row's result has the same bits whatever other rows
+    share the call, where BLAS picks kernels (and summation orders) by the number of rows."""
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    _core.linear_rows(_np(x.contiguous()), _np(weight.contiguous()), _np(out), isa=backends.cpu_isa())
     return out
 
 
-def _active_segments(expert_offsets: Tensor, above: int = 0):
-    offs = expert_offsets.tolist()
-    return [(e, offs[e], offs[e + 1]) for e in range(len(offs) - 1) if offs[e + 1] - offs[e] > above]
+@linear_rows.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _longest(segments) -> int:
-    return max((t - s for _, s, t in segments), default=0)
+def _linear_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
 
 
-def _rust_segment_rows(buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> int:
-    """How many rows a segment may have to run in Rust: 0 where the Rust path does not apply."""
-    rust_ok = (
-        buf.dtype == torch.float32
-        and gate_up_proj.dtype == down_proj.dtype == torch.float32
-        and buf.is_contiguous()
-        and gate_up_proj.is_contiguous()
-        and down_proj.is_contiguous()
-    )
-    return RUST_SEGMENT_ROWS if rust_ok else 0
+def _linear_rows_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+    grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w
+
+
+linear_rows.register_autograd(_linear_rows_backward, setup_context=_linear_rows_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Expert FFN over the expert-sorted buffer
+# --------------------------------------------------------------------------------------------
+# Each expert's rows are one contiguous segment, so every expert is dense products over its
+# segment, never a loop over tokens. The CPU backends (Rust kernels, torch's BLAS per segment,
+# torch._grouped_mm) are in `backends.py`; with backend "auto" the tuner of `tuning.py` picks
+# the fastest for the call's shape class on this machine.
+
+
+def _run(pass_: str, backend: str, table, args, runnable, key_args):
+    backend = backends.requested_backend(backend)
+    if backend != "auto":
+        why = backends.why_not(backend, *runnable)
+        if why:
+            raise InvalidValueError(why)
+        return table[backend](*args)
+    names = backends.runnable(*runnable)
+    if len(names) == 1 or runnable[0].shape[0] == 0:
+        return table[names[0]](*args)
+    key = tuning.shape_class(pass_, *key_args)
+    return tuning.TUNER.choose(pass_, key, {n: functools.partial(table[n], *args) for n in names})
 
 
 @torch.library.custom_op("deepseek_rs::expert_ffn", mutates_args=(), device_types="cpu")
 def expert_ffn(
-    buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor, expert_offsets: Tensor, save_h: bool
+    buf: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    expert_offsets: Tensor,
+    save_h: bool,
+    backend: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
     """SwiGLU experts over the expert-sorted buffer `buf` [N, H].
 
     `gate_up_proj` [E, 2F, H] (gate rows first), `down_proj` [E, H, F]. Returns the expert
     outputs [N, H] and, when `save_h` (needed for the backward), the gate/up
-    pre-activations [N, 2F]; otherwise an empty [0, 2F] tensor.
+    pre-activations [N, 2F]; otherwise an empty [0, 2F] tensor. `backend`: "auto" (tuned, or
+    DEEPSEEK_RS_EXPERTS_BACKEND), "rust", "torch" or "grouped_mm" (the CPU backends).
     """
-    f = down_proj.shape[2]
-    out = buf.new_empty(buf.shape[0], down_proj.shape[1])
-    h = buf.new_empty(buf.shape[0] if save_h else 0, 2 * f)
-    rust_rows = _rust_segment_rows(buf, gate_up_proj, down_proj)
-    if rust_rows:
-        _core.swiglu_experts_forward(
-            _np(buf), _np(gate_up_proj), _np(down_proj), _np(expert_offsets), rust_rows, _np(out),
-            _np(h) if save_h else None,
-        )
-    segments = _active_segments(expert_offsets, above=rust_rows)
-    longest = _longest(segments)
-    h_scratch = None if save_h else buf.new_empty(longest, 2 * f)
-    act = buf.new_empty(longest, f)
-    # Transposed views once per call: the per-expert Python overhead is what small batches pay.
-    gate_up_t, down_t = gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2)
-    for e, s, t in segments:
-        n = t - s
-        he = h[s:t] if save_h else h_scratch[:n]
-        torch.mm(buf[s:t], gate_up_t[e], out=he)
-        torch.mul(torch.nn.functional.silu(he[:, :f]), he[:, f:], out=act[:n])
-        torch.mm(act[:n], down_t[e], out=out[s:t])
-    return out, h
+    args = (buf, gate_up_proj, down_proj, expert_offsets, save_h)
+    return _run(
+        "forward", backend, backends.FORWARD, args, (buf, gate_up_proj, down_proj),
+        (buf, down_proj, expert_offsets),
+    )  # fmt: skip
 
 
 @expert_ffn.register_fake
-def _(buf, gate_up_proj, down_proj, expert_offsets, save_h):
+def _(buf, gate_up_proj, down_proj, expert_offsets, save_h, backend="auto"):
     f = down_proj.shape[2]
     return buf.new_empty(buf.shape[0], down_proj.shape[1]), buf.new_empty(
         buf.shape[0] if save_h else 0, 2 * f
@@ -401,8 +373,9 @@ def _(buf, gate_up_proj, down_proj, expert_offsets, save_h):
 
 
 def _expert_ffn_setup(ctx, inputs, output):
-    buf, gate_up_proj, down_proj, expert_offsets, _ = inputs
+    buf, gate_up_proj, down_proj, expert_offsets, _, backend = inputs
     ctx.save_for_backward(buf, gate_up_proj, down_proj, expert_offsets, output[1])
+    ctx.backend = backend
 
 
 @torch.library.custom_op("deepseek_rs::expert_ffn_backward", mutates_args=(), device_types="cpu")
@@ -414,58 +387,26 @@ def expert_ffn_backward(
     expert_offsets: Tensor,
     h: Tensor,
     weight_grads: bool,
+    backend: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of `expert_ffn` for (buf, gate_up_proj, down_proj), one expert segment at a time.
+    """Gradients of `expert_ffn` for (buf, gate_up_proj, down_proj).
 
-    Without `weight_grads` (frozen experts) the two weight gradients are empty [0] tensors; the
-    CUDA kernel then skips their GEMMs (the Rust kernel computes all three in one pass anyway).
+    Without `weight_grads` (frozen experts) the two weight gradients are empty [0] tensors and
+    the backends that can skip their products do.
     """
     if h.shape[0] != buf.shape[0]:
         raise InvalidValueError(
             "expert_ffn ran with save_h=False, so it has no backward; run it with save_h=True"
         )
-    f = down_proj.shape[2]
-    grad_out = grad_out.contiguous()
-    grad_buf = torch.empty_like(buf)
-    grad_gate_up = _empty_large_like(gate_up_proj)
-    grad_down = _empty_large_like(down_proj)
-    # Experts without tokens get zero gradients (index_fill_ touches only their slices).
-    idle = (expert_offsets.diff() == 0).nonzero().flatten()
-    if idle.numel():
-        grad_gate_up.index_fill_(0, idle, 0)
-        grad_down.index_fill_(0, idle, 0)
-    same = grad_out.dtype == h.dtype == torch.float32 and h.is_contiguous()
-    rust_rows = _rust_segment_rows(buf, gate_up_proj, down_proj) if same else 0
-    if rust_rows:
-        _core.swiglu_experts_backward(
-            _np(grad_out), _np(buf), _np(gate_up_proj), _np(down_proj), _np(h), _np(expert_offsets),
-            rust_rows, _np(grad_buf), _np(grad_gate_up), _np(grad_down),
-        )
-    segments = _active_segments(expert_offsets, above=rust_rows)
-    longest = _longest(segments)
-    act, grad_act = buf.new_empty(longest, f), buf.new_empty(longest, f)
-    grad_h = buf.new_empty(longest, 2 * f)
-    for e, s, t in segments:
-        n = t - s
-        gate, up = h[s:t, :f], h[s:t, f:]
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        torch.mul(silu, up, out=act[:n])
-        torch.mm(grad_out[s:t], down_proj[e], out=grad_act[:n])
-        torch.mm(grad_out[s:t].t(), act[:n], out=grad_down[e])
-        torch.mul(grad_act[:n], silu, out=grad_h[:n, f:])
-        # d silu(g)/dg = sig * (1 + g * (1 - sig)), computed in place in `gate_grad`.
-        gate_grad = torch.mul(gate, 1 - sig, out=grad_h[:n, :f])
-        gate_grad.add_(1).mul_(sig).mul_(up).mul_(grad_act[:n])
-        torch.mm(grad_h[:n], gate_up_proj[e], out=grad_buf[s:t])
-        torch.mm(grad_h[:n].t(), buf[s:t], out=grad_gate_up[e])
-    if not weight_grads:
-        return grad_buf, gate_up_proj.new_empty(0), down_proj.new_empty(0)
-    return grad_buf, grad_gate_up, grad_down
+    grad_out = grad_out.to(buf.dtype).contiguous()
+    args = (grad_out, buf, gate_up_proj, down_proj, expert_offsets, h, weight_grads)
+    pass_ = "backward" if weight_grads else "backward-data"
+    weights = (buf, gate_up_proj, down_proj)
+    return _run(pass_, backend, backends.BACKWARD, args, weights, (buf, down_proj, expert_offsets))
 
 
 @expert_ffn_backward.register_fake
-def _(grad_out, buf, gate_up_proj, down_proj, expert_offsets, h, weight_grads):
+def _(grad_out, buf, gate_up_proj, down_proj, expert_offsets, h, weight_grads, backend="auto"):
     if not weight_grads:
         return torch.empty_like(buf), gate_up_proj.new_empty(0), down_proj.new_empty(0)
     return torch.empty_like(buf), torch.empty_like(gate_up_proj), torch.empty_like(down_proj)
@@ -475,11 +416,11 @@ def _expert_ffn_backward(ctx, grad_out, _grad_h):
     buf, gate_up_proj, down_proj, expert_offsets, h = ctx.saved_tensors
     weight_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     grad_buf, grad_gate_up, grad_down = expert_ffn_backward(
-        grad_out, buf, gate_up_proj, down_proj, expert_offsets, h, weight_grads
+        grad_out, buf, gate_up_proj, down_proj, expert_offsets, h, weight_grads, ctx.backend
     )
     if not weight_grads:
         grad_gate_up = grad_down = None
-    return grad_buf, grad_gate_up, grad_down, None, None
+    return grad_buf, grad_gate_up, grad_down, None, None, None
 
 
 expert_ffn.register_autograd(_expert_ffn_backward, setup_context=_expert_ffn_setup)
@@ -492,6 +433,7 @@ __all__ = [
     "expert_ffn",
     "expert_ffn_backward",
     "gather_rows",
+    "linear_rows",
     "route",
     "route_backward",
     "sort_by_expert",

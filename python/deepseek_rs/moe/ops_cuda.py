@@ -172,8 +172,8 @@ def check_experts(gate_up_proj: Tensor, down_proj: Tensor) -> None:
 
 
 @ops.expert_ffn.register_kernel("cuda")
-def _expert_ffn(buf, gate_up_proj, down_proj, expert_offsets, save_h):
-    """Two grouped GEMMs, SwiGLU fused in the first."""
+def _expert_ffn(buf, gate_up_proj, down_proj, expert_offsets, save_h, backend="auto"):
+    """Two grouped GEMMs, SwiGLU fused in the first (one CUDA path: ``backend`` names CPU ones)."""
     check_experts(gate_up_proj, down_proj)
     tiles = kernels.grouped_tiles(expert_offsets)
     gate_up_proj, down_proj = gate_up_proj.contiguous(), down_proj.contiguous()
@@ -183,7 +183,9 @@ def _expert_ffn(buf, gate_up_proj, down_proj, expert_offsets, save_h):
 
 
 @ops.expert_ffn_backward.register_kernel("cuda")
-def _expert_ffn_backward(grad_out, buf, gate_up_proj, down_proj, expert_offsets, h, weight_grads):
+def _expert_ffn_backward(
+    grad_out, buf, gate_up_proj, down_proj, expert_offsets, h, weight_grads, backend="auto"
+):
     """The data gradients are grouped GEMMs with the weights untransposed, the weight gradients
     grouped ``x_e^T @ y_e`` GEMMs, the SwiGLU derivative one elementwise kernel."""
     if h.shape[0] != buf.shape[0]:

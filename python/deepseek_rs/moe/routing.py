@@ -302,6 +302,8 @@ class Router(nn.Module):
             )
         else:
             self.e_score_correction_bias = None
+        # The logits by a kernel whose rows do not depend on each other (see PEAMoE).
+        self.batch_invariant = False
 
     @property
     def scoring(self) -> str:
@@ -313,7 +315,8 @@ class Router(nn.Module):
             raise ShapeError(
                 f"router input must be [tokens, {self.hidden_size}], got {tuple(hidden_states.shape)}"
             )
-        logits = nn.functional.linear(hidden_states.to(self.weight.dtype), self.weight)
+        linear = ops.linear_rows if self.batch_invariant else nn.functional.linear
+        logits = linear(hidden_states.to(self.weight.dtype), self.weight)
         return self.route_logits(logits)
 
     def route_logits(self, logits: Tensor) -> RouterOutput:

@@ -1,0 +1,263 @@
+"""The per-machine choice of the expert FFN's CPU backend: timed on first use, cached on disk.
+
+As Triton's autotuner does for kernel configurations, the first call of a shape class runs every
+backend that can run it (:mod:`.backends`) on the call's own inputs, keeps the fastest, and
+remembers the choice. A shape class is the pass (forward, or backward with or without weight
+gradients), the dtype, H, F and the rows per active expert rounded to a power of two: the
+quantity that decides between a kernel that streams the weights past a few rows and a BLAS
+tuned for large blocks. ``torch`` is always a candidate, so the choice is never a backend
+measured slower than torch's own.
+
+Choices are kept in ``experts-tuning.json`` under ``$DEEPSEEK_RS_CACHE_DIR``, else
+``$XDG_CACHE_HOME/deepseek_rs``, else ``~/.cache/deepseek_rs``, keyed by what makes timings
+differ between machines: CPU model, ISA tier, torch's thread count, torch and deepseek-rs
+versions. ``deepseek-rs tune`` fills it ahead of time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+
+import torch
+from torch import Tensor
+
+import deepseek_rs
+
+from . import backends
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "DEEPSEEK_RS_CACHE_DIR"
+CACHE_FILE = "experts-tuning.json"
+_FORMAT = 1
+
+T = TypeVar("T")
+
+
+def cache_dir() -> Path:
+    """Where tuning choices are kept (see the module's documentation)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "deepseek_rs"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_key() -> str:
+    """What a timing depends on besides the shape: choices are only reused under the same key."""
+    return (
+        f"{cpu_model()} | isa={backends.cpu_isa()} | threads={torch.get_num_threads()} | "
+        f"torch={torch.__version__} | deepseek_rs={deepseek_rs.__version__}"
+    )
+
+
+def rows_bucket(expert_offsets: Tensor) -> int:
+    """Rows per active expert, rounded to the nearest power of two (0 when there are no rows)."""
+    counts = expert_offsets.diff()
+    active = int((counts > 0).sum())
+    if active == 0:
+        return 0
+    return 1 << max(0, round(math.log2(int(expert_offsets[-1]) / active)))
+
+
+def shape_class(pass_: str, buf: Tensor, down_proj: Tensor, expert_offsets: Tensor) -> str:
+    """The key of a call's choice: ``pass_`` is ``forward``, ``backward`` or ``backward-data``."""
+    dtype = str(buf.dtype).removeprefix("torch.")
+    h, f = down_proj.shape[1], down_proj.shape[2]
+    return f"{pass_} {dtype} H={h} F={f} rows/expert~{rows_bucket(expert_offsets)}"
+
+
+@dataclass
+class Choice:
+    """A tuned choice: the backend and the best time of every candidate (seconds)."""
+
+    backend: str
+    times_s: Dict[str, float]
+    tuning_s: float  # what the first call spent timing the candidates
+    when: float = field(default_factory=time.time)
+
+
+class Tuner:
+    """Chooses a backend per shape class by timing the candidates once, on the call's inputs.
+
+    ``budget_s`` bounds the timing a first call does beyond one warm-up run and one timed run
+    of each candidate. ``spent_s`` adds up the time spent tuning in this process, ``last``
+    holds the latest ``(shape class, backend)`` by pass, for reports.
+    """
+
+    ROUNDS = 4  # one warm-up round, then up to three timed rounds
+
+    def __init__(self, path: Optional[Path] = None, budget_s: float = 1.0):
+        self._path = path
+        self.budget_s = budget_s
+        self._lock = threading.RLock()
+        self._tables: Dict[str, Dict[str, Choice]] = {}
+        self._write_failed = False
+        self.spent_s = 0.0
+        self.last: Dict[str, Tuple[str, str]] = {}
+
+    @property
+    def path(self) -> Path:
+        return self._path if self._path is not None else cache_dir() / CACHE_FILE
+
+    # ---- the cache file ----------------------------------------------------------------------
+
+    def _read_file(self) -> Dict[str, Dict[str, dict]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("ignoring the unreadable tuning cache %s: %s", self.path, e)
+            return {}
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            return {}
+        machines = data.get("machines")
+        return machines if isinstance(machines, dict) else {}
+
+    def _table(self, machine: str) -> Dict[str, Choice]:
+        table = self._tables.get(machine)
+        if table is None:
+            table = {}
+            for key, rec in self._read_file().get(machine, {}).items():
+                try:
+                    choice = Choice(**rec)
+                except TypeError:
+                    continue
+                if choice.backend in backends.BACKENDS:
+                    table[key] = choice
+            self._tables[machine] = table
+        return table
+
+    def _save(self, machine: str) -> None:
+        """Merge this machine's choices into the file (other machines' entries are kept)."""
+        machines = self._read_file()
+        machines[machine] = {k: asdict(c) for k, c in self._tables[machine].items()}
+        payload = json.dumps({"format": _FORMAT, "machines": machines}, indent=1, sort_keys=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tuning-", suffix=".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(payload)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if not self._write_failed:
+                log.warning("cannot write the tuning cache %s (%s): choices stay in memory", self.path, e)
+            self._write_failed = True
+
+    # ---- choosing ----------------------------------------------------------------------------
+
+    def lookup(self, key: str) -> Optional[Choice]:
+        """The choice cached for ``key`` on this machine, if any."""
+        with self._lock:
+            return self._table(machine_key()).get(key)
+
+    def choices(self) -> Dict[str, Choice]:
+        """Every choice cached for this machine."""
+        with self._lock:
+            return dict(self._table(machine_key()))
+
+    def forget(self, key: str) -> None:
+        """Drop this machine's choice for ``key``: the next call times the candidates again."""
+        with self._lock:
+            machine = machine_key()
+            if self._table(machine).pop(key, None) is not None:
+                self._save(machine)
+
+    def clear(self) -> None:
+        """Forget every choice, in memory and on disk (all machines)."""
+        with self._lock:
+            self._tables.clear()
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def choose(self, pass_: str, key: str, candidates: Dict[str, Callable[[], T]]) -> T:
+        """Run the cached choice for ``key``, or time every candidate and cache the fastest.
+
+        Every candidate computes the same result; the one returned is the chosen one's.
+        """
+        machine = machine_key()
+        with self._lock:
+            choice = self._table(machine).get(key)
+        if choice is not None and choice.backend in candidates:
+            self.last[pass_] = (key, choice.backend)
+            return candidates[choice.backend]()
+        # Timing holds the lock: two threads tuning at once would time each other's load.
+        with self._lock:
+            choice, result = self._time(candidates)
+            self._tables[machine][key] = choice
+            self._save(machine)
+            self.last[pass_] = (key, choice.backend)
+            log.info("tuned %s: %s (%s)", key, choice.backend, choice.times_s)
+            return result
+
+    def _time(self, candidates: Dict[str, Callable[[], T]]) -> Tuple[Choice, T]:
+        start = time.perf_counter()
+        times: Dict[str, List[float]] = {name: [] for name in candidates}
+        results: Dict[str, T] = {}
+        for rnd in range(self.ROUNDS):
+            for name, fn in candidates.items():
+                t0 = time.perf_counter()
+                results[name] = fn()
+                times[name].append(time.perf_counter() - t0)
+            if rnd >= 1 and time.perf_counter() - start > self.budget_s:
+                break
+        # The warm-up round is dropped: it pays first-use costs (allocations, page faults).
+        best = {name: min(ts[1:]) for name, ts in times.items()}
+        backend = min(best, key=best.__getitem__)
+        spent = time.perf_counter() - start
+        self.spent_s += spent
+        return Choice(backend, best, spent), results[backend]
+
+
+TUNER = Tuner()
+
+
+@contextlib.contextmanager
+def isolated(path: Path) -> Iterator[Tuner]:
+    """Within the block, the ops tune afresh into ``path`` instead of the user's cache (so that a
+    benchmark measures, and reports, the first-call cost)."""
+    global TUNER
+    previous, TUNER = TUNER, Tuner(path)
+    try:
+        yield TUNER
+    finally:
+        TUNER = previous
+
+
+__all__ = [
+    "CACHE_ENV",
+    "TUNER",
+    "Choice",
+    "Tuner",
+    "cache_dir",
+    "cpu_model",
+    "isolated",
+    "machine_key",
+    "rows_bucket",
+    "shape_class",
+]
