@@ -6,6 +6,7 @@ batching, filter, quant, gvrt, uss, gpu): ``deepseek_rs.bench.<name>.main`` pars
 ``deepseek-rs serve [--model MODULE:FACTORY] [--port N] ...`` serves a model over HTTP through
 the dynamic batcher (see ``deepseek_rs.serving.server``).
 ``deepseek-rs filter INPUT... -o OUTDIR [--config filter.yaml]`` filters JSONL shards.
+``deepseek-rs tune [--model-config PATH] ...`` chooses the MoE experts' CPU backend ahead of time.
 """
 
 from __future__ import annotations
@@ -102,6 +103,13 @@ def _filter(args: argparse.Namespace) -> int:
     return 1 if unreadable else 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    """``deepseek-rs tune ...``: ``deepseek_rs.moe.pretune.main`` parses the rest itself."""
+    from .moe import pretune
+
+    return int(pretune.main(args.extra))
+
+
 def _bench_module(args: argparse.Namespace) -> int:
     """``deepseek-rs bench NAME ...``: ``deepseek_rs.bench.NAME.main`` parses the rest itself."""
     import importlib
@@ -136,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=_bench_module, passes_extra=True)
     bench.set_defaults(run=lambda _args: _usage(bench))
 
+    tune = commands.add_parser(
+        "tune",
+        add_help=False,  # --help goes to pretune's parser
+        help="time the MoE expert FFN's CPU backends for a model's shapes and cache the fastest",
+    )
+    tune.set_defaults(run=_tune, passes_extra=True)
     srv = commands.add_parser(
         "serve",
         help="serve a model over HTTP through the dynamic batcher",

@@ -6,17 +6,29 @@ both), after checking that the two compute the same thing. A time is the median 
 repetitions after a warm-up; forward-only rows run under ``torch.no_grad()``.
 
 :func:`run_moe` returns the rows as dicts and :func:`format_table` prints them; :func:`main` is
-``deepseek-rs bench moe [--quick] [--json PATH] [--progress | -q]``.
+``deepseek-rs bench moe [--quick] [--isa TIER|all] [--json PATH] [--progress | -q]``.
+
+The layer's expert FFN runs on the backend the tuner of :mod:`deepseek_rs.moe.tuning` chooses
+(``rust``, ``torch`` or ``grouped_mm``), tuned afresh in the run: each layer row names the
+choice, every candidate's time and what the first call spent tuning. ``--isa`` reruns the whole
+benchmark in a child process per ISA tier with deepseek-rs's kernels capped there
+(``DEEPSEEK_RS_CPU_ISA``) and torch's kernels and MKL capped alike, as on a CPU of that tier.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,6 +37,8 @@ from torch.nn import functional as F
 
 import deepseek_rs
 
+from ..errors import InvalidValueError
+from ..moe import backends, tuning
 from ..moe.layer import PEAMoE
 from . import common
 from .common import machine_info
@@ -177,6 +191,7 @@ def _row(
     kind: str = SPEEDUP,
     target: Optional[float] = None,
     note: Optional[str] = None,
+    backend: Optional[str] = None,
 ) -> Dict[str, Any]:
     ratio = None
     if time_s is not None and baseline_s is not None:
@@ -194,6 +209,7 @@ def _row(
         "target": target,
         "met": met,
         "note": note,
+        "backend": backend,
     }
 
 
@@ -468,6 +484,7 @@ def _hf_rows(
     hf_error: Optional[str],
     baseline: Optional[Tuple[str, str]],
     target: Optional[float],
+    backend: Optional[str] = None,
 ) -> List[Dict[str, Any]]:
     """One row per HF implementation: ours against it, or, with ``baseline`` = (key in
     ``time_s``, name), it against that baseline (for reference). An implementation that
@@ -478,7 +495,10 @@ def _hf_rows(
         t_impl = None if err else time_s[impl]
         if baseline is None:  # ours vs this HF implementation
             rows.append(
-                _row(section, workload, OURS_LAYER, name, time_s["ours"], t_impl, target=target, note=err)
+                _row(
+                    section, workload, OURS_LAYER, name, time_s["ours"], t_impl,
+                    target=target, note=err, backend=backend,
+                )  # fmt: skip
             )
         else:  # this HF implementation vs the baseline, for reference
             rows.append(
@@ -496,6 +516,33 @@ def _hf_rows(
 
 
 HF_NAMES = tuple((impl, f"HF {impl}") for impl in HF_IMPLEMENTATIONS)
+PASSES = ("forward", "backward", "backward-data")
+
+
+def _first_call(fn: Callable[[], Any]) -> float:
+    """Seconds of ``fn``'s first call with the tuner's memory of the latest choices cleared."""
+    tuning.TUNER.last.clear()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _tuned(first_s: float) -> Tuple[str, str]:
+    """(the backend per pass, a note with each candidate's time) of the tuner's latest choices."""
+    chosen, notes = [], []
+    for pass_ in PASSES:
+        if pass_ not in tuning.TUNER.last:
+            continue
+        key, backend = tuning.TUNER.last[pass_]
+        chosen.append(backend if pass_ == "forward" else f"bwd {backend}")
+        c = tuning.TUNER.lookup(key)
+        if c is not None:
+            ranked = sorted(c.times_s.items(), key=lambda i: i[1])
+            times = ", ".join(f"{b} {format_time(t)}" for b, t in ranked)
+            notes.append(f"{key} -> {c.backend} ({times}; tuning {c.tuning_s:.2f} s)")
+    note = f"first call {first_s:.2f} s, tuning included; " + "; ".join(notes) if notes else ""
+    # Nothing tuned: the backend was forced (DEEPSEEK_RS_EXPERTS_BACKEND).
+    return " + ".join(chosen) or backends.requested_backend(), note
 
 
 def bench_layer_forward(ours, hf, hf_error, s: Sizes, timer: TimerConfig) -> List[Dict[str, Any]]:
@@ -507,6 +554,8 @@ def bench_layer_forward(ours, hf, hf_error, s: Sizes, timer: TimerConfig) -> Lis
     w_r, w_gu, w_d = ours.gate.weight, ours.experts.gate_up_proj, ours.experts.down_proj
     fns: Dict[str, Callable[[], Any]] = {}
     with torch.no_grad():
+        first_s = _first_call(lambda: ours(x))
+        backend, tuned = _tuned(first_s)
         y = ours(x)
         if not _close(y, article_dense_forward(x, w_r, w_gu, w_d, k)):
             raise BenchmarkMismatch("PEAMoE and the dense article layer differ")
@@ -531,7 +580,8 @@ def bench_layer_forward(ours, hf, hf_error, s: Sizes, timer: TimerConfig) -> Lis
             m["ours"],
             m["matmul"],
             target=0.9,
-            note=f"{gflop / m['ours']:.0f} GFLOP/s, the matmul {gflop / m['matmul']:.0f} GFLOP/s",
+            note=f"{gflop / m['ours']:.0f} GFLOP/s, the matmul {gflop / m['matmul']:.0f} GFLOP/s; {tuned}",
+            backend=backend,
         )
     ]
     rows += _hf_rows(section, workload, HF_NAMES, m, errors, hf_error, ("matmul", matmul), None)
@@ -544,6 +594,7 @@ def bench_layer_forward(ours, hf, hf_error, s: Sizes, timer: TimerConfig) -> Lis
             m["ours"],
             m["dense"],
             target=8.0,
+            backend=backend,
         )
     )
     return rows
@@ -565,7 +616,7 @@ def bench_layer_train(ours, hf, hf_error, s: Sizes, timer: TimerConfig) -> List[
     x = torch.randn(t, h, generator=g).requires_grad_()
     grad = torch.randn(t, h, generator=g)
     params = list(ours.parameters())
-    _train_step(ours, x, grad, params)
+    backend, tuned = _tuned(_first_call(lambda: _train_step(ours, x, grad, params)))
     ref = [x.grad.clone()] + [p.grad.clone() for p in params]  # type: ignore[union-attr]
     fns: Dict[str, Callable[[], Any]] = {"ours": lambda: _train_step(ours, x, grad, params)}
     errors: Dict[str, Optional[BaseException]] = {}
@@ -597,7 +648,7 @@ def bench_layer_train(ours, hf, hf_error, s: Sizes, timer: TimerConfig) -> List[
         best = min(working, key=lambda impl: m[impl])
         failing = [f"{impl} {_fails(errors[impl])}" for impl in HF_IMPLEMENTATIONS if errors.get(impl)]
         apart = "HF eager timed on its own: its backward allocates a full-size weight gradient per expert"
-        note = "; ".join(([apart] if "eager" in working else []) + failing) or None
+        note = "; ".join(([apart] if "eager" in working else []) + failing + [tuned]) or None
         fastest = _row(
             section,
             workload,
@@ -607,6 +658,7 @@ def bench_layer_train(ours, hf, hf_error, s: Sizes, timer: TimerConfig) -> List[
             m[best],
             target=1.3,
             note=note,
+            backend=backend,
         )
     else:
         fastest = _row(
@@ -617,8 +669,9 @@ def bench_layer_train(ours, hf, hf_error, s: Sizes, timer: TimerConfig) -> List[
             m["ours"],
             None,
             note=hf_error or "no HF implementation runs",
+            backend=backend,
         )
-    return [fastest] + _hf_rows(section, workload, HF_NAMES, m, errors, hf_error, None, None)
+    return [fastest] + _hf_rows(section, workload, HF_NAMES, m, errors, hf_error, None, None, backend)
 
 
 def bench_layer_small(ours, hf, hf_error, t: int, s: Sizes, timer: TimerConfig) -> List[Dict[str, Any]]:
@@ -626,6 +679,7 @@ def bench_layer_small(ours, hf, hf_error, t: int, s: Sizes, timer: TimerConfig) 
     x = torch.randn(t, s.h, generator=g)
     w_gu, w_d = ours.experts.gate_up_proj, ours.experts.down_proj
     with torch.no_grad():
+        backend, tuned = _tuned(_first_call(lambda: ours(x)))
         y = ours(x)
         touched = torch.unique(ours.last_routing.expert_ids).tolist()
         runs = _contiguous_runs(touched)
@@ -643,7 +697,9 @@ def bench_layer_small(ours, hf, hf_error, t: int, s: Sizes, timer: TimerConfig) 
         m = measure(fns, timer)
     section = layer_section(s)
     workload = f"forward T={t}"
-    rows = _hf_rows(section, workload, HF_NAMES, m, errors, hf_error, None, 1.0)
+    rows = _hf_rows(section, workload, HF_NAMES, m, errors, hf_error, None, 1.0, backend)
+    if tuned and rows:
+        rows[0]["note"] = "; ".join(n for n in (rows[0]["note"], tuned) if n)
     size = format_bytes(len(touched) * (w_gu[0].numel() + w_d[0].numel()) * 4)
     rows.append(
         _row(
@@ -654,6 +710,7 @@ def bench_layer_small(ours, hf, hf_error, t: int, s: Sizes, timer: TimerConfig) 
             m["ours"],
             m["read"],
             kind=FLOOR,
+            backend=backend,
         )
     )
     return rows
@@ -787,13 +844,15 @@ def run_moe(quick: bool = False, progress: Optional[Callable[[str], None]] = Non
     say("dispatch + combine")
     rows += bench_dispatch_combine(s, timer)
     ours, hf, hf_error = build_layers(s.h, s.f, s.e, s.k)
-    say(f"layer forward, T={s.t_forward}")
-    rows += bench_layer_forward(ours, hf, hf_error, s, timer)
-    say(f"layer forward + backward, T={s.t_train}")
-    rows += bench_layer_train(ours, hf, hf_error, s, timer)
-    for t in s.t_small:
-        say(f"layer forward, T={t}")
-        rows += bench_layer_small(ours, hf, hf_error, t, s, timer)
+    # The tuner starts empty, so that each layer row reports what its first call cost.
+    with tempfile.TemporaryDirectory() as d, tuning.isolated(Path(d) / tuning.CACHE_FILE):
+        say(f"layer forward, T={s.t_forward}")
+        rows += bench_layer_forward(ours, hf, hf_error, s, timer)
+        say(f"layer forward + backward, T={s.t_train}")
+        rows += bench_layer_train(ours, hf, hf_error, s, timer)
+        for t in s.t_small:
+            say(f"layer forward, T={t}")
+            rows += bench_layer_small(ours, hf, hf_error, t, s, timer)
     rows += bench_experts_interface(s, timer)
     return rows
 
@@ -814,16 +873,22 @@ def format_time(seconds: Optional[float]) -> str:
 
 
 def format_machine(machine: Dict[str, Any]) -> str:
+    caps = machine.get("torch_caps") or {}
+    torch_caps = ", torch capped by " + " ".join(f"{k}={v}" for k, v in caps.items()) if caps else ""
     return (
         f"machine: {machine['cpus']} CPUs (os.cpu_count), {machine['torch_threads']} torch threads, "
         f"{machine['cpu_model']} ({machine['isa']}), GPU: {machine['gpu'] or 'none'}; "
-        f"torch {machine['torch']}; deepseek-rs {machine['deepseek_rs']}, {machine['build']}; float32"
+        f"torch {machine['torch']}; deepseek-rs {machine['deepseek_rs']}, {machine['build']}; float32\n"
+        f"ISA tier of deepseek-rs's expert kernels: {machine['experts_isa']} "
+        f"(this CPU runs {', '.join(machine['experts_isas'])}){torch_caps}"
     )
 
 
 def format_table(rows: Sequence[Dict[str, Any]], machine: Dict[str, Any]) -> str:
     """The rows as a plain-text table, grouped by section, under a line naming the machine."""
-    header = ("workload", "measured", "baseline", "time", "baseline time", "ratio", "target", "result")
+    header = (
+        "workload", "measured", "backend", "baseline", "time", "baseline time", "ratio", "target", "result",
+    )  # fmt: skip
     lines: List[Any] = []
     section = None
     for r in rows:
@@ -844,6 +909,7 @@ def format_table(rows: Sequence[Dict[str, Any]], machine: Dict[str, Any]) -> str
             (
                 r["workload"],
                 r["subject"],
+                r.get("backend") or "-",
                 r["baseline"],
                 format_time(r["time_s"]),
                 format_time(r["baseline_s"]),
@@ -854,7 +920,7 @@ def format_table(rows: Sequence[Dict[str, Any]], machine: Dict[str, Any]) -> str
         )
     cells = [header] + [line for line in lines if isinstance(line, tuple)]
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
-    right = {3, 4, 5, 6}
+    right = {4, 5, 6, 7}
 
     def fmt(line: Sequence[str]) -> str:
         out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
@@ -867,6 +933,7 @@ def format_table(rows: Sequence[Dict[str, Any]], machine: Dict[str, Any]) -> str
         "ratio: baseline time / measured time, a speed-up (FLOP-rate rows: matmul time / layer time);",
         "  with *: measured time / baseline time, how far above a memory floor (no target).",
         "times: median of the repetitions after a warm-up; forward-only rows under torch.no_grad().",
+        "backend: the expert FFN's backend the tuner chose for the row (bwd: the backward's).",
     ]
     notes = [
         f"  {r['workload']}, {r['subject']}: {r['note']}"
@@ -894,13 +961,68 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--progress", action="store_true", help="progress messages on stderr even when it is not a terminal"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    p.add_argument(
+        "--isa",
+        metavar="TIER",
+        help=(
+            "run the benchmark once per ISA tier ('all': every tier this CPU runs, best first; or "
+            "one of them), each in a child process with deepseek-rs, torch and MKL capped at that tier"
+        ),
+    )
     args = p.parse_args(argv)
+    if args.isa:
+        return _per_tier(args, argv or [])
     machine = machine_info()
     rows = run_moe(quick=args.quick, progress=common.progress("moe", args))
     table = format_table(rows, machine)
     print((common.QUICK_NOTE + "\n" + table) if args.quick else table, flush=True)
     common.write_json(args.json, machine, args.quick, {"rows": rows})
     return 0
+
+
+# Environment of a child run "as on a CPU of this tier": our cap, torch's kernels and MKL's.
+_TORCH_TIERS = {  # tier: (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA)
+    "avx512": ("avx512", "AVX512", "AVX512_CORE"),
+    "avx2": ("avx2", "AVX2", "AVX2"),
+    "generic": ("default", "SSE4_2", "SSE41"),
+}
+TIER_ENV = {tier: dict(zip(common.TORCH_CAPS, caps)) for tier, caps in _TORCH_TIERS.items()}
+TIER_ENV["neon"] = {}
+
+
+def _per_tier(args: argparse.Namespace, argv: List[str]) -> int:
+    """``--isa``: the benchmark in a child process per tier; ``--json`` gets ``{"tiers": {...}}``."""
+    tiers = list(backends.cpu_isas()) if args.isa == "all" else [args.isa]
+    unknown = [t for t in tiers if t not in backends.cpu_isas()]
+    if unknown:
+        raise InvalidValueError(f"--isa {args.isa}: this CPU runs {', '.join(backends.cpu_isas())}, or 'all'")
+    # The child gets every option but --isa and --json.
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--isa", "--json"):
+            skip = True
+        elif not a.startswith(("--isa=", "--json=")):
+            rest.append(a)
+    results: Dict[str, Any] = {}
+    status = 0
+    with tempfile.TemporaryDirectory() as d:
+        for tier in tiers:
+            out = Path(d) / f"{tier}.json"
+            env = {**os.environ, **TIER_ENV[tier], backends.ISA_ENV: tier}
+            print(f"== ISA tier {tier}", flush=True)
+            cmd = [sys.executable, "-m", "deepseek_rs", "bench", "moe", *rest, "--json", str(out)]
+            code = subprocess.run(cmd, env=env).returncode
+            status = status or code
+            if code == 0:
+                results[tier] = json.loads(out.read_text())
+            print(flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"tiers": results}, f, indent=2, default=float)
+            f.write("\n")
+    return status
 
 
 __all__ = [
