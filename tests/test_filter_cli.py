@@ -181,10 +181,11 @@ def test_resume_after_a_crash_gives_the_same_output(corpus, tmp_path, monkeypatc
     (crashed / "kept" / "part1.jsonl.gz.tmp").write_bytes(b"\x1f\x8b half a gzip")
     monkeypatch.setattr(pipeline, "_pass3", real_pass3)
     first_done = (crashed / ".work" / "part0.done.json").stat().st_mtime_ns
-    assert main(["filter", *corpus["inputs"], "-o", str(crashed), "-q"]) == 0
+    assert main(["filter", *corpus["inputs"], "-o", str(crashed), "-q", "--keep-work"]) == 0
     assert (crashed / ".work" / "part0.done.json").stat().st_mtime_ns == first_done  # not redone
     assert outputs(crashed) == outputs(clean)
     assert not list(crashed.rglob("*.tmp"))
+    assert not (clean / ".work").exists()  # removed after success unless --keep-work
     a, b = (json.loads((d / "stats.json").read_text()) for d in (clean, crashed))
     for key in ("read", "kept", "dropped", "dropped_by_reason", "malformed", "histograms"):
         assert a[key] == b[key]
@@ -210,7 +211,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "unknown signal 'n_wrds'" in capsys.readouterr().err
 
 
-def test_a_truncated_shard_is_reported_and_its_readable_part_kept(tmp_path):
+def test_a_truncated_single_member_shard_keeps_nothing_unverified(tmp_path, capsys):
     rng = random.Random(1)
     src = tmp_path / "t.jsonl.gz"
     with gzip.open(src, "wt") as f:
@@ -221,9 +222,15 @@ def test_a_truncated_shard_is_reported_and_its_readable_part_kept(tmp_path):
     out = tmp_path / "out"
     assert main(["filter", str(src), "-o", str(out), "-q"]) == 1  # done, but the shard was cut short
     stats = json.loads((out / "stats.json").read_text())
-    assert 0 < stats["read"] < 400 and "stream_error" in stats["shards"][0]
-    kept, dropped = outputs(out)
-    assert len(kept) + len(dropped) == stats["read"]
+    # One gzip member, cut: its CRC cannot be checked, so none of it is read.
+    assert stats["read"] == 0 and stats["kept"] == stats["dropped"] == 0
+    (damaged,) = stats["damaged"]
+    assert damaged["file"] == str(src) and damaged["offset"] == 0
+    assert 0 < damaged["withheld_lines"] < 400 and stats["damaged_lines"] == damaged["withheld_lines"]
+    assert stats["shards"][0]["damaged"]["offset"] == 0
+    assert outputs(out) == ([], [])
+    err = capsys.readouterr().err
+    assert f"{src} is damaged at compressed byte 0" in err and "withheld" in err
 
 
 def test_small_batches_and_an_overlong_line(tmp_path):

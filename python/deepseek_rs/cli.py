@@ -88,19 +88,24 @@ def _filter(args: argparse.Namespace) -> int:
 
     config = FilterConfig.from_yaml(args.config) if args.config else FilterConfig()
     show = not args.quiet and (args.progress or sys.stderr.isatty())
-    stats = run_filter(args.inputs, args.output, config, progress=show)
+    stats = run_filter(args.inputs, args.output, config, progress=show, keep_work=args.keep_work)
     print(
         f"read {stats['read']} documents: kept {stats['kept']}, dropped {stats['dropped']}, "
-        f"malformed lines {stats['malformed_lines']}; stats in {args.output}/stats.json",
+        f"malformed lines {stats['malformed_lines']}, withheld as damaged {stats['damaged_lines']}; "
+        f"stats in {args.output}/stats.json",
         flush=True,
     )
     for m in stats["malformed"][:10]:
         print(f"  malformed: {m['file']}:{m['line']}: {m['error']}", file=sys.stderr)
-    unreadable = [shard for shard in stats["shards"] if "stream_error" in shard]
-    for shard in unreadable:
-        print(f"  unreadable after line {shard['lines']}: {shard['stream_error']}", file=sys.stderr)
-    # A shard cut short is filtered as far as it could be read, but the run says so in its status.
-    return 1 if unreadable else 0
+    for d in stats["damaged"]:
+        print(
+            f"deepseek-rs filter: {d['file']} is damaged at compressed byte {d['offset']}: "
+            f"{d['withheld_lines']} line(s) from there on withheld (in neither kept/ nor dropped/); "
+            f"{d['error']}",
+            file=sys.stderr,
+        )
+    # Damaged input: the verified part is filtered, but the run says so in its status.
+    return 1 if stats["damaged"] else 0
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -108,6 +113,31 @@ def _tune(args: argparse.Namespace) -> int:
     from .moe import pretune
 
     return int(pretune.main(args.extra))
+
+
+def _config(args: argparse.Namespace) -> int:
+    """``deepseek-rs config schema {filter,optimize}`` / ``config check {filter,optimize} FILE``."""
+    import json
+
+    from .schema import json_schema
+
+    if args.kind == "filter":
+        from .datafilter.config import FilterConfig, FilterFile
+
+        model, check = FilterFile, FilterConfig.from_yaml
+    else:
+        from .config import OptimizationFile, parse_config
+
+        model, check = OptimizationFile, parse_config
+    if args.action == "schema":
+        print(json.dumps(json_schema(model), indent=2))
+        return 0
+    if args.file is None:
+        print("deepseek-rs config check: give the YAML file to check", file=sys.stderr)
+        return 2
+    check(args.file)  # an InvalidValueError names the field; main prints it and returns 1
+    print(f"{args.file}: a valid {args.kind} configuration")
+    return 0
 
 
 def _bench_module(args: argparse.Namespace) -> int:
@@ -206,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             'Filter JSONL shards ({"id": ..., "text": ...} per line; plain, .gz or .zst) into '
             "OUTDIR/kept and OUTDIR/dropped, with OUTDIR/stats.json and OUTDIR/signals.png. "
-            "Resumable: rerun the same command after an interruption."
+            "Resumable: rerun the same command after an interruption. A compressed shard is "
+            "verified member by member (gzip) or frame by frame (zstd) before it is read; from "
+            "damage on, its lines are withheld and listed in stats.json, and the exit status is 1."
         ),
     )
     filt.add_argument("inputs", nargs="+", metavar="INPUT", help="input JSONL shards")
@@ -216,7 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress", action="store_true", help="progress bars on stderr even when it is not a terminal"
     )
     filt.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    filt.add_argument(
+        "--keep-work",
+        action="store_true",
+        help="keep OUTDIR/.work (the resumable intermediate files) after the run; removed by default",
+    )
     filt.set_defaults(run=_filter)
+    cfg = commands.add_parser(
+        "config",
+        help="the JSON Schema of a configuration file, or check one",
+        description=(
+            "schema: print the JSON Schema of the filter YAML (filter) or of the article's "
+            "optimization YAML (optimize). check: validate a file; a bad field is named by its path."
+        ),
+    )
+    cfg.add_argument("action", choices=["schema", "check"])
+    cfg.add_argument("kind", choices=["filter", "optimize"])
+    cfg.add_argument("file", nargs="?", metavar="YAML", help="the file to check (check only)")
+    cfg.set_defaults(run=_config)
     parser.set_defaults(run=lambda _args: _usage(parser))
     return parser
 

@@ -16,9 +16,9 @@ The article deploys with this YAML block (shipped as ``deepseek_rs/data/optimiza
         target: nvidia_tesla_t4   # where the model runs: cpu, cuda, or an NVIDIA GPU name
         precision: mixed          # fp32, mixed, fp16 or bf16
 
-``parse_config`` validates every field (an unknown key or value raises ``InvalidValueError``
-naming it and the allowed values); :func:`deepseek_rs.optimize` applies a config to a model.
-Every section is optional.
+``parse_config`` validates every field against :class:`OptimizationFile` (pydantic v2; an unknown
+key, a wrong type or value raises ``InvalidValueError`` naming the field's path and what it
+takes); :func:`deepseek_rs.optimize` applies a config to a model. Every section is optional.
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, Union
 
 import torch
+from pydantic import Field, field_validator, model_validator
 
 from . import _core
 from .errors import InvalidValueError
+from .schema import Section, validate
 
 QUANT_METHODS = ("QAT", "PTQ")
 BIT_WIDTHS = (8,)
@@ -86,26 +88,62 @@ def choice(where: str, value: Any, allowed) -> Any:
     return value
 
 
-def _keys(where: str, section: Any, allowed) -> Mapping[str, Any]:
-    if not isinstance(section, Mapping):
-        raise InvalidValueError(f"{where} must be a mapping, got {type(section).__name__}")
-    for key in section:
-        if key not in allowed:
-            raise InvalidValueError(f"unknown key {where}.{key}; allowed keys: {list(allowed)}")
-    return section
+class QuantizationSection(Section):
+    method: Literal["QAT", "PTQ"] = "QAT"
+    bit_width: Literal[8] = 8
+    activation_range: Literal["dynamic"] = "dynamic"
+
+    @field_validator("bit_width", mode="before")
+    @classmethod
+    def _integer(cls, v: Any) -> Any:
+        if type(v) is not int:  # a Literal would take 8.0
+            raise ValueError(f"bit_width must be an integer, got {v!r}")
+        return v
 
 
-def _int(where: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidValueError(f"{where} must be an integer >= {low}, got {value!r}")
-    return value
+class BatchingSection(Section):
+    strategy: Literal["dynamic", "none"] = "dynamic"
+    min_size: Annotated[int, Field(ge=1)] = 4
+    max_size: Annotated[int, Field(ge=1)] = 32
+    max_queue_delay_ms: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 5.0
+
+    @model_validator(mode="after")
+    def _sizes(self) -> BatchingSection:
+        # The scheduler owns the rules relating the sizes.
+        try:
+            delay = self.max_queue_delay_ms / 1000.0
+            _core.Scheduler(min_size=self.min_size, max_size=self.max_size, max_queue_delay=delay)
+        except InvalidValueError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+class HardwareSection(Section):
+    target: Literal[TARGETS] = "cpu"  # type: ignore[valid-type]
+    precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
+
+
+class OptimizationSection(Section):
+    """The ``optimization:`` block of the article's YAML; every section optional."""
+
+    quantization: Optional[QuantizationSection] = None
+    batching: Optional[BatchingSection] = None
+    hardware: Optional[HardwareSection] = None
+
+
+class OptimizationFile(Section):
+    """The optimization YAML as the article writes it: ``{optimization: {...}}``
+    (``deepseek-rs config schema optimize`` prints its JSON Schema)."""
+
+    optimization: OptimizationSection = OptimizationSection()
 
 
 def parse_config(source: Union[str, Path, Mapping[str, Any]]) -> OptimizationConfig:
     """Read and validate a configuration: a YAML file path, a YAML string, or a mapping.
 
     The top level is ``{"optimization": {...}}`` as in the article; the inner mapping alone
-    is accepted too.
+    is accepted too. Validation is :class:`OptimizationFile`'s (pydantic): an unknown key, a
+    wrong type or a value out of range raises ``InvalidValueError`` naming the field's path.
     """
     if isinstance(source, Mapping):
         raw: Any = source
@@ -125,53 +163,23 @@ def parse_config(source: Union[str, Path, Mapping[str, Any]]) -> OptimizationCon
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise InvalidValueError(f"optimization config is not valid YAML: {e}") from None
-    if isinstance(raw, Mapping) and "optimization" in raw:
-        _keys("the config", raw, ("optimization",))
-        raw = raw["optimization"]
-    raw = _keys("optimization", raw if raw is not None else {}, ("quantization", "batching", "hardware"))
-
-    quantization = batching = hardware = None
-    if raw.get("quantization") is not None:
-        where = "optimization.quantization"
-        q = _keys(where, raw["quantization"], ("method", "bit_width", "activation_range"))
-        d = QuantizationConfig()
-        bits = q.get("bit_width", d.bit_width)
-        quantization = QuantizationConfig(
-            method=choice(f"{where}.method", q.get("method", d.method), QUANT_METHODS),
-            bit_width=choice(f"{where}.bit_width", _int(f"{where}.bit_width", bits, 1), BIT_WIDTHS),
-            activation_range=choice(
-                f"{where}.activation_range", q.get("activation_range", d.activation_range), ACTIVATION_RANGES
-            ),
-        )
-    if raw.get("batching") is not None:
-        where = "optimization.batching"
-        b = _keys(where, raw["batching"], ("strategy", "min_size", "max_size", "max_queue_delay_ms"))
-        d2 = BatchingConfig()
-        min_size = _int(f"{where}.min_size", b.get("min_size", d2.min_size), 1)
-        max_size = _int(f"{where}.max_size", b.get("max_size", d2.max_size), 1)
-        delay = b.get("max_queue_delay_ms", d2.max_queue_delay_ms)
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < float("inf"):
-            raise InvalidValueError(f"{where}.max_queue_delay_ms must be a number >= 0, got {delay!r}")
-        # The scheduler owns the rules relating the sizes; its message gets the YAML path.
-        try:
-            _core.Scheduler(min_size=min_size, max_size=max_size, max_queue_delay=delay / 1000.0)
-        except InvalidValueError as e:
-            raise InvalidValueError(f"{where}: {e}") from None
-        batching = BatchingConfig(
-            strategy=choice(f"{where}.strategy", b.get("strategy", d2.strategy), BATCHING_STRATEGIES),
-            min_size=min_size,
-            max_size=max_size,
-            max_queue_delay_ms=float(delay),
-        )
-    if raw.get("hardware") is not None:
-        where = "optimization.hardware"
-        h = _keys(where, raw["hardware"], ("target", "precision"))
-        d3 = HardwareConfig()
-        hardware = HardwareConfig(
-            target=choice(f"{where}.target", h.get("target", d3.target), TARGETS),
-            precision=choice(f"{where}.precision", h.get("precision", d3.precision), PRECISIONS),
-        )
-    return OptimizationConfig(quantization, batching, hardware)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise InvalidValueError(f"the optimization config must be a mapping, got {type(raw).__name__}")
+    if "optimization" not in raw:
+        raw = {"optimization": raw}
+    if raw["optimization"] is None:
+        raw = {**raw, "optimization": {}}
+    f = validate(OptimizationFile, dict(raw)).optimization
+    q, b, h = f.quantization, f.batching, f.hardware
+    return OptimizationConfig(
+        quantization=None if q is None else QuantizationConfig(q.method, q.bit_width, q.activation_range),
+        batching=None
+        if b is None
+        else BatchingConfig(b.strategy, b.min_size, b.max_size, float(b.max_queue_delay_ms)),
+        hardware=None if h is None else HardwareConfig(h.target, h.precision),
+    )
 
 
 def sample_config_path() -> Path:
@@ -181,6 +189,11 @@ def sample_config_path() -> Path:
 
 __all__ = [
     "BatchingConfig",
+    "BatchingSection",
+    "HardwareSection",
+    "OptimizationFile",
+    "OptimizationSection",
+    "QuantizationSection",
     "HardwareConfig",
     "OptimizationConfig",
     "QuantizationConfig",

@@ -1,6 +1,9 @@
 """The filter's configuration (``deepseek-rs filter --config filter.yaml``), validated field by field.
 
-Every section and key is optional; an unknown key raises ``InvalidValueError`` naming it::
+The file's schema is :class:`FilterFile` (pydantic v2; ``deepseek-rs config schema filter``
+prints it as JSON Schema). Every section and key is optional; every section is validated, enabled
+or not; an unknown key, a wrong type (``true`` is not a number, ``"5"`` is not 5) or a value out
+of range raises ``InvalidValueError`` naming the field's path::
 
     batch_docs: 4096            # documents per batch (memory is bounded by this and batch_bytes)
     batch_bytes: 67108864
@@ -9,6 +12,7 @@ Every section and key is optional; an unknown key raises ``InvalidValueError`` n
       compression: gz           # gz, zst or none
       write_dropped: true       # dropped documents go to OUTDIR/dropped with their reason
       annotate: true            # add {"filter": {"keep", "reason", "signals"}} to every document
+      plot: true                # draw OUTDIR/signals.png (needs the filter-plot extra)
     density:                    # stage 1
       enabled: true
       thresholds:               # merged over the defaults (see density.py); null removes one
@@ -39,47 +43,103 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
+
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import InvalidValueError
+from ..schema import Section, validate
 from .density import DEFAULT_THRESHOLDS, Threshold, thresholds_from_config
 
-
-def _section(m: Mapping[str, Any], name: str, allowed: Dict[str, Any]) -> Dict[str, Any]:
-    raw = m.get(name)
-    if raw is None:
-        raw = {}
-    elif isinstance(raw, bool) and "enabled" in allowed:  # `density: false`
-        raw = {"enabled": raw}
-    if not isinstance(raw, Mapping):
-        raise InvalidValueError(f"{name} must be a mapping, got {raw!r}")
-    unknown = set(raw) - set(allowed)
-    if unknown:
-        raise InvalidValueError(f"unknown key(s) in {name}: {sorted(unknown)}; allowed: {sorted(allowed)}")
-    out = dict(allowed)
-    out.update(raw)
-    for key, default in allowed.items():
-        if isinstance(default, bool) and not isinstance(out[key], bool):
-            raise InvalidValueError(f"{name}.{key} must be true or false, got {out[key]!r}")
-    return out
+PositiveInt = Annotated[int, Field(ge=1)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
-def _choice(section: str, key: str, value: Any, allowed: Tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise InvalidValueError(f"{section}.{key} must be one of {allowed}, got {value!r}")
-    return str(value)
+def _enabled_shorthand(value: Any) -> Any:
+    """``density: false`` means ``density: {enabled: false}``."""
+    return {"enabled": value} if isinstance(value, bool) else value
 
 
-def _positive(section: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidValueError(f"{section}.{key} must be a positive integer, got {value!r}")
-    return value
+class ThresholdSpec(Section):
+    """One threshold of stage 1 (``density.thresholds.<signal>``)."""
+
+    min: Optional[Number] = None
+    max: Optional[Number] = None
+    applies_to_cjk: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ThresholdSpec:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
 
 
-def _fraction(section: str, key: str, value: Any, lo: float = 0.0, hi: float = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise InvalidValueError(f"{section}.{key} must be a number in [{lo}, {hi}], got {value!r}")
-    return float(value)
+class OutputSection(Section):
+    compression: Literal["gz", "zst", "none"] = "gz"
+    write_dropped: bool = True
+    annotate: bool = True
+    plot: bool = True
+
+
+class ModelDensitySection(Section):
+    enabled: bool = False
+    min_density: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    segments: PositiveInt = 8
+
+
+class DensitySection(Section):
+    enabled: bool = True
+    thresholds: Optional[Dict[str, Optional[ThresholdSpec]]] = None
+    model: ModelDensitySection = ModelDensitySection()
+
+    _shorthand = field_validator("model", mode="before")(_enabled_shorthand)
+
+
+class DomainSection(Section):
+    enabled: bool = False
+    method: Literal["lda", "dsir"] = "lda"
+    score: Literal["likelihood", "mixture"] = "likelihood"
+    reference: List[str] = []
+    keep_quantile: Annotated[float, Field(ge=0.0, le=0.99)] = 0.05
+    topics: PositiveInt = 20
+    buckets: Annotated[int, Field(ge=1, le=1 << 30)] = 1 << 14
+    raw_sample: PositiveInt = 10_000
+
+    @field_validator("reference", mode="before")
+    @classmethod
+    def _one_path(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _needs_reference(self) -> DomainSection:
+        if self.enabled and not self.reference:
+            raise ValueError("reference must name at least one JSONL shard of the target domain")
+        return self
+
+
+class HardExamplesSection(Section):
+    enabled: bool = False
+    embedding: Literal["hashed", "minilm"] = "hashed"
+    clusters: PositiveInt = 100
+    dedup_threshold: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.95
+    keep_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+    seed: int = 0
+
+
+class FilterFile(Section):
+    """The filter YAML, as written (see the module docstring)."""
+
+    batch_docs: PositiveInt = 4096
+    batch_bytes: PositiveInt = 64 << 20
+    max_line_bytes: PositiveInt = 32 << 20
+    output: OutputSection = OutputSection()
+    density: DensitySection = DensitySection()
+    domain: DomainSection = DomainSection()
+    hard_examples: HardExamplesSection = HardExamplesSection()
+
+    _shorthand = field_validator("output", "density", "domain", "hard_examples", mode="before")(
+        _enabled_shorthand
+    )
 
 
 @dataclass
@@ -92,6 +152,7 @@ class FilterConfig:
     compression: str = "gz"
     write_dropped: bool = True
     annotate: bool = True
+    plot: bool = True
     density: bool = True
     thresholds: Tuple[Threshold, ...] = DEFAULT_THRESHOLDS
     model_density: Optional[float] = None
@@ -113,85 +174,41 @@ class FilterConfig:
     @classmethod
     def from_mapping(cls, m: Optional[Mapping[str, Any]], base_dir: Union[str, Path] = ".") -> FilterConfig:
         """Validate a parsed YAML mapping; relative reference paths are taken from ``base_dir``."""
-        m = dict(m or {})
-        top = {"batch_docs", "batch_bytes", "max_line_bytes", "output", "density", "domain", "hard_examples"}
-        unknown = set(m) - top
-        if unknown:
-            raise InvalidValueError(
-                f"unknown key(s) in the filter config: {sorted(unknown)}; allowed: {sorted(top)}"
-            )
-        c = cls()
-        for key in ("batch_docs", "batch_bytes", "max_line_bytes"):
-            if key in m:
-                setattr(c, key, _positive("config", key, m[key]))
-        out = _section(m, "output", {"compression": "gz", "write_dropped": True, "annotate": True})
-        c.compression = _choice("output", "compression", out["compression"], ("gz", "zst", "none"))
-        c.write_dropped, c.annotate = bool(out["write_dropped"]), bool(out["annotate"])
-
-        den = _section(m, "density", {"enabled": True, "thresholds": None, "model": None})
-        c.density = bool(den["enabled"])
-        c.thresholds = thresholds_from_config(den["thresholds"])
-        model = _section(den, "model", {"enabled": False, "min_density": 0.5, "segments": 8})
-        if model["enabled"]:
-            c.model_density = _fraction("density.model", "min_density", model["min_density"])
-            c.model_segments = _positive("density.model", "segments", model["segments"])
-
-        dom = _section(
-            m,
-            "domain",
-            {
-                "enabled": False,
-                "method": "lda",
-                "score": "likelihood",
-                "reference": [],
-                "keep_quantile": 0.05,
-                "topics": 20,
-                "buckets": 1 << 14,
-                "raw_sample": 10_000,
-            },
+        if m is not None and not isinstance(m, Mapping):
+            raise InvalidValueError(f"the filter config must be a mapping, got {type(m).__name__}")
+        f = validate(FilterFile, dict(m or {}))
+        try:
+            thresholds = thresholds_from_config(f.density.thresholds and {
+                name: None if spec is None else spec.model_dump(exclude_none=True)
+                for name, spec in f.density.thresholds.items()
+            })
+        except InvalidValueError as e:
+            raise InvalidValueError(f"density.thresholds: {e}") from None
+        c = cls(
+            batch_docs=f.batch_docs,
+            batch_bytes=f.batch_bytes,
+            max_line_bytes=f.max_line_bytes,
+            compression=f.output.compression,
+            write_dropped=f.output.write_dropped,
+            annotate=f.output.annotate,
+            plot=f.output.plot,
+            density=f.density.enabled,
+            thresholds=thresholds,
         )
-        if dom["enabled"]:
-            c.domain = _choice("domain", "method", dom["method"], ("lda", "dsir"))
-            refs = dom["reference"]
-            if isinstance(refs, str):
-                refs = [refs]
-            if not refs:
-                raise InvalidValueError(
-                    "domain.reference must name at least one JSONL shard of the target domain"
-                )
-            c.reference = [str(Path(base_dir) / r) for r in refs]
-            c.keep_quantile = _fraction("domain", "keep_quantile", dom["keep_quantile"], 0.0, 0.99)
-            c.topics = _positive("domain", "topics", dom["topics"])
-            c.lda_score = _choice("domain", "score", dom["score"], ("likelihood", "mixture"))
-            c.buckets = _positive("domain", "buckets", dom["buckets"])
-            c.raw_sample = _positive("domain", "raw_sample", dom["raw_sample"])
-
-        hard = _section(
-            m,
-            "hard_examples",
-            {
-                "enabled": False,
-                "embedding": "hashed",
-                "clusters": 100,
-                "dedup_threshold": 0.95,
-                "keep_fraction": 0.8,
-                "seed": 0,
-            },
-        )
-        if hard["enabled"]:
-            c.hard_examples = True
-            c.embedding = _choice("hard_examples", "embedding", hard["embedding"], ("hashed", "minilm"))
-            c.clusters = _positive("hard_examples", "clusters", hard["clusters"])
-            c.dedup_threshold = _fraction(
-                "hard_examples", "dedup_threshold", hard["dedup_threshold"], -1.0, 1.0
-            )
-            c.keep_fraction = _fraction("hard_examples", "keep_fraction", hard["keep_fraction"])
-            if c.keep_fraction == 0.0:
-                raise InvalidValueError("hard_examples.keep_fraction must be above 0")
-            seed = hard["seed"]
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise InvalidValueError(f"hard_examples.seed must be an integer, got {seed!r}")
-            c.seed = seed
+        # A disabled section is validated above but changes nothing.
+        if f.density.model.enabled:
+            c.model_density = f.density.model.min_density
+            c.model_segments = f.density.model.segments
+        dom = f.domain
+        if dom.enabled:
+            c.domain = dom.method
+            c.reference = [str(Path(base_dir) / r) for r in dom.reference]
+            c.keep_quantile, c.topics, c.lda_score = dom.keep_quantile, dom.topics, dom.score
+            c.buckets, c.raw_sample = dom.buckets, dom.raw_sample
+        hard = f.hard_examples
+        if hard.enabled:
+            c.hard_examples, c.embedding, c.clusters = True, hard.embedding, hard.clusters
+            c.dedup_threshold, c.keep_fraction, c.seed = hard.dedup_threshold, hard.keep_fraction, hard.seed
         return c
 
     @classmethod

@@ -14,14 +14,23 @@ rename) and a finished step's file is never redone:
 Memory holds one batch at a time, plus 4 bytes per document of the shard being written and, for
 stage 3, the embeddings of every survivor (near-duplicates are found across the corpus).
 Finally ``OUTDIR/stats.json`` (counts per stage and reason, malformed lines with file and line,
-signal histograms) and ``OUTDIR/signals.png``. For every shard and in total, kept + dropped must
-equal the documents read, or the run fails.
+damaged shards, signal histograms) and ``OUTDIR/signals.png``. For every shard and in total, kept
++ dropped must equal the documents read, or the run fails. After success ``.work/`` is removed
+(``keep_work=True`` keeps it); killed at any moment, the same call again finishes the run with
+the same output as an uninterrupted one.
+
+Damaged input: the reader verifies every gzip member / zstd frame of a compressed shard before
+reading any of it (``_core.JsonlReader``), so a kept or dropped document is always byte for byte
+a line of its input. What lies in or after the first member/frame that fails to verify (or after
+a cut) is withheld: written nowhere, counted in the shard's ``damaged`` entry of the stats with
+the compressed byte offset of the damage; ``deepseek-rs filter`` then exits with status 1.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -102,7 +111,7 @@ def _read_texts(paths: Sequence[Union[str, Path]], limit: Optional[int], config:
                 if per is not None and len(got) >= per:
                     break
         except ShardError:
-            pass  # pass 1 reports the shard's stream error
+            pass  # the verified part only; pass 1 reports the damage
         texts.extend(got if per is None else got[:per])
     return texts
 
@@ -179,7 +188,6 @@ def _pass1(src: Path, paths: Dict[str, Path], stages: _Stages, config: FilterCon
     errors: List[Tuple[int, str]] = []
     n_errors = docs = alive = dim = 0
     hist = np.zeros((len(SIGNAL_NAMES), HISTOGRAM_BINS), dtype=np.int64)
-    stream_error = ""
     arrays = ("codes", "signals", "extra", "embeddings")
     files = {k: open(f"{paths[k]}.tmp", "wb") for k in arrays}
     try:
@@ -202,8 +210,10 @@ def _pass1(src: Path, paths: Dict[str, Path], stages: _Stages, config: FilterCon
                     alive += len(emb)
                     dim = emb.shape[1]
                     files["embeddings"].write(emb.astype("<f2").tobytes())
-        except ShardError as err:  # a corrupt stream: keep what was read before it, report it
-            stream_error = str(err)
+        except ShardError:
+            # Damage: the reader gave the verified lines only and says what it withheld.
+            if reader.damage is None:
+                raise
     finally:
         for f in files.values():
             f.close()
@@ -223,12 +233,24 @@ def _pass1(src: Path, paths: Dict[str, Path], stages: _Stages, config: FilterCon
         "survivors": alive,
         "embedding_dim": dim,
         "lines_read": reader.lines_read,
-        "stream_error": stream_error,
+        "damaged": _damage(reader.damage),
         "malformed_lines": n_errors,
         "malformed": [[line, msg] for line, msg in errors],
         "histograms": hist.tolist(),
     }
     _atomic_json(paths["meta"], meta)
+
+
+def _damage(d: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The reader's damage report as the stats give it."""
+    if d is None:
+        return None
+    return {
+        "offset": int(d["offset"]),
+        "withheld_lines": int(d["withheld_lines"]),
+        "withheld_bytes": int(d["withheld_bytes"]),
+        "error": str(d["message"]),
+    }
 
 
 def _load(paths: Dict[str, Path], meta: Dict[str, Any]) -> Tuple[np.ndarray, Any]:
@@ -301,7 +323,8 @@ def _pass3(
             for batch in reader:
                 n = len(batch)
                 if done + n > len(codes):
-                    raise ShardError(f"{src} changed since it was read: more documents than before")
+                    done += n
+                    break  # more documents than pass 1 read: reported below
                 c = codes[done : done + n]
                 keep = c == KEEP
                 for writer, rows in ((kept_w, np.flatnonzero(keep)), (dropped_w, np.flatnonzero(~keep))):
@@ -323,8 +346,10 @@ def _pass3(
                         writer.write(batch, rows.astype(np.int64))
                 done += n
         except ShardError:
-            if not meta["stream_error"]:
+            if reader.damage is None:
                 raise
+        if _damage(reader.damage) != meta["damaged"]:
+            raise ShardError(f"{src} changed since it was read: its damage report differs")
         if done != len(codes):
             raise ShardError(f"{src} changed since it was read: {done} documents now, {len(codes)} before")
         kept_lines = kept_w.lines
@@ -352,8 +377,14 @@ def run_filter(
     outdir: Union[str, Path],
     config: Optional[FilterConfig] = None,
     progress: bool = False,
+    keep_work: bool = False,
 ) -> Dict[str, Any]:
-    """Filter JSONL shards into ``outdir`` (see the module docstring); returns the stats."""
+    """Filter JSONL shards into ``outdir`` (see the module docstring); returns the stats.
+
+    ``.work/`` (the resumable intermediate files) is removed once the run is done, unless
+    ``keep_work``. Shards damaged past their verified part are listed in ``stats["damaged"]``;
+    the run still finishes (the caller decides whether that is a failure).
+    """
     config = config or FilterConfig()
     inputs = [Path(p) for p in inputs]
     if not inputs:
@@ -367,10 +398,13 @@ def run_filter(
         if out.resolve() in p.resolve().parents:
             raise InvalidValueError(f"{p} is inside the output directory {out}; it would be overwritten")
     work = out / ".work"
+    trash = out / ".work.removing"
+    if trash.exists():  # a run killed while removing its .work after finishing
+        shutil.rmtree(trash)
     for d in (work, out / "kept", out / "dropped"):
         d.mkdir(parents=True, exist_ok=True)
     names = _shard_names(inputs)
-    _check_run_config(work / "config.json", config, inputs)
+    run_desc = _check_run_config(work / "config.json", config, inputs, out / "stats.json")
     start = time.perf_counter()
 
     paths = [_paths(work, n) for n in names]
@@ -406,15 +440,22 @@ def run_filter(
     stats = _stats(
         inputs, names, metas, lambda i: final_codes(i)[0], reasons, config, work, time.perf_counter() - start
     )
-    _atomic_json(out / "stats.json", stats)
+    stats["run"] = run_desc
     t = time.perf_counter()
     try:
-        plot_signals(stats, out / "signals.png")
-        stats["plot"] = str(out / "signals.png")
+        if not config.plot:
+            stats["plot"] = "skipped: output.plot is false"
+        else:
+            plot_signals(stats, out / "signals.png")
+            stats["plot"] = str(out / "signals.png")
     except ImportError:
         stats["plot"] = "skipped: matplotlib is not installed (pip install 'deepseek-rs[filter-plot]')"
     stats["plot_seconds"] = round(time.perf_counter() - t, 3)
-    _atomic_json(out / "stats.json", stats)
+    _atomic_json(out / "stats.json", stats)  # written last: its presence means the run is done
+    if not keep_work:
+        # One rename, then the removal: a kill in between leaves .work.removing, never half a .work.
+        os.replace(work, trash)
+        shutil.rmtree(trash)
     return stats
 
 
@@ -430,19 +471,30 @@ def _reason_table(config: FilterConfig) -> List[str]:
     return reasons
 
 
-def _check_run_config(path: Path, config: FilterConfig, inputs: Sequence[Path]) -> None:
-    """A resumed run must have the same inputs and configuration as the one it resumes."""
+def _check_run_config(
+    path: Path, config: FilterConfig, inputs: Sequence[Path], stats: Path
+) -> Dict[str, Any]:
+    """A resumed run must have the same inputs and configuration as the one it resumes (or, once
+    ``.work/`` is gone, as the finished run its ``stats.json`` describes)."""
     desc = {"inputs": [str(p.resolve()) for p in inputs], "config": repr(config)}
+    before = None
     if path.exists():
         with open(path) as f:
             before = json.load(f)
-        if before != desc:
-            raise InvalidValueError(
-                f"{path.parent.parent} holds a run with other inputs or another configuration; "
-                "use a new output directory (or delete this one) to start over"
-            )
-    else:
+    elif stats.exists():
+        try:
+            with open(stats) as f:
+                before = json.load(f).get("run")
+        except (OSError, ValueError, AttributeError):
+            before = None
+    if before is not None and before != desc:
+        raise InvalidValueError(
+            f"{path.parent.parent} holds a run with other inputs or another configuration; "
+            "use a new output directory (or delete this one) to start over"
+        )
+    if not path.exists():
         _atomic_json(path, desc)
+    return desc
 
 
 def _stage3(
@@ -476,6 +528,7 @@ def _stats(inputs, names, metas, final_codes, reasons, config, work: Path, secon
     by_reason: Dict[str, int] = {}
     malformed: List[Dict[str, Any]] = []
     n_malformed = 0
+    damaged: List[Dict[str, Any]] = []
     totals = {"read": 0, "kept": 0, "dropped": 0}
     hist = np.zeros((len(SIGNAL_NAMES), HISTOGRAM_BINS), dtype=np.int64)
     for i, (src, name, meta) in enumerate(zip(inputs, names, metas)):
@@ -506,8 +559,9 @@ def _stats(inputs, names, metas, final_codes, reasons, config, work: Path, secon
             "malformed": meta["malformed_lines"],
             "lines": meta["lines_read"],
         }
-        if meta["stream_error"]:
-            shard["stream_error"] = meta["stream_error"]
+        if meta["damaged"] is not None:
+            shard["damaged"] = meta["damaged"]
+            damaged.append({"file": str(src), **meta["damaged"]})
         shards.append(shard)
         totals["read"] += read
         totals["kept"] += kept
@@ -537,6 +591,8 @@ def _stats(inputs, names, metas, final_codes, reasons, config, work: Path, secon
         **totals,
         "malformed_lines": n_malformed,
         "malformed": malformed,
+        "damaged_lines": sum(d["withheld_lines"] for d in damaged),
+        "damaged": damaged,
         "dropped_by_stage": dict(sorted(by_stage.items())),
         "dropped_by_reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
         "shards": shards,

@@ -161,6 +161,24 @@ impl JsonlReader {
         py.detach(|| self.inner.lock().map(|r| r.blank_lines()).unwrap_or(0))
     }
 
+    /// The damage found when a compressed shard was opened (its members/frames are verified
+    /// before any line is read), or None: a dict with `offset` (compressed byte offset of the
+    /// first member/frame that failed), `message`, `read_bytes` (decompressed bytes read, up to
+    /// the last line end before the damage), `withheld_bytes` and `withheld_lines` (never read).
+    /// Iteration ends with a `ShardError` saying the same once the verified lines are read.
+    #[getter]
+    fn damage<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, pyo3::types::PyDict>>> {
+        let d = py.detach(|| self.inner.lock().ok().and_then(|r| r.damage().cloned()));
+        let Some(d) = d else { return Ok(None) };
+        let out = pyo3::types::PyDict::new(py);
+        out.set_item("offset", d.offset)?;
+        out.set_item("message", d.message)?;
+        out.set_item("read_bytes", d.read_bytes)?;
+        out.set_item("withheld_bytes", d.withheld_bytes)?;
+        out.set_item("withheld_lines", d.withheld_lines)?;
+        Ok(Some(out))
+    }
+
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
         slf
     }

@@ -7,6 +7,14 @@
 //! [`LineError`]s with their line number; they never stop the stream. The writer writes to a
 //! temporary file and renames it into place on [`JsonlWriter::finish`], so a shard is either
 //! complete or absent.
+//!
+//! A compressed shard is verified before any of it is read: [`verify`] decompresses it once,
+//! member by member (gzip: CRC32 and length of each member) or frame by frame (zstd: the
+//! content checksum where the frame has one), and the reader then returns only the lines that
+//! lie wholly in the verified members/frames before the first one that fails. A truncated
+//! stream, a corrupt member and trailing garbage are all damage: the lines from the last line
+//! end before it on are withheld (never returned, not even as bad lines), and the reader ends
+//! with an error that says where the damage starts and how much was withheld ([`Damage`]).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -81,6 +89,166 @@ fn io_error(path: &Path, line: u64, source: std::io::Error) -> FilterError {
     }
 }
 
+/// Where a compressed shard stops verifying, and what the reader withholds because of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// Byte offset, in the compressed file, of the first gzip member or zstd frame that failed.
+    pub offset: u64,
+    /// What failed (the decoder's error).
+    pub message: String,
+    /// Decompressed bytes the reader returns: up to the last line end in the verified part.
+    pub read_bytes: u64,
+    /// Decompressed bytes withheld: the unfinished line at the end of the verified part and
+    /// what the decoder gave of the failed member/frame before failing (none of it verified).
+    pub withheld_bytes: u64,
+    /// Lines (the last one possibly unfinished) in the withheld bytes.
+    pub withheld_lines: u64,
+}
+
+/// What [`verify`] found: the decompressed size it may read, and the damage if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// Decompressed bytes to read (all of them when there is no damage).
+    pub read_bytes: u64,
+    /// Members or frames that verified.
+    pub units: u64,
+    /// The first failure, if any.
+    pub damage: Option<Damage>,
+}
+
+/// A `BufRead` that counts the bytes consumed from it (the compressed offset).
+struct Counting<R> {
+    inner: R,
+    pos: u64,
+}
+
+impl<R: BufRead> std::io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for Counting<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+    fn consume(&mut self, amt: usize) {
+        self.pos += amt as u64;
+        self.inner.consume(amt)
+    }
+}
+
+/// Line statistics of a decompressed stream, updated chunk by chunk.
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    bytes: u64,
+    newlines: u64,
+    /// The position just after the last newline.
+    line_end: u64,
+}
+
+impl Tally {
+    fn add(&mut self, chunk: &[u8]) {
+        self.newlines += memchr::memchr_iter(b'\n', chunk).count() as u64;
+        if let Some(i) = memchr::memrchr(b'\n', chunk) {
+            self.line_end = self.bytes + i as u64 + 1;
+        }
+        self.bytes += chunk.len() as u64;
+    }
+}
+
+/// Decompresses one member/frame into `tally`.
+fn drain(mut r: impl std::io::Read, tally: &mut Tally, buf: &mut [u8]) -> std::io::Result<()> {
+    loop {
+        match r.read(buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => tally.add(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Decompresses the whole of `path` once, member by member or frame by frame, and says how much
+/// of it is verified (see the module docs). A plain file is not checked (`read_bytes` is its
+/// size). Only a file that cannot be opened is an error; damage is reported in the result.
+pub fn verify(path: &Path) -> Result<Verified> {
+    let compression = Compression::of(path);
+    let file = File::open(path).map_err(|e| io_error(path, 0, e))?;
+    if compression == Compression::Plain {
+        let len = file.metadata().map_err(|e| io_error(path, 0, e))?.len();
+        return Ok(Verified {
+            read_bytes: len,
+            units: 1,
+            damage: None,
+        });
+    }
+    let mut input = Counting {
+        inner: BufReader::with_capacity(1 << 20, file),
+        pos: 0,
+    };
+    let mut buf = vec![0u8; 1 << 18];
+    let mut tally = Tally::default();
+    let mut units = 0u64;
+    loop {
+        match input.fill_buf() {
+            Ok([]) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_error(path, 0, e)),
+        }
+        let start = input.pos;
+        let verified = tally;
+        let result = match compression {
+            Compression::Gzip => drain(flate2::bufread::GzDecoder::new(&mut input), &mut tally, &mut buf),
+            _ => zstd::stream::read::Decoder::with_buffer(&mut input)
+                .and_then(|d| drain(d.single_frame(), &mut tally, &mut buf)),
+        };
+        if let Err(e) = result {
+            // Read up to the last line end of the verified part; the rest is withheld.
+            let read_bytes = verified.line_end;
+            let partial = u64::from(tally.line_end < tally.bytes);
+            let what = if compression == Compression::Gzip {
+                "gzip member"
+            } else {
+                "zstd frame"
+            };
+            return Ok(Verified {
+                read_bytes,
+                units,
+                damage: Some(Damage {
+                    offset: start,
+                    message: format!("{what} at byte {start} does not verify: {e}"),
+                    read_bytes,
+                    withheld_bytes: tally.bytes - read_bytes,
+                    withheld_lines: tally.newlines - verified.newlines + partial,
+                }),
+            });
+        }
+        units += 1;
+    }
+    let what = if compression == Compression::Gzip {
+        "gzip member"
+    } else {
+        "zstd frame"
+    };
+    // An empty compressed file is a stream cut at byte 0 (an empty shard still has one member).
+    let damage = (units == 0).then(|| Damage {
+        offset: 0,
+        message: format!("the file is empty: not even one {what} (cut short?)"),
+        read_bytes: 0,
+        withheld_bytes: 0,
+        withheld_lines: 0,
+    });
+    Ok(Verified {
+        read_bytes: tally.bytes,
+        units,
+        damage,
+    })
+}
+
 /// Limits of a [`JsonlReader`].
 #[derive(Debug, Clone, Copy)]
 pub struct ReadLimits {
@@ -112,6 +280,8 @@ pub struct JsonlReader {
     done: bool,
     /// A read error met while a batch was being filled, returned after that batch.
     pending: Option<FilterError>,
+    /// The damage [`verify`] found; returned as an error once the verified lines are read.
+    damage: Option<Damage>,
 }
 
 #[derive(Deserialize)]
@@ -142,22 +312,34 @@ fn parse(line: u64, raw: Vec<u8>) -> std::result::Result<Record, LineError> {
 }
 
 impl JsonlReader {
-    /// Opens `path`, decompressing by its extension.
+    /// Opens `path`, decompressing by its extension. A compressed shard is first verified
+    /// whole ([`verify`]), so that only lines of verified members/frames are ever returned.
     pub fn open(path: &Path, limits: ReadLimits) -> Result<JsonlReader> {
         if limits.batch_docs == 0 || limits.batch_bytes == 0 || limits.max_line_bytes == 0 {
             return Err(FilterError::InvalidArgument("reader limits must be at least 1".into()));
         }
+        let compression = Compression::of(path);
+        let (limit, damage) = match compression {
+            Compression::Plain => (u64::MAX, None),
+            _ => {
+                let v = verify(path)?;
+                (v.read_bytes, v.damage)
+            }
+        };
         let file = File::open(path).map_err(|e| io_error(path, 0, e))?;
         let raw = BufReader::with_capacity(1 << 20, file);
-        let input: Box<dyn BufRead + Send> = match Compression::of(path) {
+        let input: Box<dyn BufRead + Send> = match compression {
             Compression::Plain => Box::new(raw),
             Compression::Gzip => Box::new(BufReader::with_capacity(
                 1 << 20,
-                flate2::bufread::MultiGzDecoder::new(raw),
+                std::io::Read::take(flate2::bufread::MultiGzDecoder::new(raw), limit),
             )),
             Compression::Zstd => Box::new(BufReader::with_capacity(
                 1 << 20,
-                zstd::stream::read::Decoder::with_buffer(raw).map_err(|e| io_error(path, 0, e))?,
+                std::io::Read::take(
+                    zstd::stream::read::Decoder::with_buffer(raw).map_err(|e| io_error(path, 0, e))?,
+                    limit,
+                ),
             )),
         };
         Ok(JsonlReader {
@@ -168,6 +350,27 @@ impl JsonlReader {
             blank: 0,
             done: false,
             pending: None,
+            damage,
+        })
+    }
+
+    /// The damage found when the shard was opened (None for a plain or undamaged shard).
+    pub fn damage(&self) -> Option<&Damage> {
+        self.damage.as_ref()
+    }
+
+    /// The error that ends a damaged shard, once its verified lines are read.
+    fn damage_error(&self) -> Option<FilterError> {
+        let d = self.damage.as_ref()?;
+        let message = format!(
+            "damaged: {}; {} line(s) after line {} withheld ({} decompressed bytes, not verified); \
+             only the lines of the verified part before byte {} are read",
+            d.message, d.withheld_lines, self.line, d.withheld_bytes, d.offset
+        );
+        Some(FilterError::Io {
+            path: self.path.display().to_string(),
+            line: 0,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, message),
         })
     }
 
@@ -251,6 +454,7 @@ impl JsonlReader {
             };
             if !more {
                 self.done = true;
+                self.pending = self.damage_error();
                 break;
             }
             self.line += 1;
@@ -267,7 +471,10 @@ impl JsonlReader {
             }
         }
         if lines.is_empty() && errors.is_empty() && self.done {
-            return Ok(None);
+            return match self.pending.take() {
+                Some(e) => Err(e),
+                None => Ok(None),
+            };
         }
         let parsed: Vec<_> = lines.into_par_iter().map(|(l, raw)| parse(l, raw)).collect();
         let mut records = Vec::with_capacity(parsed.len());
@@ -307,7 +514,10 @@ impl JsonlWriter {
             Compression::Plain => Sink::Plain(file),
             Compression::Gzip => Sink::Gzip(flate2::write::GzEncoder::new(file, flate2::Compression::default())),
             Compression::Zstd => {
-                Sink::Zstd(zstd::stream::write::Encoder::new(file, 3).map_err(|e| io_error(&tmp, 0, e))?)
+                // With a content checksum, so that a reader can verify every frame.
+                let mut enc = zstd::stream::write::Encoder::new(file, 3).map_err(|e| io_error(&tmp, 0, e))?;
+                enc.include_checksum(true).map_err(|e| io_error(&tmp, 0, e))?;
+                Sink::Zstd(enc)
             }
         };
         Ok(JsonlWriter {
@@ -445,7 +655,7 @@ mod tests {
     }
 
     #[test]
-    fn truncated_gzip_is_an_error_not_a_panic() {
+    fn truncated_gzip_is_damage_and_nothing_unverified_is_read() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.jsonl.gz");
         let mut w = JsonlWriter::create(&p).unwrap();
@@ -457,12 +667,169 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
         assert!(read_all(&p, ReadLimits::default()).is_err());
-        // The documents before the damage come out first, then the error.
+        // One member, cut short: none of it verifies, so no line is read.
         let mut r = JsonlReader::open(&p, ReadLimits::default()).unwrap();
-        let first = r.next_batch().unwrap().unwrap();
-        assert!(!first.records.is_empty() && first.records.len() < 2000);
-        assert!(r.next_batch().is_err());
+        let d = r.damage().unwrap().clone();
+        assert_eq!((d.offset, d.read_bytes), (0, 0));
+        assert!(d.withheld_lines > 0 && d.withheld_lines < 2000, "{d:?}");
+        let e = r.next_batch().unwrap_err().to_string();
+        assert!(e.contains("withheld") && e.contains("byte 0"), "{e}");
         assert!(r.next_batch().unwrap().is_none());
+        assert_eq!(r.lines_read(), 0);
+    }
+
+    /// `docs` lines `{"id": i, "text": ...}`, in gzip members or zstd frames of `per` lines.
+    fn multi_unit(path: &Path, docs: usize, per: usize) -> (Vec<Vec<u8>>, Vec<u64>) {
+        let lines: Vec<Vec<u8>> = (0..docs)
+            .map(|i| format!("{{\"id\":{i},\"text\":\"document number {i} of {}\"}}", i * 31).into_bytes())
+            .collect();
+        let mut out = Vec::new();
+        let mut starts = Vec::new();
+        for chunk in lines.chunks(per) {
+            starts.push(out.len() as u64);
+            let mut body = Vec::new();
+            for l in chunk {
+                body.extend_from_slice(l);
+                body.push(b'\n');
+            }
+            if Compression::of(path) == Compression::Gzip {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(&body).unwrap();
+                out.extend(e.finish().unwrap());
+            } else {
+                let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+                e.include_checksum(true).unwrap();
+                e.write_all(&body).unwrap();
+                out.extend(e.finish().unwrap());
+            }
+        }
+        std::fs::write(path, out).unwrap();
+        (lines, starts)
+    }
+
+    #[test]
+    fn a_damaged_member_or_frame_withholds_it_and_everything_after() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["m.jsonl.gz", "m.jsonl.zst"] {
+            let p = dir.path().join(name);
+            let (lines, starts) = multi_unit(&p, 100, 10);
+            let mut bytes = std::fs::read(&p).unwrap();
+            // Flip a byte in the middle of the fifth member/frame.
+            let mid = ((starts[4] + starts[5]) / 2) as usize;
+            bytes[mid] ^= 0x55;
+            std::fs::write(&p, &bytes).unwrap();
+            let mut r = JsonlReader::open(&p, ReadLimits::default()).unwrap();
+            assert_eq!(r.damage().unwrap().offset, starts[4], "{name}");
+            let b = r.next_batch().unwrap().unwrap();
+            let raws: Vec<&[u8]> = b.records.iter().map(|r| r.raw.as_slice()).collect();
+            let want: Vec<&[u8]> = lines[..40].iter().map(|l| l.as_slice()).collect();
+            assert_eq!(raws, want, "{name}");
+            assert!(b.errors.is_empty());
+            assert!(r.next_batch().is_err());
+            assert!(r.next_batch().unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn trailing_garbage_and_cuts_at_member_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.jsonl.gz");
+        let (lines, starts) = multi_unit(&p, 30, 10);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let end = bytes.len() as u64;
+        bytes.extend_from_slice(b"\0\0\0garbage");
+        std::fs::write(&p, &bytes).unwrap();
+        let v = verify(&p).unwrap();
+        let d = v.damage.unwrap();
+        assert_eq!((v.units, d.offset, d.withheld_lines, d.withheld_bytes), (3, end, 0, 0));
+        assert!(read_all(&p, ReadLimits::default()).is_err());
+        let mut r = JsonlReader::open(&p, ReadLimits::default()).unwrap();
+        assert_eq!(r.next_batch().unwrap().unwrap().records.len(), 30);
+        // Cut exactly at the end of the second member: the first two verify, no damage.
+        std::fs::write(&p, &bytes[..starts[2] as usize]).unwrap();
+        let all = read_all(&p, ReadLimits::default()).unwrap();
+        assert_eq!(all.records.len(), 20);
+        assert_eq!(all.records[19].raw, lines[19]);
+    }
+
+    #[test]
+    fn an_empty_compressed_file_is_damage_but_an_empty_member_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["e.jsonl.gz", "e.jsonl.zst"] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, b"").unwrap();
+            let d = verify(&p).unwrap().damage.unwrap();
+            assert!(d.message.contains("empty"), "{d:?}");
+            JsonlWriter::create(&p).unwrap().finish().unwrap();
+            assert_eq!(verify(&p).unwrap().damage, None);
+            assert!(read_all(&p, ReadLimits::default()).unwrap().records.is_empty());
+        }
+    }
+
+    #[test]
+    fn an_unfinished_line_at_the_end_of_the_verified_part_is_withheld() {
+        // A line that starts in a good member and ends in a damaged one is not read.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("u.jsonl.gz");
+        let mut out = Vec::new();
+        for body in [
+            &b"{\"text\":\"a\"}\n{\"text\":\"b"[..],
+            &b"c\"}\n{\"text\":\"d\"}\n"[..],
+        ] {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(body).unwrap();
+            out.extend(e.finish().unwrap());
+        }
+        let n = out.len();
+        out[n - 5] ^= 1; // the second member's length field
+        std::fs::write(&p, &out).unwrap();
+        let mut r = JsonlReader::open(&p, ReadLimits::default()).unwrap();
+        let d = r.damage().unwrap().clone();
+        assert_eq!((d.read_bytes, d.withheld_lines), (13, 2), "{d:?}");
+        let b = r.next_batch().unwrap().unwrap();
+        assert_eq!(b.records.len(), 1);
+        assert_eq!(b.records[0].text, "a");
+        assert!(r.next_batch().is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Whatever bytes are damaged, every document read is byte-identical to one written.
+        #[test]
+        fn damage_never_alters_a_document_read(
+            zstd in proptest::prelude::any::<bool>(),
+            flips in proptest::collection::vec((0.0f64..1.0, 1u8..=255), 1..4),
+            cut in proptest::option::of(0.0f64..1.0),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join(if zstd { "p.jsonl.zst" } else { "p.jsonl.gz" });
+            let (lines, _) = multi_unit(&p, 60, 7);
+            let mut bytes = std::fs::read(&p).unwrap();
+            for (at, x) in flips {
+                let i = ((bytes.len() as f64) * at) as usize % bytes.len();
+                bytes[i] ^= x;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(((bytes.len() as f64) * c) as usize);
+            }
+            std::fs::write(&p, &bytes).unwrap();
+            let mut r = JsonlReader::open(&p, ReadLimits { batch_docs: 16, batch_bytes: 1 << 20, max_line_bytes: 1 << 16 }).unwrap();
+            let mut got = Vec::new();
+            let mut failed = false;
+            loop {
+                match r.next_batch() {
+                    Ok(Some(b)) => {
+                        proptest::prop_assert!(b.errors.is_empty(), "{:?}", b.errors);
+                        got.extend(b.records.into_iter().map(|r| r.raw));
+                    }
+                    Ok(None) => break,
+                    Err(_) => { failed = true; }
+                }
+            }
+            // Only a prefix of the documents, unaltered, and damage is always reported.
+            proptest::prop_assert_eq!(&got[..], &lines[..got.len()]);
+            proptest::prop_assert_eq!(failed, r.damage().is_some());
+        }
     }
 
     #[test]
