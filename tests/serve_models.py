@@ -35,3 +35,36 @@ class Picky(nn.Module):
 
 def picky():
     return Picky()
+
+
+class SlowStart(nn.Module):
+    """Takes $SERVE_TEST_LOAD_S seconds to load, and records its first call (the warm-up) in the
+    file $SERVE_TEST_WARM: the server must not say it listens before both."""
+
+    def __init__(self):
+        super().__init__()
+        time.sleep(float(os.environ.get("SERVE_TEST_LOAD_S", "1")))
+
+    def forward(self, x):
+        warm = os.environ.get("SERVE_TEST_WARM")
+        if warm and not os.path.exists(warm):
+            with open(warm, "w") as f:
+                f.write("warm")
+        return x * 2
+
+
+def slow_start():
+    return SlowStart()
+
+
+class Sleepy(nn.Module):
+    """Sleeps $SERVE_TEST_BATCH_S seconds per batch (whatever its size), then doubles: a model
+    whose saturation rate is max_batch_size / that time, cheap on the CPU for overload tests."""
+
+    def forward(self, x):
+        time.sleep(float(os.environ.get("SERVE_TEST_BATCH_S", "0.02")))
+        return x * 2
+
+
+def sleepy():
+    return Sleepy()

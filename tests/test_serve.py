@@ -112,7 +112,7 @@ def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400()
         assert status == 200 and json.loads(text)["id"] == 8  # the trailing slash is served too
         assert server.get("/nowhere")[0] == 404
         for bad, name in [
-            (b"{not json", "JSONDecodeError"),
+            (b"{not json", "InvalidJSON"),
             ({"input": [[1.0]]}, "InvalidValueError"),
             ({"inputs": [[1.0] * 255]}, "ShapeError"),
             ({"inputs": [[1.0] * 256, [1.0]]}, "InvalidValueError"),
@@ -123,13 +123,31 @@ def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400()
             ({"inputs": [[None] * 256]}, "InvalidValueError"),  # null would be NaN
             ({"inputs": [[1e39] * 256]}, "InvalidValueError"),  # inf in float32
             ({"inputs": [[1.0] * 256], "timeout": -1}, "InvalidValueError"),
+            ({"inputs": [[True] * 256]}, "InvalidValueError"),  # true is not 1.0
+            ({"inputs": [[1.0] * 255 + [False]], "id": True}, "InvalidValueError"),
         ]:
             status, body, _ = server.infer(bad)
-            assert status == 400 and body["error"] == name, body
+            assert status == 400 and body["error"]["type"] == name, body
+            assert set(body) == {"error", "id"} and set(body["error"]) == {"type", "message"}
+        status, body, _ = server.infer({"inputs": [[1.0] * 255 + [True]]})
+        assert "true and false are not numbers" in body["error"]["message"]
+        for method, path, code in [("GET", "/nowhere", 404), ("POST", "/health", 405), ("PUT", "/metrics", 405)]:
+            status, text, headers = server.request(method, path, b"" if method != "GET" else None)
+            body = json.loads(text)
+            assert status == code and headers["content-type"] == "application/json", (path, text)
+            assert body["error"]["type"] == {404: "NotFound", 405: "MethodNotAllowed"}[code], body
         status, text, _ = server.get("/metrics")
         assert status == 200
         assert 'deepseek_batcher_requests_total{outcome="completed"} 3' in text
-        assert 'deepseek_http_responses_total{code="400"} 11' in text
+        # Every response, by route and status: 2 GETs of /v1/infer and HEAD are 405s, bad bodies
+        # 400s, /nowhere 404, the wrong methods 405, and this scrape itself.
+        assert 'deepseek_http_responses_total{route="/v1/infer",code="400"} 14' in text
+        assert 'deepseek_http_responses_total{route="/v1/infer",code="405"} 2' in text
+        assert 'deepseek_http_responses_total{route="/v1/infer",code="200"} 3' in text
+        assert 'deepseek_http_responses_total{route="unmatched",code="404"} 2' in text
+        assert 'deepseek_http_responses_total{route="/health",code="405"} 1' in text
+        assert 'deepseek_http_responses_total{route="/metrics",code="405"} 1' in text
+        assert 'deepseek_http_responses_total{route="/metrics",code="200"} 1' in text
         assert "deepseek_batcher_latency_seconds_count 3" in text
     finally:
         assert server.stop()
@@ -169,16 +187,17 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
 
     try:
         status, body, _ = server.infer({"inputs": [1.0] * 40})
-        assert status == 413 and "more than 200" in body["detail"]
+        assert status == 413 and "more than 200" in body["error"]["message"]
+        assert body["error"]["type"] == "PayloadTooLargeError"
         status, body, _ = server.infer({"inputs": [1.0, 2.0]})
-        assert status == 400 and "item_shape (1,)" in body["detail"]
+        assert status == 400 and "item_shape (1,)" in body["error"]["message"]
         gate.touch()
         threads = start(0)
         wait_for(server, "in_flight", 1)
         threads += start(1, 2)
         wait_for(server, "queue_depth", 2)
         status, body, headers = server.infer({"inputs": [3.0], "id": 3})
-        assert status == 429 and body["error"] == "QueueFullError" and headers["retry-after"] == "1"
+        assert status == 429 and body["error"]["type"] == "QueueFullError" and headers["retry-after"] == "1"
         gate.unlink()
         for t in threads:
             t.join()
@@ -195,12 +214,12 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
         for t in threads:
             t.join()
         assert answers[10][0] == 200
-        assert answers[11][0] == 504 and answers[11][1]["error"] == "RequestTimeoutError"
+        assert answers[11][0] == 504 and answers[11][1]["error"]["type"] == "RequestTimeoutError"
 
         # A client that goes away while its request runs: the request is still run and answered
         # (to nobody), and that answer is counted as a response.
         before = server.get("/metrics")[1]
-        assert 'deepseek_http_responses_total{code="200"} 5\n' in before  # 4 answers, 1 /health
+        assert 'deepseek_http_responses_total{route="/v1/infer",code="200"} 4\n' in before
         gate.touch()
         with socket.create_connection(("127.0.0.1", server.port)) as conn:
             body = b'{"inputs": [30.0], "id": 30}'
@@ -211,7 +230,7 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
         gate.unlink()
         wait_for(server, "in_flight", 0)
         deadline = time.monotonic() + 60
-        while 'deepseek_http_responses_total{code="200"} 6\n' not in (text := server.get("/metrics")[1]):
+        while 'responses_total{route="/v1/infer",code="200"} 5\n' not in (text := server.get("/metrics")[1]):
             assert time.monotonic() < deadline, text
             time.sleep(0.01)
         assert 'deepseek_batcher_requests_total{outcome="completed"} 5\n' in text
@@ -228,7 +247,11 @@ def test_queue_full_is_429_timeout_is_504_and_sigterm_drains(tmp_path):
         while (health := server.get("/health"))[0] != 503:  # the signal is handled between ticks
             assert health[0] == 200 and time.monotonic() < deadline
             time.sleep(0.01)
-        assert json.loads(health[1]) == {"status": "draining"}
+        assert json.loads(health[1]) == {
+            "status": "draining",
+            "error": {"type": "ShutdownError", "message": "the server is draining"},
+            "id": None,
+        }
         with pytest.raises(OSError):  # refused once the delay is over
             while time.monotonic() < deadline:
                 assert server.get("/health")[0] == 503
@@ -269,7 +292,8 @@ def test_scalar_outputs_are_json_numbers_and_stop_iteration_or_system_exit_from_
         assert answers[2.0] == (200, {"outputs": 2.0, "id": 2.0})
         for v, name in ((7.0, "StopIteration: no next item"), (-1.0, "SystemExit: the model exits")):
             status, body = answers[v]
-            assert status == 500 and body["error"] == "RuntimeError" and name in body["detail"], body
+            assert status == 500 and body["error"]["type"] == "ModelError", body
+            assert name in body["error"]["message"], body
         assert 'deepseek_batcher_batch_size_bucket{le="4"} 1' in server.get("/metrics")[1]
     finally:
         assert server.stop()
@@ -346,9 +370,9 @@ def test_asgi_disconnects_head_root_path_and_model_base_exceptions():
         assert (await asgi(app, "POST", "/v1/inferx", ok))[0] == 404
         for value, name in ((7.0, "StopIteration"), (-1.0, "SystemExit")):
             status, _, body = await asgi(app, "POST", "/v1/infer", [chunk(b'{"inputs": [%g]}' % value)])
-            assert status == 500 and f"the model raised {name}" in json.loads(body)["detail"], body
+            assert status == 500 and f"the model raised {name}" in json.loads(body)["error"]["message"], body
         status, _, body = await asgi(app, "POST", "/v1/infer", [chunk(b'{"inputs": "1.5"}')])
-        assert status == 400 and "not strings" in json.loads(body)["detail"]
+        assert status == 400 and "not strings" in json.loads(body)["error"]["message"]
 
     batcher = DynamicBatcher(Picky(), dtype=None, item_shape=(1,), min_size=1, max_queue_delay=0.0)
     with batcher:
@@ -370,7 +394,7 @@ leaf = st.one_of(
     ),
     unicode_quotes=st.booleans(),
 )
-def test_a_string_anywhere_in_inputs_is_400_whatever_else_the_body_holds(rows, fields, unicode_quotes):
+def test_a_string_or_boolean_anywhere_in_inputs_is_400_whatever_else_the_body_holds(rows, fields, unicode_quotes):
     from deepseek_rs import DynamicBatcher
     from deepseek_rs.serving.server import create_app
 
@@ -381,9 +405,12 @@ def test_a_string_anywhere_in_inputs_is_400_whatever_else_the_body_holds(rows, f
     with DynamicBatcher(torch.nn.Identity(), dtype=torch.float32, min_size=1, max_queue_delay=0.0) as b:
         status, _, body = asyncio.run(asgi(create_app(b), "POST", "/v1/infer", [chunk(raw.encode())]))
     has_string = any(type(v) is str for row in rows for v in row)
-    assert status == (400 if has_string else 200), body
-    if has_string:
-        assert json.loads(body)["detail"] == '"inputs" must be numbers, not strings'
+    has_bool = any(type(v) is bool for row in rows for v in row)
+    assert status == (400 if has_string or has_bool else 200), body
+    if has_bool:
+        assert "true and false are not numbers" in json.loads(body)["error"]["message"]
+    elif has_string:
+        assert json.loads(body)["error"]["message"] == '"inputs" must be numbers, not strings'
 
 
 def test_model_specs_are_checked():

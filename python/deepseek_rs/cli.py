@@ -64,11 +64,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_batch_cost is not None:
         kwargs["max_batch_cost"] = args.max_batch_cost
     enabled = not args.no_batching and batching.strategy == "dynamic"
-    print(
-        f"deepseek-rs serve: {args.model or 'built-in PEAMoE'} on http://{args.host}:{args.port} "
-        f"(batching {'on: ' + str(sizes) if enabled else 'off'})",
-        file=sys.stderr,
-        flush=True,
+    # Printed by the server once the model is loaded and warm and the socket listens.
+    banner = (
+        f"deepseek-rs serve: {args.model or 'built-in PEAMoE'} "
+        f"(batching {'on: ' + str(sizes) if enabled else 'off'}) ready,"
     )
     serve.run(
         args.model,
@@ -78,6 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
         batching=enabled,
         max_body_bytes=args.max_body_bytes,
         drain_delay=args.drain_delay,
+        access_log=args.access_log,
+        banner=banner,
         **kwargs,
     )
     return 0
@@ -229,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, keep serving S seconds with /health answering 503 before draining (default 0)",
     )
     srv.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    srv.add_argument(
+        "--access-log", action="store_true", help="log one line per request on stderr (uvicorn's access log)"
+    )
     srv.set_defaults(run=_serve)
     filt = commands.add_parser(
         "filter",
