@@ -131,7 +131,8 @@ def test_the_default_model_is_served_with_json_in_and_out_and_bad_input_is_400()
             assert set(body) == {"error", "id"} and set(body["error"]) == {"type", "message"}
         status, body, _ = server.infer({"inputs": [[1.0] * 255 + [True]]})
         assert "true and false are not numbers" in body["error"]["message"]
-        for method, path, code in [("GET", "/nowhere", 404), ("POST", "/health", 405), ("PUT", "/metrics", 405)]:
+        wrong = [("GET", "/nowhere", 404), ("POST", "/health", 405), ("PUT", "/metrics", 405)]
+        for method, path, code in wrong:
             status, text, headers = server.request(method, path, b"" if method != "GET" else None)
             body = json.loads(text)
             assert status == code and headers["content-type"] == "application/json", (path, text)
@@ -394,7 +395,7 @@ leaf = st.one_of(
     ),
     unicode_quotes=st.booleans(),
 )
-def test_a_string_or_boolean_anywhere_in_inputs_is_400_whatever_else_the_body_holds(rows, fields, unicode_quotes):
+def test_a_string_or_boolean_anywhere_in_inputs_is_400_whatever_the_body_holds(rows, fields, unicode_quotes):
     from deepseek_rs import DynamicBatcher
     from deepseek_rs.serving.server import create_app
 
