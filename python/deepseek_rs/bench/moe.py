@@ -444,7 +444,9 @@ def _contiguous_runs(ids: Sequence[int]) -> List[Tuple[int, int]]:
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
-    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5))
+    """Equal up to float32 rounding: the absolute tolerance scales with the tensor's largest
+    entry (summation orders differ between kernels; a weight gradient sums over every token)."""
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item())))
 
 
 def _check_hf(ours_y: Tensor, hf, x: Tensor) -> Dict[str, Optional[BaseException]]:

@@ -327,6 +327,33 @@ linear_rows.register_autograd(_linear_rows_backward, setup_context=_linear_rows_
 # the fastest for the call's shape class on this machine.
 
 
+# The tuner times the backends on the segments of this many experts (a prefix of the buffer).
+TUNE_EXPERTS = 8
+
+
+def _prefix(args: tuple, expert_offsets: Tensor) -> tuple:
+    """``args`` cut to the first experts holding TUNE_EXPERTS active segments: row tensors (first
+    dimension N) to their rows, weights (first dimension E) to those experts."""
+    offs = expert_offsets.tolist()
+    n_exp, rows, active = len(offs) - 1, offs[-1], 0
+    j = 0
+    while j < n_exp and active < TUNE_EXPERTS:
+        active += offs[j + 1] > offs[j]
+        j += 1
+    if j == n_exp:
+        return args
+    cut = []
+    for a in args:
+        if isinstance(a, Tensor) and a is expert_offsets:
+            a = a[: j + 1]
+        elif isinstance(a, Tensor) and a.dim() == 3:
+            a = a[:j]
+        elif isinstance(a, Tensor) and a.dim() == 2 and a.shape[0] == rows:
+            a = a[: offs[j]]
+        cut.append(a)
+    return tuple(cut)
+
+
 def _run(pass_: str, backend: str, table, args, runnable, key_args):
     backend = backends.requested_backend(backend)
     if backend != "auto":
@@ -335,10 +362,13 @@ def _run(pass_: str, backend: str, table, args, runnable, key_args):
             raise InvalidValueError(why)
         return table[backend](*args)
     names = backends.runnable(*runnable)
-    if len(names) == 1 or runnable[0].shape[0] == 0:
-        return table[names[0]](*args)
-    key = tuning.shape_class(pass_, *key_args)
-    return tuning.TUNER.choose(pass_, key, {n: functools.partial(table[n], *args) for n in names})
+    if len(names) > 1 and runnable[0].shape[0] > 0:
+        key = tuning.shape_class(pass_, *key_args)
+        sample = _prefix(args, key_args[-1])
+        backend = tuning.TUNER.choose(pass_, key, {n: functools.partial(table[n], *sample) for n in names})
+    else:
+        backend = names[0]
+    return table[backend](*args)
 
 
 @torch.library.custom_op("deepseek_rs::expert_ffn", mutates_args=(), device_types="cpu")

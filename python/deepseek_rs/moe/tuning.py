@@ -1,8 +1,9 @@
 """The per-machine choice of the expert FFN's CPU backend: timed on first use, cached on disk.
 
 As Triton's autotuner does for kernel configurations, the first call of a shape class runs every
-backend that can run it (:mod:`.backends`) on the call's own inputs, keeps the fastest, and
-remembers the choice. A shape class is the pass (forward, or backward with or without weight
+backend that can run it (:mod:`.backends`) on a sample of the call's own inputs (the segments of
+its first few experts, so that the cost does not grow with the number of experts), keeps the
+fastest, and remembers the choice. A shape class is the pass (forward, or backward with or without weight
 gradients), the dtype, H, F and the rows per active expert rounded to a power of two: the
 quantity that decides between a kernel that streams the weights past a few rows and a BLAS
 tuned for large blocks. ``torch`` is always a candidate, so the choice is never a backend
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -41,8 +42,6 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "DEEPSEEK_RS_CACHE_DIR"
 CACHE_FILE = "experts-tuning.json"
 _FORMAT = 1
-
-T = TypeVar("T")
 
 
 def cache_dir() -> Path:
@@ -100,14 +99,14 @@ class Choice:
 
 
 class Tuner:
-    """Chooses a backend per shape class by timing the candidates once, on the call's inputs.
+    """Chooses a backend per shape class by timing the candidates once.
 
-    ``budget_s`` bounds the timing a first call does beyond one warm-up run and one timed run
-    of each candidate. ``spent_s`` adds up the time spent tuning in this process, ``last``
-    holds the latest ``(shape class, backend)`` by pass, for reports.
+    ``budget_s`` bounds the timing a first call does beyond one warm-up call of each candidate
+    and one timed call of those close to the best. ``spent_s`` adds up the time spent tuning in
+    this process, ``last`` holds the latest ``(shape class, backend)`` by pass, for reports.
     """
 
-    ROUNDS = 4  # one warm-up round, then up to three timed rounds
+    ROUNDS = 4  # one warm-up round, then up to three timed rounds of the close candidates
 
     def __init__(self, path: Optional[Path] = None, budget_s: float = 1.0):
         self._path = path
@@ -195,43 +194,44 @@ class Tuner:
             except FileNotFoundError:
                 pass
 
-    def choose(self, pass_: str, key: str, candidates: Dict[str, Callable[[], T]]) -> T:
-        """Run the cached choice for ``key``, or time every candidate and cache the fastest.
-
-        Every candidate computes the same result; the one returned is the chosen one's.
-        """
+    def choose(self, pass_: str, key: str, candidates: Dict[str, Callable[[], object]]) -> str:
+        """The backend for ``key``: the cached choice, else the fastest of ``candidates`` (each a
+        call of one backend on a sample of the problem), timed now and cached."""
         machine = machine_key()
         with self._lock:
             choice = self._table(machine).get(key)
-        if choice is not None and choice.backend in candidates:
-            self.last[pass_] = (key, choice.backend)
-            return candidates[choice.backend]()
-        # Timing holds the lock: two threads tuning at once would time each other's load.
-        with self._lock:
-            choice, result = self._time(candidates)
-            self._tables[machine][key] = choice
-            self._save(machine)
-            self.last[pass_] = (key, choice.backend)
+        if choice is None or choice.backend not in candidates:
+            # Timing holds the lock: two threads tuning at once would time each other's load.
+            with self._lock:
+                choice = self._time(candidates)
+                self._tables[machine][key] = choice
+                self._save(machine)
             log.info("tuned %s: %s (%s)", key, choice.backend, choice.times_s)
-            return result
+        self.last[pass_] = (key, choice.backend)
+        return choice.backend
 
-    def _time(self, candidates: Dict[str, Callable[[], T]]) -> Tuple[Choice, T]:
+    def _time(self, candidates: Dict[str, Callable[[], object]]) -> Choice:
+        """One warm-up call of each candidate (first-use costs: allocations, page faults), then
+        timed rounds of those within 1.5x of the best warm-up, while within ``budget_s``."""
         start = time.perf_counter()
-        times: Dict[str, List[float]] = {name: [] for name in candidates}
-        results: Dict[str, T] = {}
-        for rnd in range(self.ROUNDS):
-            for name, fn in candidates.items():
-                t0 = time.perf_counter()
-                results[name] = fn()
-                times[name].append(time.perf_counter() - t0)
-            if rnd >= 1 and time.perf_counter() - start > self.budget_s:
-                break
-        # The warm-up round is dropped: it pays first-use costs (allocations, page faults).
-        best = {name: min(ts[1:]) for name, ts in times.items()}
+
+        def timed(fn: Callable[[], object]) -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+
+        warm = {name: timed(fn) for name, fn in candidates.items()}
+        best = dict(warm)
+        close = [name for name, t in warm.items() if t <= 1.5 * min(warm.values())]
+        rounds = 0
+        while rounds < self.ROUNDS - 1 and (rounds == 0 or time.perf_counter() - start < self.budget_s):
+            for name in close:
+                best[name] = min(best[name] if rounds else float("inf"), timed(candidates[name]))
+            rounds += 1
         backend = min(best, key=best.__getitem__)
         spent = time.perf_counter() - start
         self.spent_s += spent
-        return Choice(backend, best, spent), results[backend]
+        return Choice(backend, best, spent)
 
 
 TUNER = Tuner()
