@@ -381,3 +381,15 @@ def test_a_process_capped_at_generic_computes_the_same_layer():
     assert set(results) == {"generic", TIERS[0]}
     a, b = results.values()
     assert abs(a - b) <= 1e-4 * max(1.0, abs(a))
+
+
+def test_set_batch_invariant_switches_every_layer_and_names_the_rest():
+    from deepseek_rs.moe import set_batch_invariant
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), PEAMoE(8, 4, 4), PEAMoE(8, 4, 4))
+    with pytest.warns(UserWarning, match="PEAMoE layers only; 0 run on torch's kernels"):
+        assert set_batch_invariant(model) == 2
+    assert all(m.batch_invariant for m in model[1:])
+    assert set_batch_invariant(model, False) == 2 and not model[1].batch_invariant
+    with pytest.raises(InvalidValueError, match="has none"):
+        set_batch_invariant(torch.nn.Linear(2, 2))

@@ -14,7 +14,7 @@ Data flows one way through these modules:
 
 from . import hf_experts, ops_cuda  # noqa: F401  (ops_cuda registers the CUDA kernels on the ops)
 from .hf import patch
-from .layer import PEAMoE, SwiGLU, SwiGLUExperts
+from .layer import PEAMoE, SwiGLU, SwiGLUExperts, set_batch_invariant
 from .routing import Router, RouterAuxLosses, RouterOutput, RoutingConfig, aux_losses, route
 
 hf_experts.register()  # experts_implementation="deepseek_rs" (when transformers is installed)
@@ -30,4 +30,5 @@ __all__ = [
     "aux_losses",
     "patch",
     "route",
+    "set_batch_invariant",
 ]

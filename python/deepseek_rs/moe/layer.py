@@ -11,6 +11,7 @@ on the GPU) with a backward pass.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal, Optional, Tuple, Union, overload
 
 import torch
@@ -276,4 +277,32 @@ class PEAMoE(nn.Module):
         return f"hidden_size={h}, intermediate_size={f}, num_experts={e}"
 
 
-__all__ = ["PEAMoE", "SwiGLU", "SwiGLUExperts"]
+def set_batch_invariant(model: nn.Module, on: bool = True) -> int:
+    """Switch every :class:`PEAMoE` in ``model`` to (or from) batch-invariant execution; returns
+    how many there are. Raises unless there is one. Other modules with parameters (an
+    ``nn.Linear`` of the model's own) keep running on torch's BLAS, whose results may depend on
+    the batch: a warning names them."""
+    layers = [m for m in model.modules() if isinstance(m, PEAMoE)]
+    if not layers:
+        raise InvalidValueError("batch invariance needs a model with PEAMoE layers; this one has none")
+    for layer in layers:
+        layer.batch_invariant = on
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    others = sorted(
+        {
+            name or type(model).__name__
+            for name, m in model.named_modules()
+            if any(id(p) not in inside for p in m.parameters(recurse=False))
+        }
+    )
+    if on and others:
+        named = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+        warnings.warn(
+            f"batch invariance covers the PEAMoE layers only; {named} run on torch's kernels, "
+            "whose results may depend on the batch",
+            stacklevel=2,
+        )
+    return len(layers)
+
+
+__all__ = ["PEAMoE", "SwiGLU", "SwiGLUExperts", "set_batch_invariant"]
