@@ -79,6 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
         drain_delay=args.drain_delay,
         access_log=args.access_log,
         banner=banner,
+        batch_invariant=args.batch_invariant,
         **kwargs,
     )
     return 0
@@ -114,6 +115,20 @@ def _tune(args: argparse.Namespace) -> int:
     from .moe import pretune
 
     return int(pretune.main(args.extra))
+
+
+def _train_reference(args: argparse.Namespace) -> int:
+    """``deepseek-rs train-reference ...``: ``deepseek_rs.lm.commands.main`` parses the rest."""
+    from .lm import commands
+
+    return int(commands.main(args.extra))
+
+
+def _lm_experiment(args: argparse.Namespace) -> int:
+    """``deepseek-rs lm-experiment ...``: ``deepseek_rs.lm.experiments.main`` parses the rest."""
+    from .lm import experiments
+
+    return int(experiments.main(args.extra))
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -181,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="time the MoE expert FFN's CPU backends for a model's shapes and cache the fastest",
     )
     tune.set_defaults(run=_tune, passes_extra=True)
+    ref = commands.add_parser(
+        "train-reference",
+        add_help=False,  # --help goes to deepseek_rs.lm.commands' parser
+        help="build the offline corpus and train the reference MoE language model",
+    )
+    ref.set_defaults(run=_train_reference, passes_extra=True)
+    lmx = commands.add_parser(
+        "lm-experiment",
+        add_help=False,  # --help goes to deepseek_rs.lm.experiments' parser
+        help="measure an article claim (pea, filter, int8) on the reference language model",
+    )
+    lmx.set_defaults(run=_lm_experiment, passes_extra=True)
     srv = commands.add_parser(
         "serve",
         help="serve a model over HTTP through the dynamic batcher",
@@ -232,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     srv.add_argument(
         "--access-log", action="store_true", help="log one line per request on stderr (uvicorn's access log)"
+    )
+    srv.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="a request's answer has the same bits whatever its batch neighbours (PEAMoE layers, CPU, float32)",
     )
     srv.set_defaults(run=_serve)
     filt = commands.add_parser(

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import DeepseekError, InvalidValueError, QueueFullError, RequestTimeoutError, ShutdownError
-from ..moe.layer import PEAMoE
+from ..moe.layer import PEAMoE, set_batch_invariant
 from .batcher import DynamicBatcher
 
 DEFAULT_HIDDEN_SIZE = 256
@@ -418,6 +418,7 @@ def run(
     drain_delay: float = 0.0,
     access_log: bool = False,
     banner: Optional[str] = None,
+    batch_invariant: bool = False,
     **batcher_kwargs: Any,
 ) -> None:
     """Serve until SIGTERM / SIGINT, then drain. With ``drain_delay`` seconds, the server first
@@ -429,6 +430,9 @@ def run(
     served unwarmed, with a line on stderr) before the socket listens. ``banner`` is printed
     to stderr, with the address really bound (``port=0`` picks a free one), once it listens.
     ``access_log`` logs one line per request (uvicorn's access log) whatever ``log_level``.
+    ``batch_invariant`` switches every PEAMoE of the model to batch-invariant execution
+    (:func:`deepseek_rs.moe.set_batch_invariant`): a request's answer has the same bits whatever
+    requests share its batch.
     """
     import logging
     import sys
@@ -444,6 +448,8 @@ def run(
         raise InvalidValueError(f"drain_delay must be a number of seconds >= 0, got {drain_delay!r}")
 
     model = load_model(model_spec)
+    if batch_invariant:
+        set_batch_invariant(model)
     if model_spec is None:
         batcher_kwargs.setdefault("collate", "ragged")
         batcher_kwargs.setdefault("item_shape", (DEFAULT_HIDDEN_SIZE,))
