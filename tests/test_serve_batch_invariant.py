@@ -21,6 +21,10 @@ def infer(port, rows):
         return json.loads(r.read())["outputs"]
 
 
+def send(port, answers, i, rows):
+    answers[i] = infer(port, rows)
+
+
 def test_the_same_request_gets_the_same_bits_whatever_shares_its_batch():
     proc, port, _ = start(
         "--batch-invariant", "--min-batch-size", "8", "--max-batch-size", "16", "--max-queue-delay-ms", "50"
@@ -32,11 +36,8 @@ def test_the_same_request_gets_the_same_bits_whatever_shares_its_batch():
         for round_ in range(4):
             others = [torch.randn(1 + (i + round_) % 3, 256, generator=g).tolist() for i in range(7)]
             answers = {}
-
-            def send(i, rows):
-                answers[i] = infer(port, rows)
-
-            threads = [threading.Thread(target=send, args=(i, r)) for i, r in enumerate([probe, *others])]
+            requests = enumerate([probe, *others])
+            threads = [threading.Thread(target=send, args=(port, answers, i, r)) for i, r in requests]
             for t in threads:
                 t.start()
             for t in threads:

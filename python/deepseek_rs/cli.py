@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--batch-invariant",
         action="store_true",
-        help="a request's answer has the same bits whatever its batch neighbours (PEAMoE layers, CPU, float32)",
+        help="a request's answer has the same bits whatever its batch neighbours (PEAMoE, CPU, float32)",
     )
     srv.set_defaults(run=_serve)
     filt = commands.add_parser(
