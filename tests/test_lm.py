@@ -96,6 +96,18 @@ def test_build_is_deterministic_and_verified(corpus_dir, tmp_path):
         )
 
 
+def test_iter_texts_reads_plain_and_gzip_jsonl(tmp_path):
+    import gzip
+
+    lines = [json.dumps({"id": str(i), "text": f"doc {i}"}) + "\n" for i in range(3)]
+    (tmp_path / "a.jsonl").write_text("".join(lines))
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write("".join(lines))
+    want = ["doc 0", "doc 1", "doc 2"]
+    assert list(corpus.iter_texts(tmp_path / "a.jsonl")) == want
+    assert list(corpus.iter_texts(tmp_path / "b.jsonl.gz")) == want
+
+
 def test_sources_come_from_the_dependency_closure():
     deps = corpus.dependency_closure()
     assert {"torch", "numpy", "transformers", "tokenizers"} <= set(deps)

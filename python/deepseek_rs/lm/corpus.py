@@ -28,6 +28,7 @@ Files written to the output directory: ``train.jsonl``, ``valid.jsonl``, ``test.
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import importlib.metadata as md
 import json
@@ -204,8 +205,9 @@ def sha256_file(path: Path) -> str:
 
 
 def iter_texts(path: Path) -> Iterator[str]:
-    """The ``text`` field of each line of a JSONL file."""
-    with open(path, encoding="utf-8") as f:
+    """The ``text`` field of each line of a JSONL file (gzip-compressed if named ``*.gz``)."""
+    opener: Any = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)["text"]
 
