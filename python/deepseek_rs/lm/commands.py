@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     recipe = quick_recipe() if args.quick else reference_recipe()
-    fields = {}
+    fields: Dict[str, Any] = {}
     if args.size:
         fields["size"] = SIZES[args.size]
     for name in ("seed", "tokens", "batch_size", "lr", "entropy"):

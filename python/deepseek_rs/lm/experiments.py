@@ -72,7 +72,7 @@ def _log(msg: str) -> None:
 
 # ---- PEA ---------------------------------------------------------------------------------------
 
-TOP_K = {"rule": "top_k", "top_k": 2, "renormalize": True}
+TOP_K: Dict[str, Any] = {"rule": "top_k", "top_k": 2, "renormalize": True}
 
 
 def pea_arms(top_p: float = 0.5, max_k: int = 4, entropy: float = 0.05) -> Dict[str, Dict[str, Any]]:

@@ -312,7 +312,7 @@ def save(model: nn.Module, out: Path, data: Data, recipe: Recipe, metrics: Dict[
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(out))  # type: ignore[operator]
     tok = PreTrainedTokenizerFast(
         tokenizer_file=str(data.tokenizer), eos_token=corpus.EOS, pad_token=corpus.EOS
     )
