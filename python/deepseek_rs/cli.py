@@ -7,6 +7,7 @@ batching, filter, quant, gvrt, uss, gpu): ``deepseek_rs.bench.<name>.main`` pars
 the dynamic batcher (see ``deepseek_rs.serving.server``).
 ``deepseek-rs filter INPUT... -o OUTDIR [--config filter.yaml]`` filters JSONL shards.
 ``deepseek-rs tune [--model-config PATH] ...`` chooses the MoE experts' CPU backend ahead of time.
+``deepseek-rs reproduce [--quick] [--only ROW ...] [--out DIR]`` writes the ledger of the article's claims.
 """
 
 from __future__ import annotations
@@ -131,6 +132,13 @@ def _lm_experiment(args: argparse.Namespace) -> int:
     return int(experiments.main(args.extra))
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    """``deepseek-rs reproduce ...``: ``deepseek_rs.reproduce.command.main`` parses the rest itself."""
+    from .reproduce import command
+
+    return int(command.main(args.extra))
+
+
 def _config(args: argparse.Namespace) -> int:
     """``deepseek-rs config schema {filter,optimize}`` / ``config check {filter,optimize} FILE``."""
     import json
@@ -208,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure an article claim (pea, filter, int8) on the reference language model",
     )
     lmx.set_defaults(run=_lm_experiment, passes_extra=True)
+    rep = commands.add_parser(
+        "reproduce",
+        add_help=False,  # --help goes to the reproduce parser
+        help="every claim of the article measured against a baseline, or marked: the ledger",
+    )
+    rep.set_defaults(run=_reproduce, passes_extra=True)
     srv = commands.add_parser(
         "serve",
         help="serve a model over HTTP through the dynamic batcher",

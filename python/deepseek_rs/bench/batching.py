@@ -359,9 +359,12 @@ def measure(server: Server, load: Load, run) -> Dict[str, Any]:
     }
 
 
-def in_process(batching: bool, tokens: int, concurrency: int, duration: float) -> Dict[str, Any]:
+def in_process(
+    batching: bool, tokens: int, concurrency: int, duration: float, **batcher: Any
+) -> Dict[str, Any]:
     """The same model and batcher without HTTP: ``concurrency`` asyncio clients in one event loop
-    (as in the server) awaiting ``batcher.infer(x)`` in a closed loop."""
+    (as in the server) awaiting ``batcher.infer(x)`` in a closed loop. ``batcher``: options of
+    the ``DynamicBatcher`` beyond the server's (``min_size=32, max_size=32`` is static batching)."""
     x = torch.randn(tokens, DEFAULT_HIDDEN_SIZE)
     latency: List[float] = []
 
@@ -379,7 +382,7 @@ def in_process(batching: bool, tokens: int, concurrency: int, duration: float) -
         return time.perf_counter() - start
 
     with make_batcher(
-        default_model(), batching=batching, collate="ragged", item_shape=(DEFAULT_HIDDEN_SIZE,)
+        default_model(), batching=batching, collate="ragged", item_shape=(DEFAULT_HIDDEN_SIZE,), **batcher
     ) as b:
         b.submit(x).result()  # warm-up
         elapsed = asyncio.run(run(b))

@@ -125,6 +125,7 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     g = torch.Generator().manual_seed(1000 + seed)  # batches and corruptions: same for every method
     curve, norms, factors, clipped, clipped_corrupted = [], [], [], 0, 0
+    trace = []  # GVRT only: per step, its learning-rate factor, bound and clip threshold
     for step in range(steps):
         x, y = windows(train_data, torch.randint(0, len(train_data) - CONTEXT - 1, (64,), generator=g))
         p = burst[2] if burst is not None and burst[0] <= step < burst[1] else spike_p
@@ -147,13 +148,17 @@ def train(
             norm = last.grad_norm
             factors.append(last.lr_factor)
             clipped = last.clipped_steps
+            bound = None if last.mean is None or last.std is None else last.mean + opt.z_threshold * last.std
+            trace.append(
+                {"lr_factor": last.lr_factor, "grad_norm": norm, "bound": bound, "clip": last.clip_threshold}
+            )
         elif method in ("no clipping", "clean data"):
             norm = math.sqrt(sum(float(p.grad.square().sum()) for p in model.parameters()))
         clipped_corrupted += corrupt and clipped > before
         norms.append((norm, corrupt))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             curve.append((step + 1, held_out_bits(model, *eval_xy)))
-    return curve, norms, factors, clipped, clipped_corrupted
+    return curve, norms, factors, clipped, clipped_corrupted, trace
 
 
 def plot(results, steps: int, seeds: int, path: str, title: str) -> None:
