@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import json
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..bench import common
 from . import ledger
@@ -20,10 +20,11 @@ from .rows import ROWS, Context
 
 
 def lm_results_default() -> Path:
-    """Where the reference LM's experiments write their JSON (issue 16): ``results/`` under its
-    cache, ``$DEEPSEEK_RS_LM_CACHE`` or ``~/.cache/deepseek_rs/lm``."""
-    cache = os.environ.get("DEEPSEEK_RS_LM_CACHE") or os.path.join(Path.home(), ".cache", "deepseek_rs", "lm")
-    return Path(cache) / "results"
+    """Where the reference LM's experiments write their JSON (issue 16, ``scripts/lm_experiments.sh``):
+    ``docs/lm-results`` of the current directory, else of the source tree this package runs from."""
+    here = Path("docs") / "lm-results"
+    tree = Path(__file__).resolve().parents[3] / "docs" / "lm-results"
+    return here if here.is_dir() or not tree.is_dir() else tree
 
 
 def parser() -> argparse.ArgumentParser:
@@ -94,19 +95,39 @@ def run(
         seconds = time.perf_counter() - t
         rows.append(ledger.entry(BY_ID[rid], finding, machine_line, command(rid, quick), seconds, quick))
         say(f"{rid}: {finding.verdict} ({seconds:.0f} s)")
-    result = {
-        "command": "deepseek-rs reproduce"
+    rows, before = merge(out / "ledger.json", rows, quick) if only else (rows, None)
+    merged = before is not None
+    this = (
+        "deepseek-rs reproduce"
         + (" --quick" if quick else "")
-        + (f" --only {' '.join(only)}" if only else ""),
+        + (f" --only {' '.join(only)}" if only else "")
+    )
+    result = {
+        "command": f"{before}, then {this}" if merged else this,
         "quick": quick,
         "machine": machine_line,
         "machine_info": machine,
-        "seconds": time.perf_counter() - start,
+        "seconds": sum(r["seconds"] for r in rows) if merged else time.perf_counter() - start,
         "failed": failed,
         "rows": rows,
     }
     ledger.write(result, out)
     return result
+
+
+def merge(path: Path, rows: List[Dict[str, Any]], quick: bool) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+    """(the rows of the ledger at ``path``, those of ``rows`` replaced or added, its command) when
+    ``path`` holds a ledger of the same kind (quick or full) from this machine; else (``rows``,
+    None). So ``--only ROW`` reruns rows of an earlier ledger in place."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return rows, None
+    if old.get("quick") != quick or not rows or old.get("machine") != rows[0]["machine"]:
+        return rows, None
+    by_id = {r["id"]: r for r in old.get("rows", [])}
+    by_id.update({r["id"]: r for r in rows})
+    return [by_id[c.id] for c in CLAIMS if c.id in by_id], old.get("command", "deepseek-rs reproduce")
 
 
 def command(rid: str, quick: bool) -> str:

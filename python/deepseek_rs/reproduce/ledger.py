@@ -146,7 +146,7 @@ def markdown(ledger: Dict[str, Any]) -> str:
         if r.get("would_measure"):
             lines.append(f"- **What would measure it**: {r['would_measure']}")
         if r.get("plot"):
-            lines.append(f"- **Plot**: `{Path(r['plot']).name}`")
+            lines.append(f"- **Plot**: ![{r['id']}]({Path(r['plot']).name})")
         lines.append(f"- **Rerun**: `{r['command']}` ({r['seconds']:.0f} s in this run)")
     return "\n".join(lines) + "\n"
 

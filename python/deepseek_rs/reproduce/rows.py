@@ -687,12 +687,18 @@ def uss_data(ctx: Context) -> Finding:
         verdict, reason = HOLDS, "USS on a fifth of the pairs matches the two-tower on all of them."
     else:
         verdict = DOES_NOT_HOLD
+        small_gain = uss_small["recall_at_10"] - two_small["recall_at_10"]
+        small_spread = _spread(uss_small["recall_at_10_std"], two_small["recall_at_10_std"])
+        if small_gain > small_spread:
+            at_250 = f"above the two-tower at 250 pairs by {100 * small_gain:.1f} points (beyond the spread)"
+        elif small_gain < -small_spread:
+            at_250 = f"below the two-tower at 250 pairs by {100 * -small_gain:.1f} points"
+        else:
+            at_250 = "within the spread of the two-tower at 250 pairs"
         reason = (
             f"USS with 20% of the pairs is {100 * gap:.1f} points below the two-tower with all of them, and "
-            f"no "
-            "better than the two-tower at 250 pairs beyond the spread: no data saving shown. The article's "
-            "point "
-            "(27% of the data) was not run; 250 pairs is 20%."
+            f"{at_250}: no data saving of the article's size shown. The article's point (27% of the data) "
+            "was not run; 250 pairs is 20%."
         )
     return Finding(
         verdict,
