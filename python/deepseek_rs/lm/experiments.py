@@ -345,6 +345,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=122880, help="training tokens per run (default 122880)")
     p.add_argument("--finetune-tokens", type=int, default=40960, help="int8: QAT / fine-tune tokens")
     p.add_argument("--eval-tokens", type=int, default=65536)
+    p.add_argument("--top-p", type=float, default=0.5, help="pea: top_p routing's mass (default 0.5)")
+    p.add_argument("--max-k", type=int, default=4, help="pea: top_p routing's most experts (default 4)")
+    p.add_argument("--entropy", type=float, default=0.05, help="pea: entropy loss weight when on (0.05)")
     p.add_argument("--corpus", type=Path, help="corpus directory (default: the cache's)")
     p.add_argument("--reference", type=Path, help="int8: the reference checkpoint (default: the cache's)")
     p.add_argument("--work", type=Path, help="filter: work directory (default: the cache's)")
@@ -373,7 +376,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         eval_tokens = args.eval_tokens
     start = time.perf_counter()
     if args.name == "pea":
-        result = pea(data, base, seeds, eval_tokens=eval_tokens)
+        arms = pea_arms(top_p=args.top_p, max_k=args.max_k, entropy=args.entropy)
+        result = pea(data, base, seeds, arms=arms, eval_tokens=eval_tokens)
     elif args.name == "filter":
         result = datafilter(data, base, args.work or cache / "work", seeds, eval_tokens=eval_tokens)
     else:
