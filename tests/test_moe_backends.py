@@ -235,11 +235,16 @@ def test_the_tuner_times_a_prefix_of_the_experts(monkeypatch, tmp_path, env):
     monkeypatch.setitem(backends.FORWARD, "torch", spy)
     offsets = torch.arange(0, 41 * 3, 3)  # 40 experts of 3 rows
     buf, gu, dn = torch.randn(120, 16), torch.randn(40, 8, 16), torch.randn(40, 16, 4)
-    with tuning.isolated(tmp_path / "t.json"):
-        out, _ = ops.expert_ffn(buf, gu, dn, offsets, False)
-    torch.testing.assert_close(out.double(), _reference(buf, gu, dn, offsets)[0], rtol=1e-4, atol=1e-4)
-    assert seen[0] == (3 * ops.TUNE_EXPERTS, ops.TUNE_EXPERTS)  # timing: the first 8 experts
-    assert seen[-1] in {(120, 40), seen[0]}  # the call itself ran every expert (if torch won)
+    for budget, timed in ((0.0, (3 * ops.TUNE_EXPERTS, ops.TUNE_EXPERTS)), (60.0, (120, 40))):
+        seen.clear()
+        with tuning.isolated(tmp_path / f"{budget}.json") as tuner:
+            tuner.budget_s = budget
+            out, _ = ops.expert_ffn(buf, gu, dn, offsets, False)
+        torch.testing.assert_close(out.double(), _reference(buf, gu, dn, offsets)[0], rtol=1e-4, atol=1e-4)
+        # First a whole call of torch gauges the cost; a costly call (over the budget) is then
+        # timed on the first 8 experts, a cheap one whole.
+        assert seen[0] == (120, 40) and seen[1] == timed
+        assert seen[-1] in {(120, 40), timed}  # the call itself ran every expert (if torch won)
 
 
 def test_the_ops_tune_per_shape_class_and_never_time_a_forced_backend(tmp_path, env):

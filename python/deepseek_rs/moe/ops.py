@@ -12,6 +12,7 @@ allocated here by torch and filled in place.
 """
 
 import functools
+import time
 from typing import Optional, Tuple
 
 import torch
@@ -327,7 +328,7 @@ linear_rows.register_autograd(_linear_rows_backward, setup_context=_linear_rows_
 # the fastest for the call's shape class on this machine.
 
 
-# The tuner times the backends on the segments of this many experts (a prefix of the buffer).
+# A costly call is tuned on the segments of this many experts (a prefix of the buffer).
 TUNE_EXPERTS = 8
 
 
@@ -364,7 +365,14 @@ def _run(pass_: str, backend: str, table, args, runnable, key_args):
     names = backends.runnable(*runnable)
     if len(names) > 1 and runnable[0].shape[0] > 0:
         key = tuning.shape_class(pass_, *key_args)
-        sample = _prefix(args, key_args[-1])
+        sample = args
+        if tuning.TUNER.lookup(key) is None:
+            # A cheap call is timed whole: a sample of a few experts' weights would fit in the
+            # caches, where the whole call streams them from memory. A costly one is sampled.
+            start = time.perf_counter()
+            table["torch"](*args)
+            if (time.perf_counter() - start) * len(names) * tuning.Tuner.ROUNDS > tuning.TUNER.budget_s:
+                sample = _prefix(args, key_args[-1])
         backend = tuning.TUNER.choose(pass_, key, {n: functools.partial(table[n], *sample) for n in names})
     else:
         backend = names[0]

@@ -1,9 +1,9 @@
 """The per-machine choice of the expert FFN's CPU backend: timed on first use, cached on disk.
 
 As Triton's autotuner does for kernel configurations, the first call of a shape class runs every
-backend that can run it (:mod:`.backends`) on a sample of the call's own inputs (the segments of
-its first few experts, so that the cost does not grow with the number of experts), keeps the
-fastest, and remembers the choice. A shape class is the pass (forward, or backward with or without weight
+backend that can run it (:mod:`.backends`) on the call's own inputs (on the segments of its
+first few experts when the whole call is costly, so that tuning stays within about a second),
+keeps the fastest, and remembers the choice. A shape class is the pass (forward, or backward with or without weight
 gradients), the dtype, H, F and the rows per active expert rounded to a power of two: the
 quantity that decides between a kernel that streams the weights past a few rows and a BLAS
 tuned for large blocks. ``torch`` is always a candidate, so the choice is never a backend
