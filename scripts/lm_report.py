@@ -63,7 +63,7 @@ def filt(r):
 def int8(r):
     rows = ["| model | valid perplexity | next-token accuracy |", "|---|---|---|"]
     for name, a in r["arms"].items():
-        if "mean" in a.get("accuracy", {}):
+        if isinstance(a.get("accuracy"), dict):
             rows.append(f"| {name} | {ms(a['perplexity'])} | {ms(a['accuracy'], 4)} |")
         else:
             rows.append(f"| {name} | {a['perplexity']:.2f} | {a['accuracy']:.4f} |")

@@ -348,6 +348,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.5, help="pea: top_p routing's mass (default 0.5)")
     p.add_argument("--max-k", type=int, default=4, help="pea: top_p routing's most experts (default 4)")
     p.add_argument("--entropy", type=float, default=0.05, help="pea: entropy loss weight when on (0.05)")
+    p.add_argument("--low-bits", type=int, default=4, help="int8: the weight bits of the hard setting (4)")
     p.add_argument("--corpus", type=Path, help="corpus directory (default: the cache's)")
     p.add_argument("--reference", type=Path, help="int8: the reference checkpoint (default: the cache's)")
     p.add_argument("--work", type=Path, help="filter: work directory (default: the cache's)")
@@ -385,7 +386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ref = args.reference or cache / ("reference-quick" if args.quick else "reference")
         ensure_reference(ref, rec, corpus_dir, limit_bytes=QUICK_LIMIT_BYTES if args.quick else None)
         ft = min(args.finetune_tokens, 4096) if args.quick else args.finetune_tokens
-        result = int8(data, ref, rec, seeds, steps_tokens=ft, eval_tokens=eval_tokens)
+        result = int8(data, ref, rec, seeds, steps_tokens=ft, eval_tokens=eval_tokens, low_bits=args.low_bits)
     result.update(
         experiment=args.name,
         seeds=list(seeds),
