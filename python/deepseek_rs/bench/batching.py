@@ -244,7 +244,7 @@ class Load:
         # 429 is the server's backpressure (queue full): an answer, counted apart.
         if status != want and not (status == 429 and want != 400):
             self.errors.append(f"request {rid} (should get {want}) got {status}: {data[:200]!r}")
-        elif status == 500 and b'"error":"ValueError"' not in data:
+        elif status == 500 and not (b'"type":"ModelError"' in data and b'"message":"ValueError: ' in data):
             self.errors.append(f"request {rid} got a 500 for another reason than the model's: {data[:200]!r}")
         if status == 200:
             self.latency.append(elapsed)

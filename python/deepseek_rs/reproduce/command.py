@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -78,7 +79,7 @@ def run(
     rows, failed = [], []
     for i, rid in enumerate(ids, 1):
         say(f"({i}/{len(ids)}) {rid}: {BY_ID[rid].statement}")
-        t = time.perf_counter()
+        t, load = time.perf_counter(), os.getloadavg()[0]
         try:
             # the benchmarks print their own tables: to stderr, with the progress
             with contextlib.redirect_stdout(sys.stderr):
@@ -94,6 +95,8 @@ def run(
             )
         seconds = time.perf_counter() - t
         rows.append(ledger.entry(BY_ID[rid], finding, machine_line, command(rid, quick), seconds, quick))
+        if finding.machine is None:  # measured here: the machine's 1-minute load when the row started
+            rows[-1]["load_average"] = round(load, 2)
         say(f"{rid}: {finding.verdict} ({seconds:.0f} s)")
     rows, before = merge(out / "ledger.json", rows, quick) if only else (rows, None)
     merged = before is not None

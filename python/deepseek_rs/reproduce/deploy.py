@@ -59,12 +59,12 @@ def build_model(size: str, seed: int = 0) -> nn.Module:
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv,
-        head_dim=hidden // heads,
         num_experts=experts,
         num_experts_per_tok=2,
         max_position_embeddings=512,
         tie_word_embeddings=False,
     )
+    cfg.head_dim = hidden // heads
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(cfg)
     patch(model)
@@ -99,7 +99,7 @@ def served(arm: str, size: str):
         opt = optimize(model, cfg, stage="deploy", device="cpu")  # int8 inference modules
         batching = opt.config.batching
         assert batching is not None
-        options = {"min_size": batching.min_size, "max_size": batching.max_size}
+        options: Dict[str, Any] = {"min_size": batching.min_size, "max_size": batching.max_size}
         options["max_queue_delay"] = batching.max_queue_delay_ms / 1000.0
         return NextToken(opt), options, model_bytes(opt)
     if arm == "fp32+batching":

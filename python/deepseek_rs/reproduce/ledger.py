@@ -140,7 +140,8 @@ def markdown(ledger: Dict[str, Any]) -> str:
             f"- **Measured**: {r['measured']}",
             f"- **Method**: {r['method']}",
             f"- **Baselines (run beside it)**: {'; '.join(r['baselines']) if r['baselines'] else 'none'}",
-            f"- **Machine**: {r['machine']}",
+            f"- **Machine**: {r['machine']}"
+            + (f" (load average {r['load_average']:g} when the row started)" if "load_average" in r else ""),
             f"- **Verdict**: **{r['verdict']}**. {r['reason']}",
         ]
         if r.get("would_measure"):

@@ -330,7 +330,8 @@ def datafilter(ctx: Context) -> Finding:
             plot=k["plot"],
         )
     arms = res["arms"]
-    parts, wins = [], {}
+    parts: List[str] = []
+    wins: Dict[str, List[bool]] = {}
     for name, arm in arms.items():
         if "vs_raw" not in arm:
             continue
@@ -390,7 +391,7 @@ def _domain_data(ctx: Context):
 
 
 def lda(ctx: Context) -> Finding:
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # type: ignore[import-untyped]
 
     reference, cands, labels = _domain_data(ctx)
 
@@ -424,11 +425,10 @@ def lda(ctx: Context) -> Finding:
     elif dsir["auc"] >= m["mean"] - max(m["std"], 0.005):
         verdict = PARTLY
         reason = (
-            "LDA screens the domain, but DSIR (two hashed n-gram histograms, no topic model) does as well: "
-            "the "
-            "topic model is not what makes the screen work on this task, and the task (Python docstrings "
-            "against "
-            "Debian package documentation) is easy."
+            f"LDA screens the domain (AUC {m['mean']:.3f}), but DSIR (two hashed n-gram histograms, no "
+            f"topic model) does as well or better (AUC {dsir['auc']:.3f}): the topic model is not what makes "
+            "the screen work on this task, and the task (Python docstrings against Debian package "
+            "documentation) is easy."
         )
     else:
         verdict, reason = HOLDS, "LDA separates the domain and beats DSIR beyond the spread over seeds."
@@ -446,7 +446,7 @@ def lda(ctx: Context) -> Finding:
 
 
 def hard_examples(ctx: Context) -> Finding:
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
 
     arms: Dict[str, List[float]] = {
         "hard (mined)": [],
@@ -794,27 +794,37 @@ def batching(ctx: Context) -> Finding:
     def at(rows: List[Dict[str, Any]], c: int) -> Dict[str, Any]:
         return next(r for r in rows if r["concurrency"] == c)
 
+    inproc = at(curves["dynamic 4..32"], 32)["qps"] / at(curves["no batching"], 32)["qps"]
+    ratios = {"in process": inproc}
     if http:
-        ratio = at(http["dynamic 4..32"], 32)["qps"] / at(http["no batching"], 32)["qps"]
-        where = "over HTTP (deepseek-rs serve)"
-    else:
-        ratio = at(curves["dynamic 4..32"], 32)["qps"] / at(curves["no batching"], 32)["qps"]
-        where = "in process (quick run: no HTTP)"
+        ratios["over HTTP (deepseek-rs serve)"] = (
+            at(http["dynamic 4..32"], 32)["qps"] / at(http["no batching"], 32)["qps"]
+        )
+    ratio = list(ratios.values())[-1]
     dyn1, st1 = at(curves["dynamic 4..32"], 1), at(curves["static 32"], 1)
     dyn32, st32 = at(curves["dynamic 4..32"], 32), at(curves["static 32"], 32)
     measured = (
-        f"QPS at 32 clients, dynamic / no batching: {ratio:.2f}x {where}; in process at 32 clients dynamic "
-        f"{dyn32['qps']:.0f}/s, static 32 {st32['qps']:.0f}/s, none "
-        f"{at(curves['no batching'], 32)['qps']:.0f}/s; "
-        f"p99 at 1 client: dynamic {dyn1['p99_ms']:.1f} ms, static {st1['p99_ms']:.1f} ms"
+        "QPS at 32 clients, dynamic / no batching: "
+        + ", ".join(f"{v:.2f}x {k}" for k, v in ratios.items())
+        + ("" if http else " (quick run: no HTTP)")
+        + f"; in process at 32 clients dynamic {dyn32['qps']:.0f}/s, static 32 {st32['qps']:.0f}/s, none "
+        f"{at(curves['no batching'], 32)['qps']:.0f}/s; p99 at 1 client: dynamic {dyn1['p99_ms']:.1f} ms, "
+        f"static {st1['p99_ms']:.1f} ms"
     )
     static_note = (
         f"Static batching (32, 20 ms timeout) reaches {st32['qps'] / dyn32['qps']:.2f}x dynamic's QPS at 32 "
-        f"clients "
-        f"and a p99 of {st1['p99_ms']:.1f} ms against {dyn1['p99_ms']:.1f} ms at 1 client."
+        f"clients and a p99 of {st1['p99_ms']:.1f} ms against {dyn1['p99_ms']:.1f} ms at 1 client: dynamic "
+        "batching's gain over static is latency at low load, not throughput."
     )
-    if ratio >= 3.8:
-        verdict, reason = HOLDS, f"x3.8 reached against no batching ({ratio:.2f}x). " + static_note
+    met = [k for k, v in ratios.items() if v >= 3.8]
+    if len(met) == len(ratios):
+        verdict, reason = HOLDS, "x3.8 reached against no batching. " + static_note
+    elif met:
+        verdict = PARTLY
+        reason = (
+            f"x3.8 reached {met[0]} but not {' and '.join(k for k in ratios if k not in met)}, where JSON "
+            "and HTTP costs dilute the gain (this ratio moves with the machine's load). " + static_note
+        )
     else:
         verdict, reason = DOES_NOT_HOLD, f"Below x3.8 ({ratio:.2f}x). " + static_note
     return Finding(
@@ -830,7 +840,7 @@ def batching(ctx: Context) -> Finding:
             "no batching (one request per model call)",
             "static batching: batches of 32, 20 ms timeout",
         ],
-        numbers={"in_process": curves, "http": http, "ratio_c32": ratio},
+        numbers={"in_process": curves, "http": http, "ratio_c32": ratios},
         plot=path,
     )
 
