@@ -222,3 +222,15 @@ def test_train_reference_command(corpus_dir, tmp_path, capsys):
     assert corpus.verify(corpus_dir) == []
     assert cli.main(argv) == 0  # the same recipe: kept
     assert "already holds" in capsys.readouterr().err
+
+
+def test_filter_experiment_trains_on_raw_and_filtered_text(data, tmp_path):
+    base = lm_train.quick_recipe().replace(tokens=512, batch_size=2)
+    arms = {"density": experiments.FILTER_ARMS["density"]}
+    out = experiments.datafilter(data, base, tmp_path, seeds=[0], arms=arms, eval_tokens=256)
+    raw, dens = out["arms"]["raw"], out["arms"]["density"]
+    assert dens["runs"][0]["train_stream_tokens"] < raw["runs"][0]["train_stream_tokens"]  # it dropped some
+    assert dens["filter"]["kept"] < dens["filter"]["read"]
+    assert {"raw_valid_perplexity", "clean_valid_perplexity"} <= set(raw)
+    assert "raw_valid_perplexity" in dens["vs_raw"]
+    json.dumps(out)
