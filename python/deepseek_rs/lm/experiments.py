@@ -391,7 +391,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         experiment=args.name,
         seeds=list(seeds),
         budget={
-            "tokens_per_run": base.tokens,
+            "tokens_per_run": result.get("finetune_tokens", base.tokens),
             "batch_size": base.batch_size,
             "context": base.size.context,
             "eval_tokens": eval_tokens,
