@@ -122,3 +122,15 @@ def test_only_one_row_and_a_results_file_of_the_reference_lm(tmp_path):
     assert (
         rows["yaml"]["verdict"] in VERDICTS and rows["yaml"]["command"] == "deepseek-rs reproduce --only yaml"
     )
+    # --only again into the same directory: that row joins the earlier ledger in the article's order
+    # (a row read from a results file of another machine does not stop the merge)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepseek_rs", "reproduce", "--only", "nas", "--out", str(out), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert [r["id"] for r in ledger["rows"]] == ["pea", "nas", "yaml"]
+    assert ledger["command"].endswith(", then deepseek-rs reproduce --only nas"), ledger["command"]

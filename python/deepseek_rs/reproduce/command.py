@@ -98,7 +98,7 @@ def run(
         if finding.machine is None:  # measured here: the machine's 1-minute load when the row started
             rows[-1]["load_average"] = round(load, 2)
         say(f"{rid}: {finding.verdict} ({seconds:.0f} s)")
-    rows, before = merge(out / "ledger.json", rows, quick) if only else (rows, None)
+    rows, before = merge(out / "ledger.json", rows, quick, machine_line) if only else (rows, None)
     merged = before is not None
     this = (
         "deepseek-rs reproduce"
@@ -118,7 +118,9 @@ def run(
     return result
 
 
-def merge(path: Path, rows: List[Dict[str, Any]], quick: bool) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+def merge(
+    path: Path, rows: List[Dict[str, Any]], quick: bool, machine: str
+) -> Tuple[List[Dict[str, Any]], Optional[str]]:
     """(the rows of the ledger at ``path``, those of ``rows`` replaced or added, its command) when
     ``path`` holds a ledger of the same kind (quick or full) from this machine; else (``rows``,
     None). So ``--only ROW`` reruns rows of an earlier ledger in place."""
@@ -126,7 +128,7 @@ def merge(path: Path, rows: List[Dict[str, Any]], quick: bool) -> Tuple[List[Dic
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return rows, None
-    if old.get("quick") != quick or not rows or old.get("machine") != rows[0]["machine"]:
+    if old.get("quick") != quick or old.get("machine") != machine:
         return rows, None
     by_id = {r["id"]: r for r in old.get("rows", [])}
     by_id.update({r["id"]: r for r in rows})

@@ -21,10 +21,10 @@ def dar(points: Sequence[Tuple[str, float, float]], title: str, path: Path) -> s
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     names = list(dict.fromkeys(p[0] for p in points))
-    for name in names:
+    for i, name in enumerate(names):  # shrinking markers of different shapes: coinciding points stay visible
         xs = [100 * p[1] for p in points if p[0] == name]
         ys = [100 * p[2] for p in points if p[0] == name]
-        ax.scatter(xs, ys, label=name, s=36, alpha=0.8)
+        ax.scatter(xs, ys, label=name, s=90 - 18 * (i % 4), marker="osD^"[i % 4], alpha=0.75)
     ax.axhline(98.7, color="gray", linestyle="--", linewidth=1)
     ax.axvline(42, color="gray", linestyle=":", linewidth=1)
     ax.annotate("article: 42% skipped, 98.7% accuracy", (42, 98.7), fontsize=7, color="gray")

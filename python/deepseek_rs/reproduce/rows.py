@@ -278,6 +278,7 @@ def pea(ctx: Context) -> Finding:
         "validation "
         f"perplexity and experts per token; budget {res.get('budget')}",
         reason
+        + f" Short training runs: top-2 routing reaches a validation perplexity of {base['mean']:.0f}."
         + (
             " (a --quick results file: tiny model)"
             if res.get("budget", {}).get("eval_tokens", 1 << 20) <= 4096
@@ -724,43 +725,46 @@ def qat(ctx: Context) -> Finding:
     )
     lm = ctx.lm("int8")
     numbers: Dict[str, Any] = {"digits": r["accuracy"], "seeds": seeds}
-    lm_text = ""
+    # (QAT kept, PTQ kept) of each task: QAT's claim needs a task where PTQ loses
+    tasks = {"UCI digits": (statistics.fmean(q), statistics.fmean(p))}
     if lm is not None:
         k = lm["accuracy_kept"]
         numbers["lm"] = k
+        fp32 = lm["arms"]["fp32"]
         low = [key for key in k if key.startswith("ptq_w")]
-        lm_text = (
-            f"; reference LM next-token accuracy kept: QAT int8 {100 * k['qat_int8']['mean']:.2f}% +- "
-            f"{100 * k['qat_int8']['std']:.2f}, PTQ int8 {100 * k['ptq_int8']:.2f}%"
-            + (f", PTQ {low[0][4:]} {100 * k[low[0]]:.2f}%" if low else "")
+        measured += (
+            f"; reference LM (fp32 next-token accuracy {fp32['accuracy']:.3f}, perplexity "
+            f"{fp32['perplexity']:.0f}): QAT int8 keeps {100 * k['qat_int8']['mean']:.2f}% +- "
+            f"{100 * k['qat_int8']['std']:.2f} ({len(k['qat_int8']['values'])} seeds), PTQ int8 "
+            f"{100 * k['ptq_int8']:.2f}%" + (f", PTQ {low[0][4:]} {100 * k[low[0]]:.2f}%" if low else "")
         )
-        measured += lm_text
-    mq, mp = statistics.fmean(q), statistics.fmean(p)
-    if mq < 0.992:
+        tasks["reference LM"] = (k["qat_int8"]["mean"], k["ptq_int8"])
+    qat_ok = [t for t, (mq, _) in tasks.items() if mq >= 0.992]
+    ptq_loses = [t for t, (mq, mp) in tasks.items() if mq >= 0.992 and mp < 0.992]
+    if not qat_ok:
         verdict, reason = DOES_NOT_HOLD, "QAT int8 keeps less than 99.2% of the fp32 accuracy."
-    elif mp >= 0.992 and (lm is None or lm["accuracy_kept"]["ptq_int8"] >= 0.992):
+    elif ptq_loses and len(qat_ok) == len(tasks):
+        verdict, reason = HOLDS, f"QAT keeps >= 99.2% where PTQ does not ({', '.join(ptq_loses)})."
+    else:
         verdict = PARTLY
         reason = (
-            "99.2% is met, but plain post-training quantization meets it too: "
+            f"99.2% is met ({', '.join(qat_ok)}), but plain post-training quantization meets it too: "
+            "int8 PTQ loses nothing on these tasks, so QAT cannot be told from PTQ"
             + (
-                "on this saturated task (every method 100%) QAT cannot be told from PTQ."
-                if mp >= 0.999
-                else "QAT's gain is not shown."
-            )
-            + (
-                ""
+                " (and the reference LM is briefly trained: even 4-bit PTQ keeps its accuracy)."
                 if lm is not None
-                else f" The reference LM's int8 experiment ({LM_NEEDED}) is the harder test."
+                else f". The reference LM's int8 experiment ({LM_NEEDED}) is the harder test."
             )
         )
-    else:
-        verdict, reason = HOLDS, "QAT keeps >= 99.2% where PTQ does not."
+        if len(qat_ok) < len(tasks):
+            reason = f"QAT keeps >= 99.2% only on {', '.join(qat_ok)}. " + reason
     return Finding(
         verdict,
         measured,
         "bench quant: a network with a PEAMoE block on UCI digits, fp32 training; QAT fine-tunes a snapshot "
-        "from "
-        "before the last epochs with fake int8, PTQ converts the fp32 model as is; int8 inference modules",
+        "from before the last epochs with fake int8, PTQ converts the fp32 model as is; int8 inference "
+        "modules; and, from its results file, the reference LM of issue 16 (PTQ, and QAT fine-tuning against "
+        "fp32 fine-tuned the same steps)",
         reason,
         baselines=["PTQ: convert_int8 of the fp32 model", "the fp32 model"],
         numbers=numbers,
