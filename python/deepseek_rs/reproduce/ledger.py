@@ -128,8 +128,7 @@ def markdown(ledger: Dict[str, Any]) -> str:
     for r in rows:
         lines.append(
             f"| [{r['id']}](#{r['id']}) | {_cell(r['statement'])}: {_cell(r['number'])} | "
-            f"{_cell(r['measured'])} "
-            f"| **{r['verdict']}** | {r['seconds']:.0f} | `{r['command']}` |"
+            f"{_cell(r['measured'])} | **{r['verdict']}** | {r['seconds']:.0f} | `{r['command']}` |"
         )
     for r in rows:
         lines += [

@@ -167,8 +167,7 @@ def dar_work(ctx: Context) -> Finding:
         reason = (
             "The article's numbers are met, but a fixed block pattern at the same work with no gate does as "
             f"well ({_pct(m_off)} of dense against DAR's {_pct(m_acc)}): this task cannot show that the "
-            f"learned "
-            "gate is needed (the copy sits at a fixed distance; the gate learns a fixed offset)."
+            "learned gate is needed (the copy sits at a fixed distance; the gate learns a fixed offset)."
         )
     else:
         verdict, reason = (
@@ -179,8 +178,7 @@ def dar_work(ctx: Context) -> Finding:
         verdict,
         measured,
         f"bench attention's quality section: {setup}; DAR selects own + previous + sink block and 2 "
-        f"gate-chosen "
-        "blocks of 64 tokens; work = score products computed against dense causal attention",
+        "gate-chosen blocks of 64 tokens; work = score products computed against dense causal attention",
         reason,
         baselines=[
             "dense SDPA attention (the accuracy reference)",
@@ -224,8 +222,7 @@ def dar_latency(ctx: Context) -> Finding:
         verdict,
         measured,
         "bench attention's latency section: DynamicAttention (gate + Rust router + gathered blocks), "
-        "forward, "
-        "no grad, against scaled_dot_product_attention(is_causal=True) on the same q/k/v",
+        "forward, no grad, against scaled_dot_product_attention(is_causal=True) on the same q/k/v",
         reason,
         baselines=["torch scaled_dot_product_attention, causal (dense)"],
         numbers={"rows": r["rows"]},
@@ -252,8 +249,7 @@ def pea(ctx: Context) -> Finding:
         c, p = arm["vs_top_k2"]["compute_change"], arm["vs_top_k2"]["perplexity_change"]
         parts.append(
             f"{name}: compute {100 * c['mean']:+.1f}% +- {100 * c['std']:.1f}, perplexity "
-            f"{100 * p['mean']:+.1f}% "
-            f"+- {100 * p['std']:.1f}"
+            f"{100 * p['mean']:+.1f}% +- {100 * p['std']:.1f}"
         )
         score = (c["mean"] <= -0.35) + (p["mean"] <= -0.12)
         if best is None or score > best[0]:
@@ -275,8 +271,7 @@ def pea(ctx: Context) -> Finding:
         verdict,
         measured,
         "the reference MoE LM of issue 16 (deepseek_rs.lm): trained from scratch per arm and seed, "
-        "validation "
-        f"perplexity and experts per token; budget {res.get('budget')}",
+        f"validation perplexity and experts per token; budget {res.get('budget')}",
         reason
         + f" Short training runs: top-2 routing reaches a validation perplexity of {base['mean']:.0f}."
         + (
@@ -350,8 +345,7 @@ def datafilter(ctx: Context) -> Finding:
         verdict,
         here + "; reference LM trained on filtered against raw data, same tokens: " + "; ".join(parts),
         "deepseek-rs filter on the reference corpus (issue 16), the same LM trained on each output at the "
-        "same "
-        "token budget, perplexity on the raw validation split and on its filtered part",
+        "same token budget, perplexity on the raw validation split and on its filtered part",
         {
             0: "No filtered arm lowers perplexity beyond its spread.",
             1: "A filtered arm lowers perplexity beyond its spread on some but not all validation sets.",
@@ -374,8 +368,7 @@ def entropy_bert(ctx: Context) -> Finding:
             else "the light BERT (MiniLMEncoder, extra filter-model) is not installed here"
         ),
         "pip install 'deepseek-rs[filter-model]'; the reference-LM filter experiment (issue 16) with a "
-        "MiniLM "
-        f"semantic-density arm beside the n-gram entropy arm ({ctx.lm_command('filter')})",
+        f"MiniLM semantic-density arm beside the n-gram entropy arm ({ctx.lm_command('filter')})",
         method="-",
     )
 
@@ -529,8 +522,7 @@ def gvrt(ctx: Context) -> Finding:
         f"held-out bits/byte: GVRT {pm(g['final_bits'])}, fixed clip 1.0 {pm(fixed['final_bits'])}, "
         f"no clipping {pm(none['final_bits'])}, clean data {pm(clean['final_bits'])}; GVRT clipped "
         f"{statistics.fmean(g['clipped_steps']):.0f} steps, the fixed threshold "
-        f"{statistics.fmean(fixed['clipped_steps']):.0f}; "
-        f"mean lr factor {g['mean_lr_factor']:.3f}"
+        f"{statistics.fmean(fixed['clipped_steps']):.0f}; mean lr factor {g['mean_lr_factor']:.3f}"
     )
     if g["final_mean"] < fixed["final_mean"] - spread:
         verdict, reason = HOLDS, "GVRT ends below the fixed threshold by more than the spread over seeds."
@@ -540,8 +532,7 @@ def gvrt(ctx: Context) -> Finding:
             "GVRT recovers the loss the spikes cost without a threshold to tune, but a fixed clip threshold "
             "does "
             "as well (within the spread); see bench gvrt --burst for the learning-rate half, which does not "
-            "help "
-            "there either."
+            "help there either."
         )
     else:
         verdict, reason = DOES_NOT_HOLD, "GVRT ends above the fixed clip threshold."
@@ -569,8 +560,7 @@ def utilisation_3d(ctx: Context) -> Finding:
         + (f" (one GPU here: {gpu})" if gpu else " (no GPU here)")
         + "; GVRT itself is an optimizer wrapper, tested under torch DDP on the CPU",
         "a Megatron-style 3D-parallel run on >= 8 GPUs with and without GVRT, utilisation as model FLOP/s "
-        "over "
-        "the devices' peak (MFU); no command in this project runs it",
+        "over the devices' peak (MFU); no command in this project runs it",
     )
 
 
@@ -630,8 +620,7 @@ def uss_recall(ctx: Context) -> Finding:
         f"R@10 two-tower {pm(two['recall_at_10_per_seed'], '{:.1f}', 100)} -> USS "
         f"{pm(uss['recall_at_10_per_seed'], '{:.1f}', 100)} "
         f"({100 * gain:+.1f} points; shared encoder without the consistency term "
-        f"{100 * nocons['recall_at_10']:.1f}; "
-        f"ceiling {100 * r['ceiling']['recall_at_10']:.1f})"
+        f"{100 * nocons['recall_at_10']:.1f}; ceiling {100 * r['ceiling']['recall_at_10']:.1f})"
     )
     if gain >= 0.148:
         verdict, reason = HOLDS, "A gain of at least the article's 14.8 points."
@@ -663,11 +652,9 @@ def uss_recall(ctx: Context) -> Finding:
 def uss_bleu(ctx: Context) -> Finding:
     return not_measurable(
         "USS here is a retrieval space with no text decoder: nothing generates captions, and no "
-        "image-caption "
-        "set with reference sentences is available offline",
+        "image-caption set with reference sentences is available offline",
         "a caption decoder on the USS space against the same decoder on a two-tower image encoder, trained "
-        "and "
-        "scored with BLEU-4 on COCO Captions (not in this project)",
+        "and scored with BLEU-4 on COCO Captions (not in this project)",
     )
 
 
@@ -837,8 +824,7 @@ def batching(ctx: Context) -> Finding:
         "bench batching: the built-in PEAMoE (H=256, 16 experts, top-p), requests of 4 tokens, closed-loop "
         "clients; "
         "over HTTP (two deepseek-rs serve processes, batching off/on, the article's min 4 / max 32 / 5 ms) "
-        "and in "
-        "process through DynamicBatcher",
+        "and in process through DynamicBatcher",
         reason,
         baselines=[
             "no batching (one request per model call)",
@@ -883,12 +869,10 @@ def deployment(ctx: Context) -> Finding:
     mb = 2.0**20
     measured = (
         f"at {base['rate']:.1f} requests/s: p50 {base['p50_ms']:.1f} -> {y['p50_ms']:.1f} ms "
-        f"({100 * (lat - 1):+.0f}%), "
-        f"p99 {base['p99_ms']:.1f} -> {y['p99_ms']:.1f} ms; resident memory "
+        f"({100 * (lat - 1):+.0f}%), p99 {base['p99_ms']:.1f} -> {y['p99_ms']:.1f} ms; resident memory "
         f"{base['rss_max_bytes'] / mb:.0f} -> "
         f"{y['rss_max_bytes'] / mb:.0f} MiB ({100 * (mem - 1):+.0f}%); model bytes "
-        f"{base['model_bytes'] / mb:.1f} -> "
-        f"{y['model_bytes'] / mb:.1f} MiB"
+        f"{base['model_bytes'] / mb:.1f} -> {y['model_bytes'] / mb:.1f} MiB"
         + (f"; fp32 + batching alone: p50 {arms['fp32+batching']['p50_ms']:.1f} ms" if len(arms) > 2 else "")
     )
     met = (lat <= 38 / 127) + (mem <= 0.38)
@@ -957,8 +941,7 @@ def yaml(ctx: Context) -> Finding:
     verdict = PARTLY
     reason = (
         "Every section takes effect (QAT then int8, dynamic batching 4..32, mixed precision), on the CPU "
-        "with "
-        "device='cpu'. "
+        "with device='cpu'. "
         + (
             "As printed, the T4 target is refused without a CUDA device. "
             if not ran
@@ -970,8 +953,7 @@ def yaml(ctx: Context) -> Finding:
         verdict,
         measured,
         "deepseek_rs/data/optimization.yaml (the article's YAML) through optimize() on a small PEAMoE "
-        "network: the "
-        "call as printed, then with device='cpu': stage train, stage deploy, its batcher",
+        "network: the call as printed, then with device='cpu': stage train, stage deploy, its batcher",
         reason,
         numbers=checks,
     )
@@ -992,11 +974,9 @@ def nas(ctx: Context) -> Finding:
 def pea_lite(ctx: Context) -> Finding:
     return not_measurable(
         f"{LM_NEEDED}, and no 'lite' PEA-MoE variant is defined: the claim needs a smaller PEA-MoE and the "
-        f"full "
-        "one trained on the same data, and a task score for 'performance'",
+        "full one trained on the same data, and a task score for 'performance'",
         "train the reference LM and a variant with 32% of its parameters (fewer/narrower experts) on the "
-        "same "
-        "tokens and compare validation perplexity/accuracy, beside a dense model of the lite size",
+        "same tokens and compare validation perplexity/accuracy, beside a dense model of the lite size",
     )
 
 
