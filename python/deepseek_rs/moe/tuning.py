@@ -18,6 +18,7 @@ versions. ``deepseek-rs tune`` fills it ahead of time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ def cache_dir() -> Path:
     return Path(base) / "deepseek_rs"
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
     try:

@@ -16,6 +16,10 @@ use rayon::prelude::*;
 const PAIRS_PER_TASK: usize = 16384;
 /// Rows below which a parallel task is not worth its scheduling cost.
 const MIN_ROWS_PER_TASK: usize = 16;
+/// Elements below which a call runs on the calling thread: handing work to the thread pool and
+/// waiting for it costs tens of microseconds (measured 29 us for a 96-row gather that copies in
+/// 2), as much as moving this many floats.
+const SERIAL_ELEMENTS: usize = 1 << 16;
 
 /// Why a dispatch step could not be done.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -166,10 +170,15 @@ pub fn gather<T: Copy + Send + Sync>(src: &[T], cols: usize, index: &[i64], out:
     if cols == 0 {
         return Ok(());
     }
-    out.par_chunks_mut(cols)
-        .zip(index.par_iter())
-        .with_min_len(MIN_ROWS_PER_TASK)
-        .for_each(|(dst, &i)| dst.copy_from_slice(&src[i as usize * cols..(i as usize + 1) * cols]));
+    let copy = |(dst, &i): (&mut [T], &i64)| dst.copy_from_slice(&src[i as usize * cols..(i as usize + 1) * cols]);
+    if out.len() < SERIAL_ELEMENTS {
+        out.chunks_mut(cols).zip(index).for_each(copy);
+    } else {
+        out.par_chunks_mut(cols)
+            .zip(index.par_iter())
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each(copy);
+    }
     Ok(())
 }
 
@@ -193,10 +202,15 @@ pub fn gather_scaled<F: Float + Send + Sync>(
     if cols == 0 {
         return Ok(());
     }
-    out.par_chunks_mut(cols)
-        .zip(scale.par_iter())
-        .with_min_len(MIN_ROWS_PER_TASK)
-        .for_each(|(row, &s)| row.iter_mut().for_each(|v| *v = *v * s));
+    let scale_row = |(row, &s): (&mut [F], &F)| row.iter_mut().for_each(|v| *v = *v * s);
+    if out.len() < SERIAL_ELEMENTS {
+        out.chunks_mut(cols).zip(scale).for_each(scale_row);
+    } else {
+        out.par_chunks_mut(cols)
+            .zip(scale.par_iter())
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each(scale_row);
+    }
     Ok(())
 }
 
@@ -241,25 +255,30 @@ pub fn combine<F: Float + Send + Sync>(
     if cols == 0 {
         return Ok(());
     }
-    out.par_chunks_mut(cols)
-        .enumerate()
-        .with_min_len(MIN_ROWS_PER_TASK)
-        .for_each(|(t, dst)| {
-            let pairs = token_offsets[t] as usize..token_offsets[t + 1] as usize;
-            if pairs.is_empty() {
-                dst.fill(F::zero());
+    let sum_token = |(t, dst): (usize, &mut [F])| {
+        let pairs = token_offsets[t] as usize..token_offsets[t + 1] as usize;
+        if pairs.is_empty() {
+            dst.fill(F::zero());
+        }
+        for (n, j) in pairs.enumerate() {
+            let p = pair_position[j] as usize;
+            let row = &buf[p * cols..(p + 1) * cols];
+            let w = weights.map_or(F::one(), |w| w[j]);
+            if n == 0 {
+                dst.iter_mut().zip(row).for_each(|(d, &r)| *d = w * r);
+            } else {
+                dst.iter_mut().zip(row).for_each(|(d, &r)| *d = *d + w * r);
             }
-            for (n, j) in pairs.enumerate() {
-                let p = pair_position[j] as usize;
-                let row = &buf[p * cols..(p + 1) * cols];
-                let w = weights.map_or(F::one(), |w| w[j]);
-                if n == 0 {
-                    dst.iter_mut().zip(row).for_each(|(d, &r)| *d = w * r);
-                } else {
-                    dst.iter_mut().zip(row).for_each(|(d, &r)| *d = *d + w * r);
-                }
-            }
-        });
+        }
+    };
+    if buf.len() + out.len() < SERIAL_ELEMENTS {
+        out.chunks_mut(cols).enumerate().for_each(sum_token);
+    } else {
+        out.par_chunks_mut(cols)
+            .enumerate()
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each(sum_token);
+    }
     Ok(())
 }
 
@@ -291,17 +310,22 @@ pub fn combine_weight_grad<F: Float + Send + Sync>(
         per_token.push(mine);
         rest = tail;
     }
-    per_token
-        .into_par_iter()
-        .enumerate()
-        .with_min_len(MIN_ROWS_PER_TASK)
-        .for_each(|(t, dst)| {
-            let g = &grad_out[t * cols..(t + 1) * cols];
-            for (d, &p) in dst.iter_mut().zip(&pair_position[token_offsets[t] as usize..]) {
-                let p = p as usize;
-                *d = dot(g, &buf[p * cols..(p + 1) * cols]);
-            }
-        });
+    let dots = |(t, dst): (usize, &mut [F])| {
+        let g = &grad_out[t * cols..(t + 1) * cols];
+        for (d, &p) in dst.iter_mut().zip(&pair_position[token_offsets[t] as usize..]) {
+            let p = p as usize;
+            *d = dot(g, &buf[p * cols..(p + 1) * cols]);
+        }
+    };
+    if buf.len() + grad_out.len() < SERIAL_ELEMENTS {
+        per_token.into_iter().enumerate().for_each(dots);
+    } else {
+        per_token
+            .into_par_iter()
+            .enumerate()
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each(dots);
+    }
     Ok(grad)
 }
 

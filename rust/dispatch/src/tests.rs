@@ -162,5 +162,14 @@ fn results_do_not_depend_on_thread_count() {
             (p, out, gw)
         })
     };
+    let (p, out, _) = run(4);
+    // The parallel path (this call is above SERIAL_ELEMENTS) computes the plain definition.
+    for t in (0..tokens).step_by(97) {
+        for c in 0..cols {
+            let want: f32 =
+                (t * k..(t + 1) * k).fold(0.0, |acc, j| acc + w[j] * buf[p.pair_position[j] as usize * cols + c]);
+            assert!((out[t * cols + c] - want).abs() <= 1e-4 * want.abs().max(1.0));
+        }
+    }
     assert_eq!(run(1), run(4));
 }
