@@ -4,9 +4,9 @@ As Triton's autotuner does for kernel configurations, the first call of a shape 
 backend that can run it (:mod:`.backends`) on the call's own inputs (on the segments of its
 first few experts when the whole call is costly, so that tuning stays within about a second),
 keeps the fastest, and remembers the choice. A shape class is the pass (forward, or backward
-with or without weight gradients), the dtype, H, F and the rows per active expert rounded to a power of two: the
-quantity that decides between a kernel that streams the weights past a few rows and a BLAS
-tuned for large blocks. ``torch`` is always a candidate, so the choice is never a backend
+with or without weight gradients), the dtype, H, F and the rows per active expert rounded to a
+power of two: the quantity that decides between a kernel that streams the weights past a few
+rows and a BLAS tuned for large blocks. ``torch`` is always a candidate, so the choice is never a backend
 measured slower than torch's own.
 
 Choices are kept in ``experts-tuning.json`` under ``$DEEPSEEK_RS_CACHE_DIR``, else
