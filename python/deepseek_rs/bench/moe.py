@@ -518,7 +518,7 @@ def _hf_rows(
 
 
 HF_NAMES = tuple((impl, f"HF {impl}") for impl in HF_IMPLEMENTATIONS)
-PASSES = ("forward", "backward", "backward-data")
+PASSES = {"forward": "", "forward-train": "fwd ", "backward": "bwd ", "backward-data": "bwd "}
 
 
 def _first_call(fn: Callable[[], Any]) -> float:
@@ -536,13 +536,13 @@ def _tuned(first_s: float) -> Tuple[str, str]:
         if pass_ not in tuning.TUNER.last:
             continue
         key, backend = tuning.TUNER.last[pass_]
-        chosen.append(backend if pass_ == "forward" else f"bwd {backend}")
+        chosen.append(PASSES[pass_] + backend)
         c = tuning.TUNER.lookup(key)
         if c is not None:
             ranked = sorted(c.times_s.items(), key=lambda i: i[1])
             times = ", ".join(f"{b} {format_time(t)}" for b, t in ranked)
             notes.append(f"{key} -> {c.backend} ({times}; tuning {c.tuning_s:.2f} s)")
-    note = f"first call {first_s:.2f} s, tuning included; " + "; ".join(notes) if notes else ""
+    note = f"first call {first_s:.2f} s; " + "; ".join(notes) if notes else ""
     # Nothing tuned: the backend was forced (DEEPSEEK_RS_EXPERTS_BACKEND).
     return " + ".join(chosen) or backends.requested_backend(), note
 
@@ -973,7 +973,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     args = p.parse_args(argv)
     if args.isa:
-        return _per_tier(args, argv or [])
+        return _per_tier(args, sys.argv[1:] if argv is None else argv)
     machine = machine_info()
     rows = run_moe(quick=args.quick, progress=common.progress("moe", args))
     table = format_table(rows, machine)

@@ -86,10 +86,14 @@ def why_not(backend: str, buf: Tensor, gate_up_proj: Tensor, down_proj: Tensor) 
     dtypes = {buf.dtype, gate_up_proj.dtype, down_proj.dtype}
     if backend == "rust":
         if dtypes != {torch.float32}:
-            return f"the rust backend runs float32 only, got {sorted(map(str, dtypes))}"
+            got = sorted(map(str, dtypes))
+            return f"the rust backend runs float32 only, got {got}: use backend 'torch' or 'grouped_mm'"
         # A copy of strided weights per call would cost more than the small batches it wins.
         if not (gate_up_proj.is_contiguous() and down_proj.is_contiguous()):
-            return "the rust backend needs contiguous expert weights (these are a strided view)"
+            return (
+                "the rust backend needs contiguous expert weights, these are a strided view: "
+                "make the parameters contiguous (p.data = p.data.contiguous())"
+            )
     if backend == "grouped_mm":
         if not (len(dtypes) == 1 and buf.dtype in _GROUPED_MM_DTYPES):
             got = sorted(map(str, dtypes))

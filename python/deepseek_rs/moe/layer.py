@@ -86,6 +86,7 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
         self.batch_invariant = False  # run as one expert of the rust backend (see PEAMoE)
+        self._gate_up: Optional[Tuple[tuple, Tensor]] = None
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.batch_invariant:
@@ -93,9 +94,17 @@ class SwiGLU(nn.Module):
         # torch's SiLU takes a vectorised path for most elements and a scalar one for the tail,
         # which round differently: the expert kernel computes the whole FFN per row instead.
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])[None]
+        weights = (self.gate_proj.weight, self.up_proj.weight)
+        save_h = torch.is_grad_enabled() and (x2.requires_grad or any(w.requires_grad for w in weights))
+        if save_h:
+            gate_up = torch.cat(weights)[None]
+        else:  # serving: the concatenated weight is kept while the weights are unchanged
+            stamp = tuple((w.data_ptr(), w._version) for w in weights)
+            if self._gate_up is None or self._gate_up[0] != stamp:
+                self._gate_up = (stamp, torch.cat([w.detach() for w in weights])[None])
+            gate_up = self._gate_up[1]
         down = self.down_proj.weight[None]
-        save_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x2, gate_up, down))
+        save_h = save_h or (torch.is_grad_enabled() and down.requires_grad)
         offsets = torch.tensor([0, x2.shape[0]])
         y, _ = ops.expert_ffn(x2, gate_up, down, offsets, save_h, "rust")
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -193,6 +202,23 @@ class PEAMoE(nn.Module):
 
     @batch_invariant.setter
     def batch_invariant(self, on: bool) -> None:
+        if on:
+            # The guarantee holds for these modules' own kernels; a swapped-in module (QAT,
+            # int8, an adapter) would run its own, silently not invariant.
+            shared = self._modules.get(self.shared_experts_name)
+            parts = {"experts": (self.experts, SwiGLUExperts)}
+            if shared is not None:
+                parts[self.shared_experts_name] = (shared, SwiGLU)
+                for n, m in shared.named_children():
+                    parts[f"{self.shared_experts_name}.{n}"] = (m, nn.Linear)
+            if self.shared_expert_gate is not None:
+                parts["shared_expert_gate"] = (self.shared_expert_gate, nn.Linear)
+            for name, (module, want) in parts.items():
+                if type(module) is not want:
+                    raise InvalidValueError(
+                        f"batch_invariant=True covers PEAMoE's own modules; {name} is a "
+                        f"{type(module).__name__}, not a {want.__name__}"
+                    )
         self.gate.batch_invariant = bool(on)
         self.experts.backend = "rust" if on else "auto"
         shared = self._modules.get(self.shared_experts_name)
@@ -232,11 +258,13 @@ class PEAMoE(nn.Module):
         if not self.batch_invariant:
             return torch.sigmoid(self.shared_expert_gate(x))
         g = ops.linear_rows(x, self.shared_expert_gate.weight)
-        if g.requires_grad:  # training: invariance is a serving guarantee
-            return torch.sigmoid(g)
         # torch's vectorised and scalar sigmoids round differently; one value per token, so
         # Python's math is cheap and gives every token the same bits in any batch.
-        return torch.tensor([_sigmoid(v) for (v,) in g.tolist()], dtype=g.dtype).view_as(g)
+        exact = torch.tensor([_sigmoid(v) for (v,) in g.detach().tolist()], dtype=g.dtype).view_as(g)
+        if not g.requires_grad:
+            return exact
+        a = torch.sigmoid(g)
+        return exact + (a - a.detach())  # the exact values, with torch's sigmoid's gradient
 
     @overload
     def forward(self, hidden_states: Tensor, return_aux: Literal[False] = ...) -> Tensor: ...

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _core
-from ..errors import InvalidValueError
+from ..errors import DTypeError, InvalidValueError
 from . import backends, tuning
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -295,6 +295,8 @@ def linear_rows(x: Tensor, weight: Tensor) -> Tensor:
     """`x` [R, K] @ `weight` [N, K]^T in float32, each element a dot product of its own row and
     weight row summed in a fixed order: a row's result has the same bits whatever other rows
     share the call, where BLAS picks kernels (and summation orders) by the number of rows."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        raise DTypeError(f"linear_rows runs float32 only, got x {x.dtype} and weight {weight.dtype}")
     out = x.new_empty(x.shape[0], weight.shape[0])
     _core.linear_rows(_np(x.contiguous()), _np(weight.contiguous()), _np(out), isa=backends.cpu_isa())
     return out
@@ -355,28 +357,46 @@ def _prefix(args: tuple, expert_offsets: Tensor) -> tuple:
     return tuple(cut)
 
 
+def _timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
 def _run(pass_: str, backend: str, table, args, runnable, key_args):
     backend = backends.requested_backend(backend)
     if backend != "auto":
         why = backends.why_not(backend, *runnable)
         if why:
             raise InvalidValueError(why)
+    if runnable[0].shape[0] == 0:  # no rows: nothing to time, and torch handles every layout
+        return table["torch"](*args)
+    if backend != "auto":
         return table[backend](*args)
     names = backends.runnable(*runnable)
-    if len(names) > 1 and runnable[0].shape[0] > 0:
-        key = tuning.shape_class(pass_, *key_args)
-        sample = args
-        if tuning.TUNER.lookup(key) is None:
-            # A cheap call is timed whole: a sample of a few experts' weights would fit in the
-            # caches, where the whole call streams them from memory. A costly one is sampled.
-            start = time.perf_counter()
-            table["torch"](*args)
-            if (time.perf_counter() - start) * len(names) * tuning.Tuner.ROUNDS > tuning.TUNER.budget_s:
-                sample = _prefix(args, key_args[-1])
-        backend = tuning.TUNER.choose(pass_, key, {n: functools.partial(table[n], *sample) for n in names})
-    else:
-        backend = names[0]
-    return table[backend](*args)
+    key = tuning.shape_class(pass_, *key_args)
+    if len(names) == 1:
+        return table[names[0]](*args)
+    if tuning.TUNER.lookup(key) is not None:
+        cached = tuning.TUNER.choose(pass_, key, {n: functools.partial(table[n], *args) for n in names})
+        return table[cached](*args)
+    # A cheap call is timed whole: a sample of a few experts' weights would fit in the caches,
+    # where the whole call streams them from memory. A costly one is timed on a sample, and
+    # the choice kept only if the whole call then runs no slower than torch's did.
+    torch_result, torch_s = _timed(table["torch"], *args)
+    whole = torch_s * len(names) * tuning.Tuner.ROUNDS <= tuning.TUNER.budget_s
+    sample = args if whole else _prefix(args, key_args[-1])
+    backend = tuning.TUNER.choose(pass_, key, {n: functools.partial(table[n], *sample) for n in names})
+    if backend == "torch":
+        return torch_result
+    result, took = _timed(table[backend], *args)
+    if not whole and took > 1.1 * torch_s:
+        choice = tuning.TUNER.lookup(key)
+        times = dict(choice.times_s if choice else {})
+        times.update({"torch, whole call": torch_s, f"{backend}, whole call": took})
+        tuning.TUNER.record(key, tuning.Choice("torch", times, choice.tuning_s if choice else 0.0))
+        tuning.TUNER.last[pass_] = (key, "torch")
+    return result
 
 
 @torch.library.custom_op("deepseek_rs::expert_ffn", mutates_args=(), device_types="cpu")
@@ -396,10 +416,9 @@ def expert_ffn(
     DEEPSEEK_RS_EXPERTS_BACKEND), "rust", "torch" or "grouped_mm" (the CPU backends).
     """
     args = (buf, gate_up_proj, down_proj, expert_offsets, save_h)
-    return _run(
-        "forward", backend, backends.FORWARD, args, (buf, gate_up_proj, down_proj),
-        (buf, down_proj, expert_offsets),
-    )  # fmt: skip
+    pass_ = "forward-train" if save_h else "forward"
+    weights = (buf, gate_up_proj, down_proj)
+    return _run(pass_, backend, backends.FORWARD, args, weights, (buf, down_proj, expert_offsets))
 
 
 @expert_ffn.register_fake

@@ -80,6 +80,10 @@ def pretune(
         )
     if not tokens or min(tokens) < 1:
         raise InvalidValueError(f"token counts must be positive, got {list(tokens)}")
+    if backends.requested_backend() != "auto":
+        raise InvalidValueError(
+            f"{backends.BACKEND_ENV}={backends.requested_backend()} forces the backend: unset it to tune"
+        )
     g = torch.Generator().manual_seed(seed)
     h, f, e = hidden_size, intermediate_size, num_experts
     gate_up = (torch.randn(e, 2 * f, h, generator=g) / h**0.5).to(dtype)
@@ -88,12 +92,13 @@ def pretune(
     for t in tokens:
         n, offsets = _routing(t, e, top_k, g)
         buf = torch.randn(n, h, generator=g).to(dtype)
-        passes = [("forward", functools.partial(ops.expert_ffn, buf, gate_up, down, offsets, backward))]
+        passes = [("forward", functools.partial(ops.expert_ffn, buf, gate_up, down, offsets, False))]
         if backward:
             _, pre = ops.expert_ffn(buf, gate_up, down, offsets, True, "torch")
             grad = torch.randn(n, h, generator=g).to(dtype)
             bwd = functools.partial(ops.expert_ffn_backward, grad, buf, gate_up, down, offsets, pre, True)
-            passes.append(("backward", bwd))
+            train = functools.partial(ops.expert_ffn, buf, gate_up, down, offsets, True)
+            passes += [("forward-train", train), ("backward", bwd)]
         for pass_, run in passes:
             key = tuning.shape_class(pass_, buf, down, offsets)
             tuning.TUNER.forget(key)
@@ -147,7 +152,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         help=f"batch sizes in tokens (default {','.join(map(str, DEFAULT_TOKENS))})",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-backward", action="store_true", help="tune the forward only (inference)")
+    p.add_argument(
+        "--no-backward", action="store_true", help="tune the inference forward only (no training passes)"
+    )
     p.add_argument("--show", action="store_true", help="print this machine's cached choices and exit")
     p.add_argument("--clear", action="store_true", help="forget every cached choice and exit")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")

@@ -3,16 +3,18 @@
 As Triton's autotuner does for kernel configurations, the first call of a shape class runs every
 backend that can run it (:mod:`.backends`) on the call's own inputs (on the segments of its
 first few experts when the whole call is costly, so that tuning stays within about a second),
-keeps the fastest, and remembers the choice. A shape class is the pass (forward, or backward
-with or without weight gradients), the dtype, H, F and the rows per active expert rounded to a
-power of two: the quantity that decides between a kernel that streams the weights past a few
-rows and a BLAS tuned for large blocks. ``torch`` is always a candidate, so the choice is never a backend
-measured slower than torch's own.
+keeps the fastest, and remembers the choice. A shape class is the pass (forward with or
+without the saved pre-activations, backward with or without weight gradients), the dtype, H, F
+and the rows per active expert rounded to a power of two: the quantity that decides between a
+kernel that streams the weights past a few rows and a BLAS tuned for large blocks. ``torch`` is
+always a candidate, and a choice made on a sample is dropped for ``torch`` if the whole call
+then runs more than 10% slower than torch's did.
 
 Choices are kept in ``experts-tuning.json`` under ``$DEEPSEEK_RS_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/deepseek_rs``, else ``~/.cache/deepseek_rs``, keyed by what makes timings
-differ between machines: CPU model, ISA tier, torch's thread count, torch and deepseek-rs
-versions. ``deepseek-rs tune`` fills it ahead of time.
+differ between machines: CPU model, ISA tier, torch's and rayon's thread counts, torch and
+deepseek-rs versions; processes sharing the file merge their choices under a file lock.
+``deepseek-rs tune`` fills it ahead of time.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+try:  # advisory file locks: POSIX only; elsewhere the last writer of a key wins
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 import deepseek_rs
 
@@ -67,9 +74,11 @@ def cpu_model() -> str:
 
 
 def machine_key() -> str:
-    """What a timing depends on besides the shape: choices are only reused under the same key."""
+    """What a timing depends on besides the shape: choices are only reused under the same key
+    (torch's threads run the torch backends, rayon's the Rust kernels)."""
     return (
         f"{cpu_model()} | isa={backends.cpu_isa()} | threads={torch.get_num_threads()} | "
+        f"rayon={os.environ.get('RAYON_NUM_THREADS') or os.cpu_count()} | "
         f"torch={torch.__version__} | deepseek_rs={deepseek_rs.__version__}"
     )
 
@@ -84,7 +93,8 @@ def rows_bucket(expert_offsets: Tensor) -> int:
 
 
 def shape_class(pass_: str, buf: Tensor, down_proj: Tensor, expert_offsets: Tensor) -> str:
-    """The key of a call's choice: ``pass_`` is ``forward``, ``backward`` or ``backward-data``."""
+    """The key of a call's choice: ``pass_`` is ``forward`` (inference), ``forward-train`` (the
+    pre-activations saved), ``backward`` or ``backward-data`` (no weight gradients)."""
     dtype = str(buf.dtype).removeprefix("torch.")
     h, f = down_proj.shape[1], down_proj.shape[2]
     return f"{pass_} {dtype} H={h} F={f} rows/expert~{rows_bucket(expert_offsets)}"
@@ -126,6 +136,7 @@ class Tuner:
     # ---- the cache file ----------------------------------------------------------------------
 
     def _read_file(self) -> Dict[str, Dict[str, dict]]:
+        """The file's machines, each a dict of raw records (anything else is dropped, warned)."""
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -133,36 +144,65 @@ class Tuner:
         except (OSError, ValueError) as e:
             log.warning("ignoring the unreadable tuning cache %s: %s", self.path, e)
             return {}
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        machines = data.get("machines") if isinstance(data, dict) and data.get("format") == _FORMAT else None
+        if not isinstance(machines, dict):
+            log.warning("ignoring the tuning cache %s: not a format-%d cache file", self.path, _FORMAT)
             return {}
-        machines = data.get("machines")
-        return machines if isinstance(machines, dict) else {}
+        good = {m: t for m, t in machines.items() if isinstance(t, dict)}
+        if len(good) < len(machines):
+            log.warning("ignoring malformed machine entries of the tuning cache %s", self.path)
+        return good
+
+    @staticmethod
+    def _choice(rec: object) -> Optional[Choice]:
+        """A record of the file as a Choice, or None if it is not a well-formed one."""
+        if not isinstance(rec, dict):
+            return None
+        try:
+            choice = Choice(**rec)
+        except TypeError:
+            return None
+        times = choice.times_s
+        well_formed = (
+            choice.backend in backends.BACKENDS
+            and isinstance(times, dict)
+            and all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in times.items())
+            and isinstance(choice.tuning_s, (int, float))
+        )
+        return choice if well_formed else None
 
     def _table(self, machine: str) -> Dict[str, Choice]:
         table = self._tables.get(machine)
         if table is None:
             table = {}
             for key, rec in self._read_file().get(machine, {}).items():
-                try:
-                    choice = Choice(**rec)
-                except TypeError:
-                    continue
-                if choice.backend in backends.BACKENDS:
+                choice = self._choice(rec)
+                if choice is None:
+                    log.warning("ignoring a malformed entry of the tuning cache %s: %r", self.path, key)
+                else:
                     table[key] = choice
             self._tables[machine] = table
         return table
 
-    def _save(self, machine: str) -> None:
-        """Merge this machine's choices into the file (other machines' entries are kept)."""
-        machines = self._read_file()
-        machines[machine] = {k: asdict(c) for k, c in self._tables[machine].items()}
-        payload = json.dumps({"format": _FORMAT, "machines": machines}, indent=1, sort_keys=True)
+    def _save(self, machine: str, key: str, choice: Optional[Choice]) -> None:
+        """Write one key of this machine (``None``: remove it) into the file, under a lock,
+        keeping every other entry, so that processes sharing the cache keep each other's."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tuning-", suffix=".json")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(payload)
-            os.replace(tmp, self.path)
+            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                machines = self._read_file()
+                entries = machines.setdefault(machine, {})
+                if choice is None:
+                    entries.pop(key, None)
+                else:
+                    entries[key] = asdict(choice)
+                payload = json.dumps({"format": _FORMAT, "machines": machines}, indent=1, sort_keys=True)
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tuning-", suffix=".json")
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(payload)
+                os.replace(tmp, self.path)
         except OSError as e:
             if not self._write_failed:
                 log.warning("cannot write the tuning cache %s (%s): choices stay in memory", self.path, e)
@@ -180,12 +220,19 @@ class Tuner:
         with self._lock:
             return dict(self._table(machine_key()))
 
+    def record(self, key: str, choice: Choice) -> None:
+        """Cache ``choice`` for ``key`` on this machine."""
+        with self._lock:
+            machine = machine_key()
+            self._table(machine)[key] = choice
+            self._save(machine, key, choice)
+
     def forget(self, key: str) -> None:
         """Drop this machine's choice for ``key``: the next call times the candidates again."""
         with self._lock:
             machine = machine_key()
             if self._table(machine).pop(key, None) is not None:
-                self._save(machine)
+                self._save(machine, key, None)
 
     def clear(self) -> None:
         """Forget every choice, in memory and on disk (all machines)."""
@@ -199,16 +246,15 @@ class Tuner:
     def choose(self, pass_: str, key: str, candidates: Dict[str, Callable[[], object]]) -> str:
         """The backend for ``key``: the cached choice, else the fastest of ``candidates`` (each a
         call of one backend on a sample of the problem), timed now and cached."""
-        machine = machine_key()
-        with self._lock:
-            choice = self._table(machine).get(key)
+        choice = self.lookup(key)
         if choice is None or choice.backend not in candidates:
             # Timing holds the lock: two threads tuning at once would time each other's load.
             with self._lock:
-                choice = self._time(candidates)
-                self._tables[machine][key] = choice
-                self._save(machine)
-            log.info("tuned %s: %s (%s)", key, choice.backend, choice.times_s)
+                choice = self.lookup(key)  # another thread may have tuned it meanwhile
+                if choice is None or choice.backend not in candidates:
+                    choice = self._time(candidates)
+                    self.record(key, choice)
+                    log.info("tuned %s: %s (%s)", key, choice.backend, choice.times_s)
         self.last[pass_] = (key, choice.backend)
         return choice.backend
 
