@@ -38,23 +38,24 @@ def pea(r):
 
 
 def filt(r):
-    keys = [k for k in r["arms"]["raw"] if k.endswith("perplexity") and isinstance(r["arms"]["raw"][k], dict)]
+    raw = r["arms"]["raw"]
+    keys = [k for k in raw if k.endswith(("perplexity", "accuracy")) and isinstance(raw[k], dict)]
     rows = [
         "| training data | tokens in the stream | "
         + " | ".join(keys)
         + " | "
-        + " | ".join(f"Δ {k} vs raw" for k in keys)
+        + " | ".join(f"Δ {k} vs raw" for k in keys if k.endswith("perplexity"))
         + " |",
-        "|---" * (2 + 2 * len(keys)) + "|",
+        "|---" * (2 + len(keys) + len([k for k in keys if k.endswith("perplexity")])) + "|",
     ]
     for name, a in r["arms"].items():
-        vs = a.get("vs_raw", {})
+        vs = a.get("vs_raw", {k: None for k in keys if k.endswith("perplexity")})
         stream = a["runs"][0]["train_stream_tokens"]
         rows.append(
             f"| {name} | {stream} | "
-            + " | ".join(ms(a[k]) for k in keys)
+            + " | ".join(ms(a[k], 4 if k.endswith("accuracy") else 2) for k in keys)
             + " | "
-            + " | ".join(ms(vs[k], 1, True) if k in vs else "—" for k in keys)
+            + " | ".join("—" if vs[k] is None else ms(vs[k], 1, True) for k in keys if k in vs)
             + " |"
         )
     return "\n".join(rows)
