@@ -10,6 +10,8 @@ that its resident memory is its own; the child prints one JSON object.
 * arms: ``fp32`` (no batching: one request per model call), ``fp32+batching`` (the YAML's
   batching alone) and ``yaml`` (``optimize(model, the article's YAML, device="cpu")``: QAT
   prepared, deployed int8, mixed precision, served through the YAML's dynamic batcher).
+* the experts run on the Rust backend in every arm (``DEEPSEEK_RS_EXPERTS_BACKEND=rust``, set by
+  the parent): no backend tuning on first calls, the same kernels in each arm.
 * load: Poisson arrivals at a fixed rate (``--rate auto``: half of what the fp32 model serves one
   request at a time, measured by the ``fp32`` arm and passed on to the others) for ``--duration``
   seconds; latency from the scheduled arrival to the answer; p50, p99.
@@ -176,9 +178,9 @@ def measure(arm: str, size: str, rate: Optional[float], duration: float, seed: i
     with torch.inference_mode():
         # every batch size the batcher can form, twice: the experts' backend is tuned per shape class
         # on first calls, which must not land in the timings
-        for b in (1, 2, 4, 8, 16, 32, 1):
+        for rows in (1, 2, 4, 8, 16, 32, 1):
             for _ in range(2):
-                module(x[None].expand(b, -1).contiguous())
+                module(x[None].expand(rows, -1).contiguous())
         times = []
         for _ in range(15):
             t = time.perf_counter()
@@ -187,6 +189,8 @@ def measure(arm: str, size: str, rate: Optional[float], duration: float, seed: i
     single = statistics.median(times)
     if rate is None:
         rate = 0.5 / single
+    floor = 20 if size == "tiny" else 100  # requests, if an arm's minute allows
+    duration = max(duration, min(60.0, floor / rate))
     with DynamicBatcher(module, collate="stack", item_shape=(tokens,), dtype=torch.int64, **options) as b:
         b.submit(x).result()
         load = open_loop(b, x, rate, duration, seed)
