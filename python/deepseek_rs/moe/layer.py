@@ -95,7 +95,8 @@ class SwiGLU(nn.Module):
         # which round differently: the expert kernel computes the whole FFN per row instead.
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         weights = (self.gate_proj.weight, self.up_proj.weight)
-        save_h = torch.is_grad_enabled() and (x2.requires_grad or any(w.requires_grad for w in weights))
+        trains = x2.requires_grad or any(p.requires_grad for p in self.parameters())
+        save_h = torch.is_grad_enabled() and trains
         if save_h:
             gate_up = torch.cat(weights)[None]
         else:  # serving: the concatenated weight is kept while the weights are unchanged
@@ -104,7 +105,6 @@ class SwiGLU(nn.Module):
                 self._gate_up = (stamp, torch.cat([w.detach() for w in weights])[None])
             gate_up = self._gate_up[1]
         down = self.down_proj.weight[None]
-        save_h = save_h or (torch.is_grad_enabled() and down.requires_grad)
         offsets = torch.tensor([0, x2.shape[0]])
         y, _ = ops.expert_ffn(x2, gate_up, down, offsets, save_h, "rust")
         return y.view(*x.shape[:-1], y.shape[-1])

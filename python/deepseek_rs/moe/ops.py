@@ -377,8 +377,8 @@ def _run(pass_: str, backend: str, table, args, runnable, key_args):
     key = tuning.shape_class(pass_, *key_args)
     if len(names) == 1:
         return table[names[0]](*args)
-    if tuning.TUNER.lookup(key) is not None:
-        cached = tuning.TUNER.choose(pass_, key, {n: functools.partial(table[n], *args) for n in names})
+    cached = tuning.TUNER.cached(pass_, key, names)
+    if cached is not None:
         return table[cached](*args)
     # A cheap call is timed whole: a sample of a few experts' weights would fit in the caches,
     # where the whole call streams them from memory. A costly one is timed on a sample, and

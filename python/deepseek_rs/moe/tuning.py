@@ -243,18 +243,27 @@ class Tuner:
             except FileNotFoundError:
                 pass
 
+    def cached(self, pass_: str, key: str, names) -> Optional[str]:
+        """The cached backend for ``key`` if it is one of ``names`` (noted in ``last``), else None."""
+        choice = self.lookup(key)
+        if choice is None or choice.backend not in names:
+            return None
+        self.last[pass_] = (key, choice.backend)
+        return choice.backend
+
     def choose(self, pass_: str, key: str, candidates: Dict[str, Callable[[], object]]) -> str:
         """The backend for ``key``: the cached choice, else the fastest of ``candidates`` (each a
         call of one backend on a sample of the problem), timed now and cached."""
-        choice = self.lookup(key)
-        if choice is None or choice.backend not in candidates:
-            # Timing holds the lock: two threads tuning at once would time each other's load.
-            with self._lock:
-                choice = self.lookup(key)  # another thread may have tuned it meanwhile
-                if choice is None or choice.backend not in candidates:
-                    choice = self._time(candidates)
-                    self.record(key, choice)
-                    log.info("tuned %s: %s (%s)", key, choice.backend, choice.times_s)
+        backend = self.cached(pass_, key, candidates)
+        if backend is not None:
+            return backend
+        # Timing holds the lock: two threads tuning at once would time each other's load.
+        with self._lock:
+            choice = self.lookup(key)  # another thread may have tuned it meanwhile
+            if choice is None or choice.backend not in candidates:
+                choice = self._time(candidates)
+                self.record(key, choice)
+                log.info("tuned %s: %s (%s)", key, choice.backend, choice.times_s)
         self.last[pass_] = (key, choice.backend)
         return choice.backend
 
